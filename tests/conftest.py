@@ -1,0 +1,46 @@
+"""Shared test fixtures: the SmolLM2 demo model loaded once per session, and tiny random
+Llama-family checkpoints written by transformers."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The demo model's weights and tokenizer, read once and shared by every engine in the session."""
+    from kvfleet.worker.attention import TorchAttentionBackend
+    from kvfleet.worker.config import EngineConfig
+    from kvfleet.worker.model.loader import load
+
+    return load(EngineConfig(model="demo", device="cpu", dtype="float32"), TorchAttentionBackend())
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own reading of the same GGUF file: the reference for greedy outputs."""
+    from transformers import AutoModelForCausalLM
+
+    from kvfleet.worker.model.loader import demo_model_path
+
+    path = demo_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random checkpoints saved by transformers, one per architecture family."""
+    from tests.tiny_models import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny"))

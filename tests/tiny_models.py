@@ -1,0 +1,83 @@
+"""Tiny random Llama, Mistral and Qwen2 checkpoints (float64 reference weights), built with
+transformers so that our loader reads exactly what a real checkpoint holds."""
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 256
+
+
+def _common() -> dict:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def tiny_configs() -> dict:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    return {
+        # Llama 3.1 style: llama3 rope scaling, GQA 4:1
+        "llama": LlamaConfig(
+            **_common(),
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        "mistral": MistralConfig(**_common(), sliding_window=None),
+        # Qwen2: qkv bias, tied embeddings, GQA 2:1
+        "qwen2": Qwen2Config(**{**_common(), "num_key_value_heads": 4}, tie_word_embeddings=True),
+    }
+
+
+def write_tiny_models(root: Path) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for i, (name, config) in enumerate(tiny_configs().items()):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+        # Wider weights than the default init, so that the logits of a random model are far
+        # apart and greedy decoding is decided by the model, not by rounding.
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "norm" not in pname:
+                    p.normal_(0.0, 0.25 if p.dim() > 1 else 0.1)
+        model.generation_config.eos_token_id = None
+        model.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+def hf_greedy(path_or_model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, one prompt at a time (no padding)."""
+    from transformers import AutoModelForCausalLM
+
+    model = path_or_model
+    if isinstance(path_or_model, Path):
+        model = AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float64).eval()
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                attention_mask=torch.ones_like(ids), pad_token_id=0,
+            )
+        outputs.append(out[0, len(prompt):].tolist())
+    return outputs

@@ -1,0 +1,176 @@
+"""Configuration of the engine: the model's architecture, the engine's limits, and the
+per-request sampling parameters. Everything a user writes is a pydantic model, so a bad value
+fails with a ValueError that names the field."""
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder, read from an HF config.json or GGUF metadata."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads: {self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a config.json dict (transformers 4.x keys and 5.x `rope_parameters`)."""
+        archs = hf.get("architectures") or []
+        arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"architectures: {archs} is not supported; kvfleet runs {sorted(_ARCHITECTURES)}"
+            )
+        num_heads = hf["num_attention_heads"]
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy_scaling = hf.get("rope_scaling")
+        if legacy_scaling:
+            rope.update(legacy_scaling)
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "mistral") else None
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rope_scaling=None if rope_type == "default" else rope,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=arch == "qwen2" or hf.get("attention_bias", False),
+            o_bias=arch != "qwen2" and hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            sliding_window=sliding,
+            eos_token_ids=eos_ids,
+        )
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+class EngineConfig(BaseModel):
+    """What a worker runs and within which limits (the CRD's `engine` section maps onto it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="HF folder, .gguf file, folder with one .gguf, or 'demo'")
+    load_format: Literal["auto", "hf", "gguf", "dummy"] = "auto"
+    tokenizer: str | None = Field(None, description="tokenizer folder; defaults to the model's")
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    max_model_len: int | None = Field(None, ge=1, description="defaults to the model's context")
+    max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step (prefill chunk budget)")
+    block_size: int = Field(16, ge=1, le=256)
+    num_kv_blocks: int | None = Field(None, ge=2, description="KV blocks; default from kv_cache_memory_gib")
+    kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV cache size when num_kv_blocks is unset")
+    seed: int = 0
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"block_size must be a power of two, got {v}")
+        return v
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+
+class SamplingParams(BaseModel):
+    """How one request's tokens are chosen and when it stops (OpenAI and vLLM semantics)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(1, ge=1, le=128, description="completions per prompt")
+    max_tokens: int = Field(16, ge=1, description="new tokens at most")
+    min_tokens: int = Field(0, ge=0, description="new tokens before EOS/stop tokens may end it")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, description="stop strings (not included in the output)")
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives to report per token")
+    skip_special_tokens: bool = True
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else ([] if v is None else v)
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "SamplingParams":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,239 @@
+"""The engine's step loop: requests in, one scheduled model step at a time, outputs out.
+
+`LLMEngine.step()` schedules a batch, runs it, samples, appends tokens, applies stop
+conditions and reports every request that made progress. Bad requests are refused in
+`add_request` with a ValueError naming the field; a failure while finishing one request's
+step (e.g. its detokenization) ends that request with finish_reason "error" and leaves the
+others running.
+"""
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvfleet.worker.attention import select_attention_backend
+from kvfleet.worker.config import EngineConfig, ModelConfig, SamplingParams
+from kvfleet.worker.kv.block_pool import BlockPool
+from kvfleet.worker.model.loader import LoadedModel, load
+from kvfleet.worker.runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
+from kvfleet.worker.sampler import Sampler
+from kvfleet.worker.scheduler import Scheduler
+from kvfleet.worker.sequence import Sequence, TokenLogprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    """`loaded` lets several engines (e.g. with other scheduling limits) share one model load;
+    its dtype and device win over the config's."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        started = time.perf_counter()
+        self.config = config
+        self.loaded = loaded or load(config, select_attention_backend(config.torch_device()))
+        self.device, self.dtype = self.loaded.device, self.loaded.dtype
+        self.model_config: ModelConfig = self.loaded.config
+        self.tokenizer: Any = self.loaded.tokenizer
+        self.max_model_len = self._max_model_len(config, self.model_config)
+        num_blocks = self._num_blocks(config)
+
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+
+        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.pool = BlockPool(num_blocks)
+        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.loaded.model, kv_cache, config.block_size)
+        self.sampler = Sampler(self.eos_token_ids, self.device, config.seed)
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        log.info(
+            "engine ready in %.2fs: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
+            time.perf_counter() - started, config.model, self.device, self.dtype, num_blocks,
+            config.block_size, self.max_model_len,
+        )
+
+    @staticmethod
+    def _max_model_len(config: EngineConfig, cfg: ModelConfig) -> int:
+        limit = cfg.max_position_embeddings
+        if cfg.sliding_window:
+            limit = min(limit, cfg.sliding_window)  # sliding-window attention is not implemented
+        if config.max_model_len is None:
+            return limit
+        if config.max_model_len > limit:
+            raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's context of {limit} tokens")
+        return config.max_model_len
+
+    def _num_blocks(self, config: EngineConfig) -> int:
+        needed = -(-self.max_model_len // config.block_size) + 1  # one full sequence, plus block 0
+        if config.num_kv_blocks is not None:
+            if config.num_kv_blocks < needed:
+                raise ValueError(
+                    f"num_kv_blocks: {config.num_kv_blocks} blocks of {config.block_size} tokens cannot hold "
+                    f"one sequence of max_model_len={self.max_model_len}; use at least {needed} or lower max_model_len"
+                )
+            return config.num_kv_blocks
+        per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
+        blocks = int(config.kv_cache_memory_gib * 2**30) // per_block
+        if blocks < needed:
+            raise ValueError(
+                f"kv_cache_memory_gib: {config.kv_cache_memory_gib} GiB holds {blocks} blocks, fewer than the "
+                f"{needed} that one sequence of max_model_len={self.max_model_len} needs"
+            )
+        return blocks
+
+    # -- requests -----------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids instead of text")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab}); got {bad[:3]}")
+        return None, ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        text, ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}"
+            )
+        request = _Request(request_id, text, ids)
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            seq = Sequence(next(self._seq_ids), request_id, i, ids, params, generator)
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[request_id] = request
+
+    def abort_request(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # -- the step loop ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.scheduled:
+            return []
+        sampling = [item.seq for item in batch.scheduled if item.samples]
+        logits = self.runner.execute(batch)
+        for item in batch.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        results = self.sampler(logits, sampling) if sampling else []
+
+        progressed: dict[str, _Request] = {}
+        for seq, result in zip(sampling, results):
+            try:
+                seq.append_token(result.token_id)
+                if result.logprobs is not None:
+                    seq.logprobs.append(result.logprobs)
+                self._update_text_and_stop(seq)
+            except Exception:
+                log.exception("request %s failed while finishing its step", seq.request_id)
+                seq.finish_reason = "error"
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            progressed[seq.request_id] = self._requests[seq.request_id]
+
+        outputs = [self._output(r) for r in progressed.values()]
+        for out in outputs:
+            if out.finished:
+                del self._requests[out.request_id]
+        return outputs
+
+    def _update_text_and_stop(self, seq: Sequence) -> None:
+        p, token = seq.params, seq.output_token_ids[-1]
+        if self.tokenizer is not None:
+            previous_len = len(seq.output_text)
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            # Hold back a trailing partial UTF-8 character until its remaining bytes arrive.
+            seq.output_text = text.rstrip("\ufffd")
+            for stop in p.stop:
+                at = seq.output_text.find(stop, max(0, previous_len - len(stop) + 1))
+                if at != -1:
+                    seq.output_text = seq.output_text[:at]
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                    return
+        if token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _output(self, request: _Request) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=s.index,
+                text=s.output_text,
+                token_ids=list(s.output_token_ids),
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+                logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
+            )
+            for s in request.seqs
+        ]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, request.finished)

