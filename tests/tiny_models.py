@@ -65,7 +65,8 @@ def write_tiny_models(root: Path) -> dict[str, Path]:
 
 
 def hf_greedy(path_or_model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' greedy continuation of each prompt, one prompt at a time (no padding)."""
+    """transformers' greedy continuation of each prompt, one prompt at a time (no padding),
+    up to and including EOS where the model has one."""
     from transformers import AutoModelForCausalLM
 
     model = path_or_model
@@ -76,7 +77,7 @@ def hf_greedy(path_or_model, prompts: list[list[int]], max_new_tokens: int) -> l
         ids = torch.tensor([prompt])
         with torch.no_grad():
             out = model.generate(
-                ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                ids, max_new_tokens=max_new_tokens, do_sample=False,
                 attention_mask=torch.ones_like(ids), pad_token_id=0,
             )
         outputs.append(out[0, len(prompt):].tolist())
