@@ -44,3 +44,25 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from tests.tiny_models import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models):
+    """The tiny random Llama, loaded once (float32) for engines with different limits."""
+    from kvfleet.worker.attention import TorchAttentionBackend
+    from kvfleet.worker.config import EngineConfig
+    from kvfleet.worker.model.loader import load
+
+    return load(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", device="cpu"), TorchAttentionBackend())
+
+
+@pytest.fixture
+def tiny_engine(tiny_llama):
+    """Build an engine over the tiny Llama with the given EngineConfig overrides."""
+    from kvfleet.worker.config import EngineConfig
+    from kvfleet.worker.engine import LLMEngine
+
+    def make(**overrides):
+        return LLMEngine(EngineConfig(model=str(tiny_llama.source.path), **overrides), loaded=tiny_llama)
+
+    return make

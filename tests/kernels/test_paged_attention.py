@@ -11,8 +11,6 @@ fp8 wrongly, so on CPU the attention tests use fp16 activations (fp8 caches are 
 torch) and the fp8 write_kv test runs on the GPU only.
 """
 
-import math
-
 import pytest
 import torch
 
@@ -47,16 +45,14 @@ def run_decode(
     num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
     tables = make_block_tables(context_lens, block_size, num_blocks, gen)
     cache = make_kv_cache(num_blocks, 2, block_size, num_kv_heads, head_dim, kv_dtype, gen)
-    q = torch.randn(len(context_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
-    lens = torch.tensor(context_lens, dtype=torch.int32)
+    poisoned = poison_unused(cache, tables, context_lens).to(device)
+    cache, tables = cache.to(device), tables.to(device)
+    q = torch.randn(len(context_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype).to(device)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
     ref = paged_decode_attention_ref(q, cache[:, 1], tables, lens, scale, k_scale, v_scale)
-    poisoned = poison_unused(cache, tables, context_lens).to(device)
-    out = paged_decode_attention(
-        q.to(device), poisoned[:, 1], tables.to(device), lens.to(device), scale, k_scale, v_scale,
-        num_splits=num_splits,
-    )
-    assert_close(out.cpu(), ref)
+    out = paged_decode_attention(q, poisoned[:, 1], tables, lens, scale, k_scale, v_scale, num_splits=num_splits)
+    assert_close(out, ref)
 
 
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
@@ -113,20 +109,18 @@ def run_prefill(
     num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
     tables = make_block_tables(context_lens, block_size, num_blocks, gen)
     cache = make_kv_cache(num_blocks, 2, block_size, num_kv_heads, head_dim, kv_dtype, gen)
-    num_heads = num_kv_heads * group
+    poisoned = poison_unused(cache, tables, context_lens).to(device)
+    cache, tables = cache.to(device), tables.to(device)
     t = sum(q_lens)
-    q = torch.randn(t, num_heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(dtype)
-    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    lens = torch.tensor(context_lens, dtype=torch.int32)
+    q = torch.randn(t, num_kv_heads * group, head_dim, generator=gen).to(dtype).to(device)
+    # k and v are already in the cache; both implementations read them from there.
+    k = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
     ref = paged_prefill_attention_ref(q, k, k, cache[:, 0], tables, cu, lens, scale, k_scale, v_scale)
-    poisoned = poison_unused(cache, tables, context_lens).to(device)
-    out = paged_prefill_attention(
-        q.to(device), k.to(device), k.to(device), poisoned[:, 0], tables.to(device), cu.to(device),
-        lens.to(device), scale, k_scale, v_scale,
-    )
-    assert_close(out.cpu(), ref)
+    out = paged_prefill_attention(q, k, k, poisoned[:, 0], tables, cu, lens, scale, k_scale, v_scale)
+    assert_close(out, ref)
 
 
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
@@ -160,7 +154,7 @@ def test_prefill_with_only_one_token_per_sequence_equals_decode(device):
     tables = tables.to(device)
     prefill = paged_prefill_attention(q, q, q, cache[:, 0], tables, cu, lens_t, 0.125)
     decode = paged_decode_attention(q, cache[:, 0], tables, lens_t, 0.125, num_splits=1)
-    assert_close(prefill.cpu(), decode.cpu())
+    assert_close(prefill, decode)
 
 
 def make_write_inputs(
@@ -230,9 +224,3 @@ def test_prefill_at_real_shapes(gpu, dtype, head_dim, block_size):
     run_prefill(gpu, prefixes, chunks, 8, 4, head_dim, block_size, dtype, dtype)
     run_prefill(gpu, [700, 0], [300, 200], 8, 4, head_dim, block_size, dtype, FP8, 0.6, 1.4)
 
-
-def test_scale_folding_matches_log2_constant():
-    """The kernels use base-2 exponents; the folded constant is log2(e)."""
-    from kvfleet.kernels.paged_attention import _LOG2E
-
-    assert math.isclose(_LOG2E, math.log2(math.e), rel_tol=1e-15)
