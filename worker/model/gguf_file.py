@@ -44,6 +44,10 @@ def open_gguf(path: Path) -> Any:
         raise ValueError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
+def has_tokenizer(reader: Any) -> bool:
+    return "tokenizer.ggml.model" in reader.fields
+
+
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     return default if field is None else field.contents()
@@ -73,7 +77,10 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
     }
     scaling_type = _field(reader, f"{arch}.rope.scaling.type")
-    if scaling_type == "linear":
+    freq_factors = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freq_factors is not None:  # llama.cpp stores Llama 3.1 scaling as per-frequency divisors
+        hf["rope_scaling"] = {"rope_type": "freq_factors", "factors": [float(x) for x in freq_factors.data]}
+    elif scaling_type == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": _field(reader, f"{arch}.rope.scaling.factor")}
     elif scaling_type not in (None, "none"):
         raise ValueError(f"{path}: rope scaling {scaling_type!r} is not supported")
@@ -97,7 +104,7 @@ def iter_tensors(reader: Any, cfg: ModelConfig, path: Path) -> Iterator[tuple[st
             )
         name = _hf_name(t.name)
         if name is None:
-            continue  # e.g. rope_freqs: we derive frequencies from the config
+            continue  # rope_freqs went into the config; nothing else is expected
         try:
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as exc:

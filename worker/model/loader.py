@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,11 @@ class ModelSource:
     def gguf_path(self) -> Path:
         assert self.gguf_name is not None
         return self.path / self.gguf_name
+
+    @cached_property
+    def gguf_reader(self) -> Any:
+        """The parsed GGUF file, opened once for config, tokenizer and tensors."""
+        return gguf_file.open_gguf(self.gguf_path)
 
 
 @dataclass
@@ -96,7 +102,7 @@ def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
 
 def read_model_config(source: ModelSource) -> ModelConfig:
     if source.format == "gguf":
-        return gguf_file.read_config(gguf_file.open_gguf(source.gguf_path), source.gguf_path)
+        return gguf_file.read_config(source.gguf_reader, source.gguf_path)
     config_path = source.path / "config.json"
     try:
         hf = json.loads(config_path.read_text())
@@ -127,7 +133,7 @@ def load_model(
         _fill_dummy(model, seed)
     else:
         tensors = (
-            gguf_file.iter_tensors(gguf_file.open_gguf(source.gguf_path), cfg, source.gguf_path)
+            gguf_file.iter_tensors(source.gguf_reader, cfg, source.gguf_path)
             if source.format == "gguf"
             else _iter_safetensors(source.path)
         )
@@ -204,6 +210,8 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
     if tokenizer is not None:
         return AutoTokenizer.from_pretrained(tokenizer)
     if source.format == "gguf":
+        if not gguf_file.has_tokenizer(source.gguf_reader):
+            return None
         return AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_name)
     has_files = any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     return AutoTokenizer.from_pretrained(str(source.path)) if has_files else None

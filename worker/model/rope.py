@@ -18,6 +18,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         return _llama3_scaling(inv_freq, scaling)
+    if kind == "freq_factors":  # GGUF's rope_freqs tensor: one divisor per frequency
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     raise ValueError(f"rope_scaling: type {kind!r} is not supported (default, linear, llama3)")
 
 
