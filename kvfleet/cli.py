@@ -1,6 +1,7 @@
 """The `kvfleet` command line: one subcommand per entry point of the system."""
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -23,10 +24,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     from kvfleet.worker.config import SamplingParams
     from kvfleet.worker.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
     if args.raw:
         outputs = llm.generate(args.prompt, params)
     else:
@@ -38,9 +39,13 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvfleet", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
