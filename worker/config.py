@@ -137,7 +137,7 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n: int = Field(1, ge=1, le=128, description="completions per prompt")
-    max_tokens: int = Field(16, ge=1, description="new tokens at most")
+    max_tokens: int | None = Field(16, ge=1, description="new tokens at most; None: up to max_model_len")
     min_tokens: int = Field(0, ge=0, description="new tokens before EOS/stop tokens may end it")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -167,7 +167,7 @@ class SamplingParams(BaseModel):
 
     @model_validator(mode="after")
     def _min_below_max(self) -> "SamplingParams":
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
         return self
 

@@ -146,6 +146,11 @@ class LLMEngine:
             raise ValueError(
                 f"prompt: {len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}"
             )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: {params.max_tokens} new tokens after a prompt of {len(ids)} exceed "
+                f"max_model_len={self.max_model_len}; ask for at most {self.max_model_len - len(ids)}"
+            )
         request = _Request(request_id, text, ids)
         for i in range(params.n):
             generator = None
@@ -221,7 +226,7 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
     def _output(self, request: _Request) -> RequestOutput:

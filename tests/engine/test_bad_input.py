@@ -55,6 +55,12 @@ def test_bad_prompt_fails_alone_and_the_engine_keeps_serving(tiny_engine, prompt
     assert engine.pool.num_free == engine.pool.capacity
 
 
+def test_max_tokens_beyond_the_context_is_refused(tiny_engine):
+    engine = tiny_engine(max_model_len=64)
+    with pytest.raises(ValueError, match="max_tokens: 61 .* at most 60"):
+        engine.add_request("r", PROMPT, SamplingParams(max_tokens=61))
+
+
 def test_duplicate_request_id_is_refused(tiny_engine):
     engine = tiny_engine(max_model_len=64)
     engine.add_request("r", PROMPT, SamplingParams())

@@ -90,7 +90,7 @@ def test_frequency_and_presence_penalties_count_output_tokens_only():
 
 def test_stop_token_ids_and_max_model_len_end_requests(tiny_engine):
     llm = LLM.from_engine(tiny_engine(max_model_len=32))
-    greedy = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
     [free] = llm.generate([PROMPT], greedy)
     assert free.outputs[0].finish_reason == "length"
     assert len(PROMPT) + len(free.outputs[0].token_ids) == 32
