@@ -1,10 +1,17 @@
 """Shared test fixtures: the SmolLM2 demo model loaded once per session, and tiny random
 Llama-family checkpoints written by transformers."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# `triton.jit` decides between compiling and interpreting when a kernel is defined, so the
+# interpreter is chosen here, before any test imports a kernel module. Without CUDA no compiled
+# Triton kernel can run in this process, so no other test's path changes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,8 +1,8 @@
 """The attention backend interface: how a layer's attention reads and writes the paged KV cache.
 
 The model calls `backend.forward` once per layer; the runner builds one `AttentionMetadata`
-per step. The torch backend runs the plain-torch references of kvfleet.kernels; a faster
-backend (Triton on CUDA) implements the same two methods.
+per step. The torch backend runs the plain-torch references of kvfleet.kernels; the Triton
+backend runs their kernels, and `select_attention_backend` picks it on CUDA.
 """
 
 from dataclasses import dataclass
@@ -10,6 +10,8 @@ from typing import Protocol
 
 import torch
 
+from kvfleet.kernels import paged_attention
+from kvfleet.kernels._triton import HAS_TRITON
 from kvfleet.kernels.paged_attention import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -44,8 +46,13 @@ class AttentionBackend(Protocol):
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Write k, v ([t, hkv, d]) into `kv_layer`, then attend q ([t, hq, d]); -> [t, hq, d]."""
+        """Write k, v ([t, hkv, d]) into `kv_layer`, then attend q ([t, hq, d]); -> [t, hq, d].
+
+        `k_scale`/`v_scale`: the layer's scales of an fp8 cache (stored value = value / scale).
+        """
         ...
 
 
@@ -60,15 +67,52 @@ class TorchAttentionBackend:
         kv_layer: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        write_kv_ref(k, v, kv_layer, meta.slot_mapping)
+        write_kv_ref(k, v, kv_layer, meta.slot_mapping, k_scale, v_scale)
         if meta.is_decode:
-            return paged_decode_attention_ref(q, kv_layer, meta.block_tables, meta.context_lens, scale)
+            return paged_decode_attention_ref(
+                q, kv_layer, meta.block_tables, meta.context_lens, scale, k_scale, v_scale
+            )
         return paged_prefill_attention_ref(
-            q, k, v, kv_layer, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale
+            q, k, v, kv_layer, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale,
+            k_scale, v_scale,
+        )
+
+
+class TritonAttentionBackend:
+    """The Triton kernels of kvfleet.kernels.paged_attention: the engine's path on CUDA.
+
+    The kernels are looked up on their module at each call (not bound at import), so a test
+    process that reloads the module under Triton's interpreter runs the reloaded kernels.
+    """
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
+    ) -> torch.Tensor:
+        paged_attention.write_kv(k, v, kv_layer, meta.slot_mapping, k_scale, v_scale)
+        if meta.is_decode:
+            return paged_attention.paged_decode_attention(
+                q, kv_layer, meta.block_tables, meta.context_lens, scale, k_scale, v_scale
+            )
+        return paged_attention.paged_prefill_attention(
+            q, k, v, kv_layer, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, scale,
+            k_scale, v_scale,
         )
 
 
 def select_attention_backend(device: torch.device) -> AttentionBackend:
-    """The fastest backend available on `device`."""
+    """The fastest backend available on `device`: Triton on CUDA when Triton is installed,
+    plain torch otherwise."""
+    if torch.device(device).type == "cuda" and HAS_TRITON:
+        return TritonAttentionBackend()
     return TorchAttentionBackend()

@@ -1,30 +1,8 @@
-"""Kernel tests run on the GPU when there is one, else on the CPU through Triton's interpreter.
-
-`triton.jit` decides between compiling and interpreting when a kernel is defined, so
-TRITON_INTERPRET is set here, before the test modules import the kernels, and kernel modules
-that an earlier test directory already imported are reloaded. Without CUDA no compiled Triton
-kernel can run in this process anyway, so the setting cannot change another test's path.
-"""
-
-import importlib
-import os
-import sys
+"""Kernel tests run on the GPU when there is one, else on the CPU through Triton's interpreter
+(TRITON_INTERPRET is set by tests/conftest.py, before any kernel module is imported)."""
 
 import pytest
 import torch
-
-KERNEL_MODULES = (
-    "kvfleet.kernels.paged_attention",
-    "kvfleet.kernels.norm",
-    "kvfleet.kernels.rotary",
-    "kvfleet.kernels.activation",
-)
-
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    os.environ["TRITON_INTERPRET"] = "1"
-    for name in KERNEL_MODULES:
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
 
 
 @pytest.fixture

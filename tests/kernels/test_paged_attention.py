@@ -4,7 +4,8 @@ Small shapes run everywhere (on CPU through the Triton interpreter); the `gpu` t
 real shapes. Tolerances: the kernels accumulate in float32 like the references but round the
 softmax probabilities to the activation dtype before the P @ V product (the tensor cores'
 input) and sum in another order, so outputs may differ by about two units in the last place:
-2e-3 for fp16 and 1.6e-2 for bf16 on outputs of magnitude about 1.
+2e-3 for fp16 and 1.6e-2 for bf16 on outputs of magnitude about 1. float32 gets 2e-3 too: on
+the GPU, tl.dot multiplies float32 tiles in TF32 (Triton's default; 10-bit mantissa).
 
 The interpreter (Triton 3.9) multiplies bfloat16 tiles as raw integers and rounds float32 to
 fp8 wrongly, so on CPU the attention tests use fp16 activations (fp8 caches are made by
@@ -28,7 +29,7 @@ from kvfleet.kernels.paged_attention import (  # noqa: E402
 )
 
 FP8 = torch.float8_e4m3fn
-TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-3}
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
