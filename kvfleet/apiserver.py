@@ -3,16 +3,20 @@
 The emulator stores objects as plain JSON and merges patches. kopf, the kubernetes client
 and kubectl expect more of an API server, and `ApiServer` adds it around the emulator:
 
+- 201 Created for creations (the kubernetes client reads the new object only then);
 - object metadata kept by the server: ``uid``, ``creationTimestamp``, ``resourceVersion``,
   ``generation`` (bumped when ``spec`` changes), names from ``generateName``;
 - the status subresource (``/status`` writes only the status, the main resource never does)
   and the scale subresource (``autoscaling/v1`` Scale read and written through the paths
   that the CRD's ``subresources.scale`` names);
-- JSON patches, merge patches and strategic-merge patches (the latter treated as merges);
+- JSON patches (a failed ``test`` is 422, which kopf's optimistic concurrency expects),
+  merge patches and strategic-merge patches (the latter treated as merges);
 - label selectors and ``metadata.name``/``metadata.namespace`` field selectors on lists and
-  watches;
+  watches, and the ``timeoutSeconds`` of watches;
 - garbage collection of dependents by ``ownerReferences`` when an owner is gone;
-- CustomResourceDefinitions installed from their manifests (discovery and storage).
+- CustomResourceDefinitions installed from their manifests (discovery and storage);
+- the namespaces a new cluster has (default, kube-system, kube-public), and the
+  namespaces resource's own URLs, which kmock 0.8 cannot parse.
 
 It serves tests (``tests/operator``) and the local cluster (``kvfleet up``). Serve it with
 ``kmock.Server(api_server, port=...)`` inside a running event loop.
@@ -32,13 +36,17 @@ from typing import Any
 
 import aiohttp.web
 import attrs
+import jsonpatch
+import jsonpointer
 import kmock
 from kmock._internal import dicts as kmock_dicts
-from kmock._internal import rendering
+from kmock._internal import parsing, rendering
 
 __all__ = ["ApiServer", "LabelSelector", "merge_diff"]
 
 _CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+_NAMESPACES = kmock.resource("", "v1", "namespaces")
+_SCALE_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
 # Metadata that only the server writes; clients' values for them are ignored.
 _SERVER_METADATA = ("uid", "creationTimestamp", "resourceVersion", "generation", "deletionTimestamp")
 
@@ -105,6 +113,22 @@ def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
     return patch
 
 
+_NAMESPACE_PATH = re.compile(r"/api/v1/namespaces(?:/(?P<name>[^/]+))?(?:/(?P<sub>status|finalize))?/?")
+_parse_path_of_kmock = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads /api/v1/namespaces[/NAME] as a namespace prefix and fails; the
+    namespaces resource itself (which kopf watches) is parsed here instead."""
+    match = _NAMESPACE_PATH.fullmatch(path)
+    if match is None:
+        return _parse_path_of_kmock(path)
+    return parsing.ParsedPath("", "v1", "namespaces", None, match["name"], match["sub"])
+
+
+parsing.parse_path = _parse_path
+
+
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -140,10 +164,18 @@ class ApiServer(kmock.KubernetesEmulator):
     # Per custom resource: (specReplicasPath, statusReplicasPath, labelSelectorPath | None).
     _scale_paths: dict[kmock.resource, tuple[str, str, str | None]] = attrs.field(factory=dict, init=False)
     _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
+    history: int = 5000  # requests remembered (kmock keeps every request for assertions)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.resources.load_bundled()
+        for namespace in ("default", "kube-system", "kube-public"):
+            self.objects[_NAMESPACES, None, namespace] = {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": namespace, "uid": str(uuid.uuid4()), "creationTimestamp": _now()},
+                "status": {"phase": "Active"},
+            }
 
     def install_crd(self, crd: Mapping[str, Any]) -> None:
         """Serve a CustomResourceDefinition: its discovery, its objects, and the CRD itself."""
@@ -175,7 +207,24 @@ class ApiServer(kmock.KubernetesEmulator):
         stored["status"] = {"acceptedNames": names, "conditions": [{"type": "Established", "status": "True"}]}
         self.objects[_CRDS, None, crd["metadata"]["name"]] = stored
 
+    def _replace(self, request: rendering.Request, **changes: Any) -> rendering.Request:
+        """The request with `changes`, in its place in the history (kmock matches by identity)."""
+        new = attrs.evolve(request, **changes)
+        for index in range(len(self._requests) - 1, -1, -1):
+            if self._requests[index] is request:
+                self._requests[index] = new
+                break
+        return new
+
+    def _forget_old_requests(self) -> None:
+        """Bound the request history that kmock keeps for assertions (a long-lived server)."""
+        if len(self._requests) > 2 * self.history:
+            del self._requests[: -self.history]
+            for payload in self._payloads:
+                del payload._requests[: -self.history]
+
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        self._forget_old_requests()
         if request.resource is None:
             return await super()._handle(request)
         if request.action == kmock.action.FETCH and request.subresource == "scale":
@@ -184,15 +233,17 @@ class ApiServer(kmock.KubernetesEmulator):
             return await super()._handle(request)
         async with self._write_lock:
             if request.action == kmock.action.CREATE:
-                request = attrs.evolve(request, data=self._created(request))
+                request = self._replace(request, data=self._created(request))
             elif request.action == kmock.action.UPDATE:
-                request = attrs.evolve(request, data=self._update_patch(request))
+                request = self._replace(request, data=self._update_patch(request))
             owner = self._existing(request) if request.action != kmock.action.CREATE else None
             response = await super()._handle(request)
             if owner is not None and self._existing_or_none(request) is None:
                 await self._collect_garbage(owner["metadata"].get("uid"))
         if request.subresource == "scale" and request.action == kmock.action.UPDATE:
             return aiohttp.web.json_response(self._scale_of(request.resource, self._existing(request)))
+        if request.action == kmock.action.CREATE and response.status == 200 and not response.prepared:
+            response.set_status(201)  # clients read the created object only from a 201
         return response
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
@@ -206,11 +257,31 @@ class ApiServer(kmock.KubernetesEmulator):
         return result
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
-        async for event in super()._serve_watch(request):
-            if not isinstance(event, dict) or self._selected(request, event.get("object", {})):
-                yield event
+        """kmock's watch, filtered by the selectors and ended after ``timeoutSeconds``."""
+        timeout = float(request.params.get("timeoutSeconds") or 0) or None
+        queue: asyncio.Queue[rendering.Payload] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for event in super(ApiServer, self)._serve_watch(request):
+                await queue.put(event)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
+        pumping = asyncio.create_task(pump())
+        try:
+            while deadline is None or loop.time() < deadline:
+                remaining = None if deadline is None else deadline - loop.time()
+                try:
+                    event = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    return
+                if not isinstance(event, dict) or self._selected(request, event.get("object", {})):
+                    yield event
+        finally:
+            pumping.cancel()
 
     def _existing_or_none(self, request: rendering.Request) -> dict[str, Any] | None:
+        assert request.resource is not None and request.name is not None  # a named object's request
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects or self.objects[key].deleted:
             return None
@@ -252,12 +323,17 @@ class ApiServer(kmock.KubernetesEmulator):
     def _update_patch(self, request: rendering.Request) -> dict[str, Any]:
         """A merge patch for the emulator that does what the request's patch means here."""
         current = self._existing(request)
+        assert request.resource is not None
         if request.subresource == "scale":
             scale = kmock_dicts.patch_dict(self._scale_of(request.resource, current), request.data or {})
             target = copy.deepcopy(current)
             _set_path(target, self._scale_paths[request.resource][0], _get_path(scale, ".spec.replicas"))
         else:
-            target = dict(kmock_dicts.patch_dict(current, request.data or {}))
+            try:
+                target = dict(kmock_dicts.patch_dict(current, request.data or {}))
+            except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+                # As the API server does: a failed "test" or a bad path is 422, not a crash.
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=f"the patch failed: {exc}") from exc
             if request.subresource == "status":
                 target = {**current, "status": target.get("status")}
             elif request.resource in self._status_subresourced():
@@ -285,7 +361,7 @@ class ApiServer(kmock.KubernetesEmulator):
         return {
             "apiVersion": "autoscaling/v1",
             "kind": "Scale",
-            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in meta},
+            "metadata": {k: meta[k] for k in _SCALE_METADATA if k in meta},
             "spec": {"replicas": _get_path(obj, spec_path) or 0},
             "status": {
                 "replicas": _get_path(obj, status_path) or 0,

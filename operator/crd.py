@@ -1,0 +1,512 @@
+"""The InferenceService custom resource: pydantic models of its spec and status.
+
+These models are the single source of the CRD: `render_crd` turns them into the
+CustomResourceDefinition that `kvfleet crds` writes to crds/inferenceservice.yaml, and the
+operator parses every object with them, so a spec that slips past the API server's schema
+(an old CRD, a cluster without CEL) still fails here, naming the field.
+Cross-field rules exist twice on purpose: as CEL (`x-kubernetes-validations`) for the API
+server and as model validators for the operator; `tests/operator/test_crd.py` checks both.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+GROUP = "kvfleet.dev"
+VERSION = "v1alpha1"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+SINGULAR = "inferenceservice"
+SHORT_NAMES = ["infsvc"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DEFAULT_IMAGE = "ghcr.io/kvfleet/worker:0.1.0"
+# Children are named <name>-w-<n>, <name>-workers, ...: the longest suffix must still fit
+# in a 63-character DNS label.
+MAX_NAME_LENGTH = 50
+
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+_DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
+    validation = {"rule": rule, "message": message}
+    if field_path:
+        validation["fieldPath"] = field_path
+    return validation
+
+
+class _Model(BaseModel):
+    """Strict camelCase models: unknown fields are errors, as with a structural schema."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+class ModelSpec(_Model):
+    """Which model the workers serve, and where each worker finds its files."""
+
+    source: Literal["demo", "path", "pvc", "hostPath"] = Field(
+        "demo",
+        description="demo: the bundled SmolLM2-135M-Instruct GGUF; path: a path in the worker image;"
+        " pvc: a PersistentVolumeClaim mounted read-only at /models; hostPath: a node folder mounted"
+        " read-only at /models.",
+    )
+    path: str | None = Field(
+        None,
+        min_length=1,
+        description="For source=path, the absolute path of the HF folder or .gguf file in the pod; for"
+        " pvc and hostPath, its path relative to the volume's root (empty: the root itself).",
+    )
+    claimName: str | None = Field(None, min_length=1, description="The PVC's name (source=pvc).")
+    hostPath: str | None = Field(None, pattern=r"^/", description="The node folder (source=hostPath).")
+    servedName: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="The model name that clients put in their requests (default: the resource's name).",
+    )
+    format: Literal["auto", "hf", "gguf", "dummy"] = Field(
+        "auto",
+        description="auto: from the path (a .gguf file or an HF folder); hf: safetensors folder; gguf: a .gguf"
+        " file; dummy: random weights of the model's architecture (benchmarks).",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.source != 'path' || (has(self.path) && self.path.startsWith('/'))",
+                     "source=path needs an absolute path"),
+                _cel("self.source != 'pvc' || has(self.claimName)", "source=pvc needs claimName"),
+                _cel("self.source != 'hostPath' || has(self.hostPath)", "source=hostPath needs hostPath"),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelSpec:
+        if self.source == "path" and not (self.path or "").startswith("/"):
+            raise ValueError(f"model.path must be an absolute path when model.source=path, got {self.path!r}")
+        if self.source == "pvc" and not self.claimName:
+            raise ValueError("model.claimName is required when model.source=pvc")
+        if self.source == "hostPath" and not self.hostPath:
+            raise ValueError("model.hostPath is required when model.source=hostPath")
+        return self
+
+
+class KVCacheSpec(_Model):
+    """The paged KV cache and its offload tiers (GPU memory, then CPU memory, then disk)."""
+
+    blockSize: Literal[8, 16, 32, 64, 128] = Field(16, description="Tokens per KV block.")
+    dtype: Literal["auto", "fp8"] = Field("auto", description="auto: the model's dtype; fp8: float8_e4m3fn.")
+    gpuMemoryUtilization: float = Field(
+        0.9, ge=0.1, le=0.99, description="Share of GPU memory the worker may use (weights + KV cache)."
+    )
+    cpuOffloadGiB: float = Field(0, ge=0, le=4096, description="Pinned CPU memory for evicted KV blocks (0: off).")
+    diskOffloadGiB: float = Field(0, ge=0, le=65536, description="Disk space for evicted KV blocks (0: off).")
+    diskPath: str = Field("/var/cache/kvfleet/kv", pattern=r"^/", description="Folder of the disk KV tier.")
+
+
+class EngineSpec(_Model):
+    """The inference engine's settings, passed to every worker."""
+
+    tensorParallelSize: Literal[1, 2, 4, 8] = Field(1, description="GPUs (ranks) per replica.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="Weights' dtype.")
+    maxModelLen: int | None = Field(
+        None, ge=16, le=1048576, description="Longest context in tokens (default: the model's own)."
+    )
+    maxNumSeqs: int = Field(256, ge=1, le=4096, description="Sequences batched together at most.")
+    maxNumBatchedTokens: int = Field(2048, ge=16, le=1048576, description="Token budget of one engine step.")
+    prefixCaching: bool = Field(True, description="Reuse the KV blocks of shared prompt prefixes.")
+    kvCache: KVCacheSpec = Field(default_factory=KVCacheSpec)
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.maxNumBatchedTokens >= self.kvCache.blockSize",
+                     "maxNumBatchedTokens must hold at least one KV block"),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> EngineSpec:
+        if self.maxNumBatchedTokens < self.kvCache.blockSize:
+            raise ValueError(
+                f"engine.maxNumBatchedTokens ({self.maxNumBatchedTokens}) must hold at least one KV block"
+                f" (engine.kvCache.blockSize={self.kvCache.blockSize})"
+            )
+        return self
+
+
+class ResourcesSpec(_Model):
+    """What each replica asks of its node."""
+
+    gpuResourceName: str = Field("nvidia.com/gpu", min_length=1, description="Extended resource of the GPUs.")
+    gpusPerReplica: int | None = Field(
+        None, ge=0, le=8,
+        description="GPUs per replica: 0 runs on CPU; otherwise it must equal engine.tensorParallelSize"
+        " (the default).",
+    )
+    cpu: str = Field("2", pattern=_QUANTITY, description="CPU request per replica.")
+    memory: str = Field("8Gi", pattern=_QUANTITY, description="Memory request and limit per replica.")
+
+
+class AutoscalingSpec(_Model):
+    """Replica count from the workers' load, within [minReplicas, maxReplicas]."""
+
+    enabled: bool = Field(False, description="Let the operator set replicas from the workers' metrics.")
+    minReplicas: int = Field(1, ge=0, le=1000, description="Fewest replicas (0 scales to zero).")
+    maxReplicas: int = Field(4, ge=1, le=1000, description="Most replicas.")
+    metric: Literal["queueDepth", "kvCacheUtilization", "ttftP99"] = Field(
+        "queueDepth", description="The per-replica load signal to hold at `target`."
+    )
+    target: float = Field(8, gt=0, description="Target value of `metric` per replica.")
+    scaleUpStabilizationSeconds: int = Field(0, ge=0, le=3600, description="Window before scaling up.")
+    scaleDownStabilizationSeconds: int = Field(300, ge=0, le=3600, description="Window before scaling down.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingSpec:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(
+                f"autoscaling.minReplicas ({self.minReplicas}) must not exceed"
+                f" autoscaling.maxReplicas ({self.maxReplicas})"
+            )
+        return self
+
+
+class PoolSpec(_Model):
+    """A router pool: requests whose prompt length falls in [minPromptTokens, maxPromptTokens)."""
+
+    name: str = Field(..., pattern=_DNS_LABEL, max_length=20, description="The pool's name.")
+    minPromptTokens: int = Field(0, ge=0, description="Shortest prompt (tokens) routed to this pool.")
+    maxPromptTokens: int | None = Field(None, ge=1, description="Prompts this long or longer go elsewhere.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("!has(self.maxPromptTokens) || self.minPromptTokens < self.maxPromptTokens",
+                     "minPromptTokens must be below maxPromptTokens"),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _check_range(self) -> PoolSpec:
+        if self.maxPromptTokens is not None and self.minPromptTokens >= self.maxPromptTokens:
+            raise ValueError(
+                f"pool {self.name!r}: minPromptTokens ({self.minPromptTokens}) must be below"
+                f" maxPromptTokens ({self.maxPromptTokens})"
+            )
+        return self
+
+
+class RouterSpec(_Model):
+    """The service's entry point in front of the workers."""
+
+    policy: Literal["prefix-aware", "least-loaded", "round-robin"] = Field(
+        "prefix-aware", description="How the router picks a replica for each request."
+    )
+    pools: list[PoolSpec] = Field(default_factory=list, max_length=8, description="Pools by prompt length.")
+    serviceType: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        "ClusterIP", description="Type of the entry Service."
+    )
+    port: int = Field(80, ge=1, le=65535, description="Port of the entry Service.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.pools.all(p, self.pools.exists_one(q, q.name == p.name))", "pool names must be unique"),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _check_unique_pools(self) -> RouterSpec:
+        names = [pool.name for pool in self.pools]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"router.pools names must be unique, repeated: {duplicates}")
+        return self
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = Field(None, ge=0)
+
+
+class SchedulingSpec(_Model):
+    """Where worker pods may run."""
+
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node labels a worker's node must have.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the workers tolerate.")
+    affinity: dict[str, Any] | None = Field(None, description="A Kubernetes Affinity, as in a Pod spec.")
+    priorityClassName: str | None = Field(None, min_length=1, description="PriorityClass of the workers.")
+
+
+class EnvVar(_Model):
+    """An environment variable of the worker container."""
+
+    name: str = Field(..., pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = None
+    valueFrom: dict[str, Any] | None = Field(None, description="A Kubernetes EnvVarSource.")
+
+
+class ProbesSpec(_Model):
+    """Timing of the workers' probes (readiness on /ready; startup and liveness on /health)."""
+
+    periodSeconds: int = Field(5, ge=1, le=300, description="Seconds between readiness checks.")
+    timeoutSeconds: int = Field(2, ge=1, le=60, description="Seconds before a probe counts as failed.")
+    failureThreshold: int = Field(3, ge=1, le=100, description="Failed checks before not-ready or restart.")
+    startupSeconds: int = Field(
+        900, ge=10, le=7200, description="Time allowed to load the weights before liveness applies."
+    )
+
+
+class InferenceServiceSpec(_Model):
+    """A model served by replicas of the kvfleet engine behind one OpenAI-compatible endpoint."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Worker image (its entrypoint: kvfleet).")
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
+    replicas: int = Field(1, ge=0, le=1000, description="Worker replicas (the scale subresource).")
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra worker environment.")
+    probes: ProbesSpec = Field(default_factory=ProbesSpec)
+    drainTimeoutSeconds: int = Field(
+        60, ge=0, le=3600,
+        description="How long a replica being removed may finish its requests in flight.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.resources.gpusPerReplica) || self.resources.gpusPerReplica == 0"
+                    " || self.resources.gpusPerReplica == self.engine.tensorParallelSize",
+                    "resources.gpusPerReplica must be 0 (CPU) or equal engine.tensorParallelSize",
+                ),
+                _cel(
+                    "!self.autoscaling.enabled || (self.replicas >= self.autoscaling.minReplicas"
+                    " && self.replicas <= self.autoscaling.maxReplicas)",
+                    "with autoscaling enabled, replicas must lie within [minReplicas, maxReplicas]",
+                ),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> InferenceServiceSpec:
+        gpus = self.resources.gpusPerReplica
+        if gpus not in (None, 0, self.engine.tensorParallelSize):
+            raise ValueError(
+                f"resources.gpusPerReplica ({gpus}) must be 0 (CPU) or equal"
+                f" engine.tensorParallelSize ({self.engine.tensorParallelSize})"
+            )
+        scaling = self.autoscaling
+        if scaling.enabled and not scaling.minReplicas <= self.replicas <= scaling.maxReplicas:
+            raise ValueError(
+                f"with autoscaling enabled, replicas ({self.replicas}) must lie within"
+                f" [{scaling.minReplicas}, {scaling.maxReplicas}]"
+            )
+        return self
+
+    @property
+    def gpus(self) -> int:
+        """GPUs each replica requests."""
+        gpus = self.resources.gpusPerReplica
+        return self.engine.tensorParallelSize if gpus is None else gpus
+
+
+class Condition(_Model):
+    """A condition in the Kubernetes convention."""
+
+    type: Literal["Ready", "Progressing", "Degraded"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(..., pattern=r"^[A-Za-z]([A-Za-z0-9_]*[A-Za-z0-9])?$")
+    message: str = ""
+    lastTransitionTime: str | None = None
+    observedGeneration: int | None = None
+
+
+class WorkerStatus(_Model):
+    """One replica as the operator last saw it."""
+
+    name: str
+    phase: str = Field("Pending", description="The pod's phase.")
+    ready: bool = False
+    updated: bool = Field(True, description="Runs the current spec (false while a rollout replaces it).")
+    draining: bool = False
+    drained: bool | None = Field(None, description="The worker reported its drain finished (GET /admin/drain).")
+    runningRequests: int | None = Field(None, description="Requests in flight, from the worker's /metrics.")
+    waitingRequests: int | None = Field(None, description="Requests queued, from the worker's /metrics.")
+    kvCacheUsage: float | None = Field(None, description="Share of KV blocks in use, from /metrics.")
+    probeTime: str | None = Field(None, description="When /ready and /metrics were last read.")
+    probeError: str | None = Field(None, description="Why the last read failed, if it did.")
+
+
+class InferenceServiceStatus(_Model):
+    """What the operator observed and did."""
+
+    replicas: int = Field(0, description="Worker pods that exist and are not being removed.")
+    readyReplicas: int = Field(0, description="Of those, the ones ready to serve.")
+    updatedReplicas: int = Field(0, description="Of those, the ones that run the current spec.")
+    selector: str = Field("", description="Label selector of the workers (for the scale subresource).")
+    url: str | None = Field(None, description="The OpenAI-compatible endpoint.")
+    model: str | None = Field(None, description="The served model name.")
+    specHash: str | None = Field(None, description="Hash of the current worker template.")
+    observedGeneration: int | None = None
+    workers: list[WorkerStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+def check_name(name: str) -> None:
+    """Reject a resource name whose children's names would not be valid DNS labels."""
+    if len(name) > MAX_NAME_LENGTH or not re.fullmatch(_DNS_LABEL, name):
+        raise ValueError(
+            f"metadata.name {name!r} must be a DNS label of at most {MAX_NAME_LENGTH} characters"
+            " (lowercase letters, digits, '-'; starting with a letter), as the worker pods and"
+            " Services are named after it"
+        )
+
+
+def format_errors(error: ValidationError) -> str:
+    """A one-line summary of a spec's validation errors, each naming its field."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"spec.{where}: {message}" if where else f"spec: {message}")
+    return "; ".join(parts)
+
+
+# ---- rendering the CustomResourceDefinition -------------------------------------------------
+
+_DROPPED_KEYS = {"title", "$defs"}
+
+
+def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Turn a pydantic JSON schema node into a Kubernetes structural OpenAPI v3 schema.
+
+    References are inlined, optional fields become plain (absent rather than null), free-form
+    objects preserve unknown fields, numeric exclusive bounds take the OpenAPI v3.0 form, and
+    nested objects and lists default to empty ones, so that the API server fills in the
+    defaults inside them and CEL rules can rely on them being present.
+    """
+    if "$ref" in schema:
+        resolved = defs[schema["$ref"].rsplit("/", 1)[-1]]
+        return _structural({**resolved, **{k: v for k, v in schema.items() if k != "$ref"}}, defs)
+    if "anyOf" in schema:  # Optional[X] from pydantic: anyOf [X, null]
+        (option,) = [s for s in schema["anyOf"] if s.get("type") != "null"]
+        rest = {k: v for k, v in schema.items() if k != "anyOf" and not (k == "default" and v is None)}
+        return _structural({**option, **rest}, defs)
+    if schema.get("type") == "object" and schema.get("additionalProperties") is True:
+        return {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            **({"description": schema["description"]} if "description" in schema else {}),
+        }
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DROPPED_KEYS or (key == "additionalProperties" and value is False):
+            continue
+        if key == "properties":
+            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = _structural(value, defs)
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
+        else:
+            out[key] = value
+    required = set(out.get("required", []))
+    for name, sub in out.get("properties", {}).items():
+        if name in required or "default" in sub or sub.get("x-kubernetes-preserve-unknown-fields"):
+            continue
+        if sub.get("type") == "array":
+            sub["default"] = []
+        elif sub.get("type") == "object":
+            sub["default"] = {}
+    return out
+
+
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a model, as a CRD version's schema wants it."""
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    return _structural(schema, schema.get("$defs", {}))
+
+
+def render_crd() -> dict[str, Any]:
+    """The InferenceService CustomResourceDefinition, rendered from the models."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": ["kvfleet"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "An InferenceService runs a language model on replicas of the"
+                            " kvfleet engine behind one OpenAI-compatible endpoint.",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": {**openapi_schema(InferenceServiceSpec), "default": {}},
+                                "status": openapi_schema(InferenceServiceStatus),
+                            },
+                        }
+                    },
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": [
+                        {"name": "Model", "type": "string", "jsonPath": ".status.model"},
+                        {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
+                        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+                        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                }
+            ],
+        },
+    }

@@ -1,0 +1,238 @@
+"""The kopf handlers: observe an InferenceService and its children, reconcile, act, report.
+
+Handlers stay thin. Each one ends in `Runtime.converge`, which reads the service and its
+children, calls the pure `reconcile`, applies the plan's actions (posting an Event for each)
+and writes the status. Converging one service is serialized and coalesced: a pass asked for
+while another runs makes that one run again, instead of running beside it.
+
+Handlers are synchronous (kopf runs them in its thread pool) because the kubernetes client
+and the workers' HTTP calls are.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from kvfleet.operator import children, workers
+from kvfleet.operator.children import Owner
+from kvfleet.operator.crd import (
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    InferenceServiceSpec,
+    InferenceServiceStatus,
+    check_name,
+    format_errors,
+)
+from kvfleet.operator.kube import Cluster
+from kvfleet.operator.reconcile import (
+    Action,
+    Observed,
+    Probe,
+    WorkerPod,
+    format_time,
+    invalid_spec_status,
+    plan_deletion,
+    reconcile,
+)
+from pydantic import ValidationError
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    """Timing of the operator's own work (not of the workers: that is in each spec)."""
+
+    probe_interval: float = 5.0  # seconds between reads of the workers' /ready and /metrics
+    probe_timeout: float = 2.0  # seconds a worker may take to answer one of them
+    retry_backoff: float = 3.0  # seconds before kopf retries a handler that failed
+
+
+@dataclass
+class _Pass:
+    """Serializes and coalesces the converge passes of one service."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    again: bool = False
+    probes: dict[str, Probe] = field(default_factory=dict)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(tz=datetime.UTC)
+
+
+class Runtime:
+    """What the handlers share: the cluster client, the options, the per-service passes."""
+
+    def __init__(self, cluster: Cluster, options: OperatorOptions) -> None:
+        self.cluster = cluster
+        self.options = options
+        self._passes: dict[tuple[str, str], _Pass] = {}
+        self._passes_lock = threading.Lock()
+
+    def _pass(self, namespace: str, name: str) -> _Pass:
+        with self._passes_lock:
+            return self._passes.setdefault((namespace, name), _Pass())
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._passes_lock:
+            self._passes.pop((namespace, name), None)
+
+    def converge(self, namespace: str, name: str, probes: Mapping[str, Probe] | None = None) -> None:
+        """Bring one service's children to its spec; coalesces with a pass already running."""
+        state = self._pass(namespace, name)
+        if probes is not None:
+            state.probes = dict(probes)
+        state.again = True
+        while state.again:
+            if not state.lock.acquire(blocking=False):
+                return  # the running pass sees `again` and runs once more
+            try:
+                state.again = False
+                self._converge_once(namespace, name, state.probes)
+            finally:
+                state.lock.release()
+
+    def _converge_once(self, namespace: str, name: str, probes: Mapping[str, Probe]) -> None:
+        body = self.cluster.get_service(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        meta = body["metadata"]
+        owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
+        generation = meta.get("generation")
+        previous = _previous_status(body)
+        now = _now()
+        try:
+            check_name(name)
+            spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
+        except (ValidationError, ValueError) as exc:
+            message = format_errors(exc) if isinstance(exc, ValidationError) else str(exc)
+            self._report_invalid(body, previous, message, now, generation)
+            return
+
+        pods, objects = self.cluster.list_children(owner)
+        pods_by_name = {p["metadata"]["name"]: p for p in pods}
+        known = {w.name: Probe.from_status(w) for w in previous.workers}
+        observed = Observed(
+            pods=[WorkerPod.from_manifest(p) for p in pods],
+            objects=objects,
+            probes={n: p for n, p in {**known, **probes}.items() if p is not None and n in pods_by_name},
+            conditions=previous.conditions,
+        )
+        plan = reconcile(owner, spec, observed, now, generation)
+        for action in plan.actions:
+            self._apply(owner, action, pods_by_name.get(action.name), body)
+        status = plan.status.model_dump(mode="json")
+        if status != previous.model_dump(mode="json"):
+            self.cluster.patch_service_status(namespace, name, status)
+
+    def _report_invalid(
+        self, body: dict[str, Any], previous: InferenceServiceStatus, message: str,
+        now: datetime.datetime, generation: int | None,
+    ) -> None:
+        """Degraded with the reason; children untouched; one Event per distinct problem."""
+        before = next((c for c in previous.conditions if c.type == "Degraded"), None)
+        status = invalid_spec_status(previous, message, now, generation)
+        meta = body["metadata"]
+        self.cluster.patch_service_status(meta["namespace"], meta["name"], status.model_dump(mode="json"))
+        if before is None or before.reason != "InvalidSpec" or before.message != message:
+            kopf.warn(body, reason="InvalidSpec", message=f"Invalid spec, nothing changed: {message}")
+
+    def _apply(self, owner: Owner, action: Action, pod: Mapping[str, Any] | None, body: dict[str, Any]) -> None:
+        cluster = self.cluster
+        if action.verb == "create":
+            assert action.manifest is not None
+            if not cluster.create(action.manifest):
+                return
+        elif action.verb == "patch":
+            assert action.manifest is not None
+            cluster.patch(action.manifest)
+        elif action.verb == "delete":
+            if not cluster.delete(action.kind, owner.namespace, action.name):
+                return
+        elif action.verb == "drain":
+            url = workers.worker_url(pod) if pod is not None else None
+            problem = workers.request_drain(url, self.options.probe_timeout) if url else "it has no address"
+            cluster.annotate("Pod", owner.namespace, action.name, {children.ANNOTATION_DRAINING: format_time(_now())})
+            if problem:
+                kopf.info(body, reason=action.reason, message=f"{action.message} (drain call failed: {problem})")
+                return
+        kopf.info(body, reason=action.reason, message=action.message)
+
+    def probe_workers(self, namespace: str, name: str, uid: str) -> dict[str, Probe]:
+        """Read every worker's /ready and /metrics, in parallel."""
+        pods, _ = self.cluster.list_children(Owner(name=name, namespace=namespace, uid=uid))
+        targets = {}
+        for pod in pods:
+            url = workers.worker_url(pod)
+            if url:
+                draining = children.ANNOTATION_DRAINING in (pod["metadata"].get("annotations") or {})
+                targets[pod["metadata"]["name"]] = (url, draining)
+        if not targets:
+            return {}
+        timeout = self.options.probe_timeout
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
+            futures = {n: pool.submit(workers.probe, u, timeout, d) for n, (u, d) in targets.items()}
+            return {n: f.result() for n, f in futures.items()}
+
+    def delete_children(self, namespace: str, name: str, uid: str, body: dict[str, Any]) -> None:
+        owner = Owner(name=name, namespace=namespace, uid=uid)
+        pods, objects = self.cluster.list_children(owner)
+        observed = Observed(pods=[WorkerPod.from_manifest(p) for p in pods], objects=objects)
+        for action in plan_deletion(observed):
+            self._apply(owner, action, None, body)
+        self.forget(namespace, name)
+
+
+def _previous_status(body: Mapping[str, Any]) -> InferenceServiceStatus:
+    """The recorded status, or an empty one where it is missing or not ours to read."""
+    raw = {k: v for k, v in (body.get("status") or {}).items() if k in InferenceServiceStatus.model_fields}
+    try:
+        return InferenceServiceStatus.model_validate(raw)
+    except ValidationError:
+        return InferenceServiceStatus()
+
+
+def _owner_name(body: Mapping[str, Any]) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/"):
+            return str(ref["name"])
+    return None
+
+
+def register(registry: kopf.OperatorRegistry, options: OperatorOptions) -> None:
+    """Register the handlers; `memo.runtime` must hold a `Runtime`."""
+    resource = {"group": GROUP, "version": VERSION, "plural": PLURAL}
+    backoff = options.retry_backoff
+
+    @kopf.on.resume(**resource, id="service_changed", registry=registry, backoff=backoff)
+    @kopf.on.create(**resource, id="service_changed", registry=registry, backoff=backoff)
+    @kopf.on.update(**resource, id="service_changed", registry=registry, backoff=backoff)
+    def service_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+        """A service appeared or its spec, labels or annotations changed."""
+        memo.runtime.converge(namespace, name)
+
+    @kopf.on.delete(**resource, id="service_deleted", registry=registry, backoff=backoff)
+    def service_deleted(name: str, namespace: str, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        """The service is being deleted: delete its children, then let it go (the finalizer)."""
+        memo.runtime.delete_children(namespace, name, uid, dict(body))
+
+    @kopf.timer(**resource, id="workers_probed", registry=registry, interval=options.probe_interval,
+                backoff=backoff)
+    def workers_probed(name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
+        """Periodically: read the workers into status, finish drains, retry whatever failed."""
+        runtime: Runtime = memo.runtime
+        runtime.converge(namespace, name, runtime.probe_workers(namespace, name, uid))
+
+    @kopf.on.event("", "v1", "pods", id="worker_changed", labels={children.LABEL_ROLE: "worker"}, registry=registry)
+    def worker_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+        """A worker pod changed or went away: converge its service at once."""
+        owner = _owner_name(body)
+        if owner is not None:
+            memo.runtime.converge(namespace, owner)

@@ -1,0 +1,129 @@
+"""The operator's reads and writes of Kubernetes objects, through the kubernetes client.
+
+Everything the operator asks of the API server goes through `Cluster`, and `RBAC_RULES`
+lists exactly those calls (with kopf's own), so that the helm chart's ClusterRole can be
+checked against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import kubernetes.client
+from kubernetes.client.exceptions import ApiException
+from kvfleet.operator import children
+from kvfleet.operator.children import Owner
+from kvfleet.operator.crd import GROUP, PLURAL, VERSION
+
+# (apiGroup, resource, verbs): what the operator's code calls, and what kopf needs.
+RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
+    (GROUP, PLURAL, ("get", "list", "watch", "patch")),  # kopf watches and patches; get_service reads
+    (GROUP, f"{PLURAL}/status", ("patch",)),  # patch_service_status
+    ("", "pods", ("list", "watch", "create", "patch", "delete")),  # kopf watches the workers
+    ("", "services", ("list", "create", "patch", "delete")),
+    ("", "configmaps", ("list", "create", "patch", "delete")),
+    ("policy", "poddisruptionbudgets", ("list", "create", "patch", "delete")),
+    ("", "events", ("create",)),  # kopf posts the Events
+    ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),  # kopf's resource scanning
+    ("", "namespaces", ("list", "watch")),  # kopf's namespace observation
+]
+
+_MERGE_PATCH = "application/merge-patch+json"
+
+
+class Cluster:
+    """Typed access to an InferenceService and its children, as plain dicts."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self._client = api_client
+        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._policy = kubernetes.client.PolicyV1Api(api_client)
+        self._custom = kubernetes.client.CustomObjectsApi(api_client)
+
+    def _plain(self, obj: Any) -> Any:
+        return self._client.sanitize_for_serialization(obj)
+
+    def get_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The InferenceService, or None if it is gone."""
+        try:
+            obj = self._custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return cast(dict[str, Any], obj)
+
+    def patch_service_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self._custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _content_type=_MERGE_PATCH
+        )
+
+    def list_children(self, owner: Owner) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+        """The owner's worker pods, and its other children by (kind, name)."""
+        namespace = owner.namespace
+        labels = f"{children.LABEL_SERVICE}={owner.name}"
+        pods = self._core.list_namespaced_pod(namespace, label_selector=children.selector_string(owner)).items
+        others = [
+            *self._core.list_namespaced_service(namespace, label_selector=labels).items,
+            *self._core.list_namespaced_config_map(namespace, label_selector=labels).items,
+            *self._policy.list_namespaced_pod_disruption_budget(namespace, label_selector=labels).items,
+        ]
+
+        def owned(obj: dict[str, Any]) -> bool:
+            refs = obj["metadata"].get("ownerReferences") or []
+            return any(ref.get("uid") == owner.uid for ref in refs)
+
+        kinds = {"V1Service": "Service", "V1ConfigMap": "ConfigMap", "V1PodDisruptionBudget": "PodDisruptionBudget"}
+        objects: dict[tuple[str, str], dict[str, Any]] = {}
+        for item in others:
+            plain = self._plain(item)
+            if owned(plain):
+                objects[(kinds[type(item).__name__], plain["metadata"]["name"])] = plain
+        return [p for p in map(self._plain, pods) if owned(p)], objects
+
+    def _calls(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+        """(create, patch, delete) for a child kind."""
+        calls: dict[str, tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = {
+            "Pod": (self._core.create_namespaced_pod, self._core.patch_namespaced_pod,
+                    self._core.delete_namespaced_pod),
+            "Service": (self._core.create_namespaced_service, self._core.patch_namespaced_service,
+                        self._core.delete_namespaced_service),
+            "ConfigMap": (self._core.create_namespaced_config_map, self._core.patch_namespaced_config_map,
+                          self._core.delete_namespaced_config_map),
+            "PodDisruptionBudget": (self._policy.create_namespaced_pod_disruption_budget,
+                                    self._policy.patch_namespaced_pod_disruption_budget,
+                                    self._policy.delete_namespaced_pod_disruption_budget),
+        }
+        return calls[kind]
+
+    def create(self, manifest: Mapping[str, Any]) -> bool:
+        """Create a child; False if it already exists (another pass created it)."""
+        create, _, _ = self._calls(manifest["kind"])
+        try:
+            create(manifest["metadata"]["namespace"], manifest)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def patch(self, manifest: Mapping[str, Any]) -> None:
+        _, patch, _ = self._calls(manifest["kind"])
+        meta = manifest["metadata"]
+        patch(meta["name"], meta["namespace"], manifest, _content_type=_MERGE_PATCH)
+
+    def annotate(self, kind: str, namespace: str, name: str, annotations: Mapping[str, str | None]) -> None:
+        _, patch, _ = self._calls(kind)
+        patch(name, namespace, {"metadata": {"annotations": dict(annotations)}}, _content_type=_MERGE_PATCH)
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a child; False if it was already gone."""
+        _, _, delete = self._calls(kind)
+        try:
+            delete(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True

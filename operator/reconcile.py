@@ -1,0 +1,395 @@
+"""The reconcile function: an InferenceService's spec and its observed children in, a plan out.
+
+`reconcile` is pure (no I/O, the time is an argument): it computes the desired children,
+diffs them against what exists, and returns the actions that close the gap together with
+the status to record. Its rules, in the order they apply:
+
+- A failed worker (phase Failed or Succeeded) is deleted and a new one created at once.
+- Missing workers are created, each named <name>-w-<n> with the lowest free n.
+- Surplus workers go in this order: not-ready, then least-loaded, then highest n. A ready
+  one is drained first (POST /admin/drain) and deleted once drained: the worker reported
+  nothing in flight, or it stopped running, or `drainTimeoutSeconds` passed. A not-ready
+  one serves nothing and is deleted at once.
+- A spec change rolls the workers one at a time: one worker of the new spec is added
+  (surge one), and once it is ready one worker of an older spec is drained and removed.
+- Services, the engine ConfigMap and the PodDisruptionBudget are created or patched
+  until they contain what the spec asks.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvfleet.operator import children
+from kvfleet.operator.children import Owner
+from kvfleet.operator.crd import Condition, InferenceServiceSpec, InferenceServiceStatus, WorkerStatus
+
+# Container waiting reasons that mean a worker will not come up without help.
+_STUCK_REASONS = frozenset(
+    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"}
+)
+
+
+def _parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_time(value: datetime.datetime) -> str:
+    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class WorkerPod:
+    """What reconcile needs to know of one observed worker Pod."""
+
+    name: str
+    index: int
+    spec_hash: str | None = None
+    phase: str = "Pending"
+    ready: bool = False
+    terminating: bool = False
+    draining_since: datetime.datetime | None = None
+    stuck_reason: str | None = None
+    stuck_message: str = ""
+
+    @classmethod
+    def from_manifest(cls, pod: Mapping[str, Any]) -> WorkerPod:
+        meta = pod.get("metadata", {})
+        status = pod.get("status") or {}
+        annotations = meta.get("annotations") or {}
+        labels = meta.get("labels") or {}
+        index_text = labels.get(children.LABEL_REPLICA) or meta["name"].rsplit("-", 1)[-1]
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+        )
+        stuck = next(
+            (
+                cs["state"]["waiting"]
+                for cs in status.get("containerStatuses") or []
+                if (cs.get("state") or {}).get("waiting", {}).get("reason") in _STUCK_REASONS
+            ),
+            None,
+        )
+        return cls(
+            name=meta["name"],
+            index=int(index_text) if index_text.isdigit() else -1,
+            spec_hash=annotations.get(children.ANNOTATION_SPEC_HASH),
+            phase=status.get("phase") or "Pending",
+            ready=ready,
+            terminating=bool(meta.get("deletionTimestamp")),
+            draining_since=_parse_time(annotations.get(children.ANNOTATION_DRAINING)),
+            stuck_reason=stuck["reason"] if stuck else None,
+            stuck_message=(stuck or {}).get("message", ""),
+        )
+
+    @property
+    def failed(self) -> bool:
+        return self.phase in ("Failed", "Succeeded")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One read of a worker's /ready and /metrics."""
+
+    at: datetime.datetime
+    ready: bool | None = None
+    running: int | None = None
+    waiting: int | None = None
+    kv_usage: float | None = None
+    drained: bool | None = None  # from GET /admin/drain, read only while the worker drains
+    error: str | None = None
+
+    @property
+    def in_flight(self) -> int | None:
+        if self.running is None or self.waiting is None:
+            return None
+        return self.running + self.waiting
+
+    @classmethod
+    def from_status(cls, worker: WorkerStatus) -> Probe | None:
+        at = _parse_time(worker.probeTime)
+        if at is None:
+            return None
+        return cls(
+            at=at, running=worker.runningRequests, waiting=worker.waitingRequests, kv_usage=worker.kvCacheUsage,
+            drained=worker.drained, error=worker.probeError,
+        )
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything reconcile looks at besides the spec."""
+
+    pods: Sequence[WorkerPod] = ()
+    # Other children by (kind, name): Services, the ConfigMap, the PodDisruptionBudget.
+    objects: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    probes: Mapping[str, Probe] = field(default_factory=dict)
+    conditions: Sequence[Condition] = ()
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a plan. `verb` is create, patch, drain or delete; `manifest` the object."""
+
+    verb: str
+    kind: str
+    name: str
+    reason: str
+    message: str
+    manifest: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: list[Action]
+    status: InferenceServiceStatus
+
+
+def _contains(actual: Any, desired: Any) -> bool:
+    """Whether an observed value already has everything a desired one asks for."""
+    if isinstance(desired, Mapping):
+        return isinstance(actual, Mapping) and all(_contains(actual.get(k), v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(_contains(a, d) for a, d in zip(actual, desired, strict=True))
+        )
+    return actual == desired
+
+
+def _sync_object(desired: dict[str, Any], observed: Mapping[str, Any] | None) -> Action | None:
+    kind, name = desired["kind"], desired["metadata"]["name"]
+    if observed is None:
+        return Action("create", kind, name, "Created", f"Created {kind} {name}", desired)
+    content = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "metadata")}
+    wanted = {**content, "metadata": {"labels": desired["metadata"]["labels"]}}
+    if not _contains(observed, wanted):
+        return Action("patch", kind, name, "Updated", f"Updated {kind} {name} to match the spec", desired)
+    return None
+
+
+def _drained(pod: WorkerPod, probe: Probe | None, now: datetime.datetime, timeout: int) -> str | None:
+    """Why a draining worker may go now, or None while it still finishes requests.
+
+    Readiness says nothing here: a draining worker turns itself not-ready on purpose.
+    """
+    assert pod.draining_since is not None
+    if pod.phase != "Running":
+        return "it is not running"
+    if probe is not None and probe.at >= pod.draining_since and (probe.drained or probe.in_flight == 0):
+        return "it has no requests left"
+    if now - pod.draining_since >= datetime.timedelta(seconds=timeout):
+        return f"its drain timeout of {timeout}s passed"
+    return None
+
+
+def _load(pod: WorkerPod, probes: Mapping[str, Probe]) -> int:
+    probe = probes.get(pod.name)
+    return (probe.in_flight or 0) if probe is not None else 0
+
+
+def _condition(
+    kind: str, status: bool, reason: str, message: str, previous: Sequence[Condition], now: datetime.datetime,
+    generation: int | None,
+) -> Condition:
+    text = "True" if status else "False"
+    before = next((c for c in previous if c.type == kind), None)
+    since = before.lastTransitionTime if before is not None and before.status == text else format_time(now)
+    return Condition(
+        type=kind, status=text, reason=reason, message=message, lastTransitionTime=since,
+        observedGeneration=generation,
+    )
+
+
+def _sync_objects(owner: Owner, spec: InferenceServiceSpec, observed: Observed) -> list[Action]:
+    """Create or patch the Services, the engine ConfigMap and the PodDisruptionBudget."""
+    desired = (
+        children.engine_configmap(owner, spec),
+        children.workers_service(owner),
+        children.entry_service(owner, spec),
+        children.disruption_budget(owner),
+    )
+    actions = (_sync_object(d, observed.objects.get((d["kind"], d["metadata"]["name"]))) for d in desired)
+    return [a for a in actions if a is not None]
+
+
+class _WorkerPlan:
+    """The worker actions of one reconcile pass, with what they mean for the conditions."""
+
+    def __init__(self, owner: Owner, spec: InferenceServiceSpec, observed: Observed, current_hash: str) -> None:
+        self.owner, self.spec, self.observed, self.current_hash = owner, spec, observed, current_hash
+        self.pods = sorted(observed.pods, key=lambda p: p.index)
+        self.actions: list[Action] = []
+        self.degraded: list[tuple[str, str]] = []
+        self.progress: tuple[str, str] | None = None
+        self._taken = {p.index for p in self.pods}
+
+    def create(self, reason: str, message: str) -> None:
+        index = next(i for i in range(len(self._taken) + 1) if i not in self._taken)
+        self._taken.add(index)
+        manifest = children.worker_pod(self.owner, self.spec, index, self.current_hash)
+        name = manifest["metadata"]["name"]
+        self.actions.append(Action("create", "Pod", name, reason, message.format(name=name), manifest))
+
+    def remove(self, pod: WorkerPod, reason: str, message: str) -> None:
+        """Drain a ready worker; delete a not-ready one (it serves nothing) at once."""
+        if pod.ready:
+            self.actions.append(Action("drain", "Pod", pod.name, reason, f"Draining {message}"))
+        else:
+            self.actions.append(Action("delete", "Pod", pod.name, reason, f"Removed {message} (not ready)"))
+
+    def removal_order(self, group: list[WorkerPod]) -> list[WorkerPod]:
+        return sorted(group, key=lambda p: (p.ready, _load(p, self.observed.probes), -p.index))
+
+    def settle_leaving(self, now: datetime.datetime) -> list[WorkerPod]:
+        """Replace failed workers, delete drained ones; the rest are the active workers."""
+        active = []
+        for pod in self.pods:
+            if pod.terminating:
+                continue
+            if pod.failed:
+                phase = pod.phase.lower()
+                message = f"Worker {pod.name} {phase}; replacing it"
+                self.actions.append(Action("delete", "Pod", pod.name, "Replaced", message))
+                self.degraded.append(("WorkerFailed", f"worker {pod.name} {phase} and was replaced"))
+            elif pod.draining_since is not None:
+                why = _drained(pod, self.observed.probes.get(pod.name), now, self.spec.drainTimeoutSeconds)
+                if why is not None:
+                    message = f"Removed drained worker {pod.name}: {why}"
+                    self.actions.append(Action("delete", "Pod", pod.name, "Removed", message))
+            else:
+                active.append(pod)
+                if pod.stuck_reason:
+                    text = f"worker {pod.name}: {pod.stuck_reason}: {pod.stuck_message}".rstrip(": ")
+                    self.degraded.append(("WorkerStuck", text))
+        return active
+
+    def scale_and_roll(self, active: list[WorkerPod]) -> None:
+        """Create or remove workers toward spec.replicas, rolling older specs one at a time."""
+        new = [p for p in active if p.spec_hash == self.current_hash]
+        old = [p for p in active if p.spec_hash != self.current_hash]
+        draining = any(p.draining_since is not None and not p.terminating for p in self.pods)
+        wanted, total = self.spec.replicas, len(active)
+        if total < wanted:
+            for _ in range(wanted - total):
+                self.create("ScaledUp", "Created worker {name}" + f" ({total} of {wanted} replicas existed)")
+            self.progress = ("ScalingUp", f"creating {wanted - total} worker(s) to reach {wanted} replicas")
+        elif old:
+            new_ready = all(p.ready for p in new)
+            allowed = wanted if new_ready else wanted + 1  # the surge worker stays while it comes up
+            if total > allowed:
+                for pod in self.removal_order(old)[: total - allowed]:
+                    self.remove(pod, "RollingUpdate", f"worker {pod.name} of an older spec")
+            elif new_ready and not draining:
+                self.create("RollingUpdate", "Created worker {name} of the new spec" + f" ({len(old)} older left)")
+            self.progress = (
+                "RollingUpdate", f"{len(new)} of {wanted} workers run spec {self.current_hash}; {len(old)} older left"
+            )
+        elif total > wanted:
+            for pod in self.removal_order(new)[: total - wanted]:
+                self.remove(pod, "ScaledDown", f"worker {pod.name} to scale down to {wanted} replicas")
+            self.progress = ("ScalingDown", f"removing {total - wanted} worker(s) to reach {wanted} replicas")
+        elif draining:
+            self.progress = ("Draining", "waiting for drained workers to finish their requests")
+
+
+def reconcile(
+    owner: Owner,
+    spec: InferenceServiceSpec,
+    observed: Observed,
+    now: datetime.datetime,
+    generation: int | None = None,
+) -> Plan:
+    """The actions that turn the observed children into the desired ones, and the new status."""
+    current_hash = children.spec_hash(owner, spec)
+    workers = _WorkerPlan(owner, spec, observed, current_hash)
+    active = workers.settle_leaving(now)
+    workers.scale_and_roll(active)
+
+    leaving = {a.name for a in workers.actions if a.verb in ("drain", "delete")}
+    staying = [p for p in active if p.name not in leaving]
+    ready = sum(p.ready for p in staying)
+    wanted = spec.replicas
+    progress = workers.progress
+    if progress is None and ready < len(staying):
+        progress = ("WaitingForReady", f"{ready} of {len(staying)} workers ready")
+    degraded = workers.degraded
+
+    def condition(kind: str, status: bool, reason: str, message: str) -> Condition:
+        return _condition(kind, status, reason, message, observed.conditions, now, generation)
+
+    conditions = [
+        condition(
+            "Ready", ready >= wanted,
+            "ScaledToZero" if wanted == 0 else "AllReplicasReady" if ready >= wanted else "ReplicasNotReady",
+            f"{ready} of {wanted} replicas ready",
+        ),
+        condition(
+            "Progressing", progress is not None, progress[0] if progress else "Stable",
+            progress[1] if progress else f"{wanted} replicas run spec {current_hash}",
+        ),
+        condition(
+            "Degraded", bool(degraded), degraded[0][0] if degraded else "Healthy",
+            "; ".join(m for _, m in degraded) if degraded else "no failed or stuck workers",
+        ),
+    ]
+    status = InferenceServiceStatus(
+        replicas=len(staying),
+        readyReplicas=ready,
+        updatedReplicas=sum(p.spec_hash == current_hash for p in staying),
+        selector=children.selector_string(owner),
+        url=children.service_url(owner, spec, observed.objects.get(("Service", owner.name))),
+        model=children.served_model_name(owner, spec),
+        specHash=current_hash,
+        observedGeneration=generation,
+        workers=[
+            _worker_status(p, observed.probes.get(p.name), current_hash) for p in workers.pods if not p.terminating
+        ],
+        conditions=conditions,
+    )
+    return Plan(_sync_objects(owner, spec, observed) + workers.actions, status)
+
+
+def _worker_status(pod: WorkerPod, probe: Probe | None, current_hash: str) -> WorkerStatus:
+    return WorkerStatus(
+        name=pod.name,
+        phase=pod.phase,
+        ready=pod.ready,
+        updated=pod.spec_hash == current_hash,
+        draining=pod.draining_since is not None,
+        drained=probe.drained if probe else None,
+        runningRequests=probe.running if probe else None,
+        waitingRequests=probe.waiting if probe else None,
+        kvCacheUsage=probe.kv_usage if probe else None,
+        probeTime=format_time(probe.at) if probe else None,
+        probeError=probe.error if probe else None,
+    )
+
+
+def plan_deletion(observed: Observed) -> list[Action]:
+    """Delete every child: the InferenceService is going away."""
+    actions = [
+        Action("delete", "Pod", pod.name, "Deleted", f"Deleted worker {pod.name}: the service is being deleted")
+        for pod in observed.pods
+        if not pod.terminating
+    ]
+    actions += [
+        Action("delete", kind, name, "Deleted", f"Deleted {kind} {name}: the service is being deleted")
+        for kind, name in observed.objects
+    ]
+    return actions
+
+
+def invalid_spec_status(
+    previous: InferenceServiceStatus, message: str, now: datetime.datetime, generation: int | None
+) -> InferenceServiceStatus:
+    """The status of a service whose spec the operator cannot act on: Degraded, nothing else changed."""
+    conditions = [c for c in previous.conditions if c.type != "Degraded"]
+    conditions.append(_condition("Degraded", True, "InvalidSpec", message, previous.conditions, now, generation))
+    return previous.model_copy(update={"conditions": conditions, "observedGeneration": generation})

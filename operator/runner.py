@@ -1,0 +1,94 @@
+"""Running the operator: kopf with our handlers, against one cluster connection.
+
+The same connection (a kubernetes client Configuration) serves kopf's own watches and the
+handlers' calls, whether it came from a kubeconfig, the pod's service account, or the local
+cluster (`kvfleet up`), which calls `run_operator` inside its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import kopf
+import kubernetes.client
+import kubernetes.config
+from kvfleet.operator.handlers import OperatorOptions, Runtime, register
+from kvfleet.operator.kube import Cluster
+
+FINALIZER = "kvfleet.dev/finalizer"
+
+
+def load_configuration(kubeconfig: str | None = None, context: str | None = None) -> kubernetes.client.Configuration:
+    """The cluster connection: the given kubeconfig, else in-cluster, else the default kubeconfig."""
+    configuration = kubernetes.client.Configuration()
+    if kubeconfig is None and context is None:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+            return configuration
+        except kubernetes.config.ConfigException:
+            pass
+    kubernetes.config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    return configuration
+
+
+def _connection(configuration: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials, taken from the kubernetes client's configuration."""
+    header = (configuration.api_key or {}).get("authorization") or (configuration.api_key or {}).get("BearerToken")
+    scheme, _, token = (header or "").partition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
+
+
+def _settings(options: OperatorOptions) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvfleet.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kvfleet.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    settings.execution.max_workers = 16
+    return settings
+
+
+async def run_operator(
+    configuration: kubernetes.client.Configuration,
+    *,
+    namespaces: Sequence[str] = (),
+    options: OperatorOptions | None = None,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
+) -> None:
+    """Run the operator until `stop_flag` is set (or forever); all namespaces when none given."""
+    options = options or OperatorOptions()
+    registry = kopf.OperatorRegistry()
+    register(registry, options)
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return _connection(configuration)
+
+    runtime = Runtime(Cluster(kubernetes.client.ApiClient(configuration)), options)
+    await kopf.operator(
+        registry=registry,
+        settings=_settings(options),
+        memo=kopf.Memo(runtime=runtime),
+        namespaces=list(namespaces),
+        clusterwide=not namespaces,
+        standalone=True,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )

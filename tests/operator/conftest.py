@@ -1,0 +1,140 @@
+"""Fixtures of the operator tests: an API server on 127.0.0.1 and the real operator against it."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import kmock
+import kubernetes.client
+import pytest
+from kvfleet.operator.crd import render_crd
+
+from kvfleet.apiserver import ApiServer
+
+
+class ServerThread:
+    """An event loop in a thread serving `ApiServer` (with our CRD) on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.api = ApiServer()
+        self.api.install_crd(render_crd())
+        self.url = ""
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self.loop.run_until_complete, args=(self._serve(),), daemon=True)
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with self.api, kmock.Server(self.api) as server:
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout=10):
+            raise RuntimeError("the API server did not start")
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def apiserver() -> Iterator[ServerThread]:
+    server = ServerThread()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kube_config(apiserver: ServerThread) -> kubernetes.client.Configuration:
+    configuration = kubernetes.client.Configuration()
+    configuration.host = apiserver.url
+    return configuration
+
+
+@pytest.fixture
+def api_client(kube_config: kubernetes.client.Configuration) -> Iterator[kubernetes.client.ApiClient]:
+    with kubernetes.client.ApiClient(kube_config) as client:
+        yield client
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll until `check()` returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last: {last!r}")
+
+
+class FakeWorkers:
+    """Workers' HTTP endpoints on 127.0.0.1, one path prefix per pod: /<pod>/ready, /metrics, /admin/drain."""
+
+    def __init__(self) -> None:
+        self.busy: dict[str, int] = {}  # requests in flight per pod (default 0)
+        self.drained: list[str] = []  # pods that got POST /admin/drain, in order
+        workers = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _reply(self, code: int, text: str = "") -> None:
+                body = text.encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                pod, _, path = self.path.strip("/").partition("/")
+                if path == "ready":
+                    self._reply(503 if pod in workers.drained else 200)
+                elif path == "metrics":
+                    running = workers.busy.get(pod, 0)
+                    self._reply(200, f"kvfleet_requests_running {running}\nkvfleet_requests_waiting 0\n"
+                                     "kvfleet_kv_blocks_used 10\nkvfleet_kv_blocks_total 40\n")
+                elif path == "admin/drain":
+                    draining, running = pod in workers.drained, workers.busy.get(pod, 0)
+                    self._reply(200, json.dumps({"draining": draining, "in_flight": running,
+                                                 "drained": draining and running == 0}))
+                else:
+                    self._reply(404)
+
+            def do_POST(self) -> None:
+                pod, _, path = self.path.strip("/").partition("/")
+                if path == "admin/drain":
+                    workers.drained.append(pod)
+                    self._reply(200, "{}")
+                else:
+                    self._reply(404)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def fake_workers() -> Iterator[FakeWorkers]:
+    workers = FakeWorkers()
+    yield workers
+    workers.stop()

@@ -1,0 +1,52 @@
+"""The operator's calls to workers: addresses, /ready and /metrics, /admin/drain."""
+
+from __future__ import annotations
+
+from kvfleet.operator.workers import parse_metrics, probe, request_drain, worker_url
+
+from .conftest import FakeWorkers
+
+
+def test_worker_url_prefers_the_endpoint_annotation_over_the_pod_ip() -> None:
+    annotations = {"kvfleet.dev/endpoint": "http://127.0.0.1:9000/"}
+    pod = {"metadata": {"annotations": annotations}, "status": {"podIP": "10.1.2.3"}}
+    assert worker_url(pod) == "http://127.0.0.1:9000"
+    assert worker_url({"metadata": {}, "status": {"podIP": "10.1.2.3"}}) == "http://10.1.2.3:8000"
+    assert worker_url({"metadata": {}, "status": {}}) is None
+
+
+def test_parse_metrics_sums_label_sets_and_skips_comments() -> None:
+    text = (
+        "# HELP kvfleet_requests_running Requests running\n"
+        "# TYPE kvfleet_requests_running gauge\n"
+        'kvfleet_requests_running{model="a"} 2\n'
+        'kvfleet_requests_running{model="b"} 3.0\n'
+        "kvfleet_kv_blocks_total 1e3\n"
+        "garbage line\n"
+    )
+    assert parse_metrics(text) == {"kvfleet_requests_running": 5.0, "kvfleet_kv_blocks_total": 1000.0}
+
+
+def test_probe_reads_readiness_load_and_kv_usage(fake_workers: FakeWorkers) -> None:
+    fake_workers.busy["w"] = 3
+    result = probe(f"{fake_workers.url}/w", timeout=2)
+    assert (result.ready, result.running, result.waiting, result.kv_usage, result.error) == (True, 3, 0, 0.25, None)
+    assert result.in_flight == 3
+
+
+def test_probe_of_an_unreachable_worker_records_the_error() -> None:
+    result = probe("http://127.0.0.1:9", timeout=1)
+    assert result.ready is None and result.running is None
+    assert result.error is not None and "unreachable" in result.error
+
+
+def test_drain_request_reaches_the_worker_and_its_progress_is_read(fake_workers: FakeWorkers) -> None:
+    fake_workers.busy["w"] = 1
+    assert probe(f"{fake_workers.url}/w", timeout=2).drained is None  # not asked while not draining
+    assert request_drain(f"{fake_workers.url}/w", timeout=2) is None
+    assert fake_workers.drained == ["w"]
+    draining = probe(f"{fake_workers.url}/w", timeout=2, draining=True)
+    assert (draining.ready, draining.drained) == (False, False)
+    fake_workers.busy["w"] = 0
+    assert probe(f"{fake_workers.url}/w", timeout=2, draining=True).drained is True
+    assert "404" in (request_drain(f"{fake_workers.url}/w/x", timeout=2) or "")
