@@ -37,11 +37,116 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_crds(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("crds", help="render the CustomResourceDefinitions into crds/")
+    p.add_argument("--output-dir", default="crds", help="folder of the CRD YAML files (default: crds)")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 when a file differs")
+    p.set_defaults(func=_run_crds)
+
+
+def _run_crds(args: argparse.Namespace) -> int:
+    from kvfleet.operator.render import write_crds
+
+    stale = write_crds(args.output_dir, check=args.check)
+    for path in stale:
+        print(f"{path}: {'differs from the models; run `kvfleet crds`' if args.check else 'written'}")
+    return 1 if args.check and stale else 0
+
+
+def _add_operator(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("operator", help="run the InferenceService operator (kopf)")
+    p.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeat; default: all)")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    p.add_argument("--context", default=None, help="kubeconfig context")
+    p.add_argument("--probe-interval", type=float, default=5.0, help="seconds between reads of the workers' metrics")
+    p.add_argument("--verbose", "-v", action="count", default=0, help="more logging (-v: debug)")
+    p.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
+    p.set_defaults(func=_run_operator)
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from kvfleet.operator.handlers import OperatorOptions
+    from kvfleet.operator.runner import load_configuration, run_operator
+
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configuration = load_configuration(args.kubeconfig, args.context)
+    options = OperatorOptions(probe_interval=args.probe_interval)
+    # kopf stops gracefully on SIGINT and SIGTERM.
+    asyncio.run(run_operator(configuration, namespaces=args.namespace, options=options))
+    return 0
+
+
+def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker)")
+    p.add_argument("--model", default="demo", help="HF folder, .gguf file, or 'demo' (SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None, help="the name clients ask for (default: --model)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
+    p.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; more get 429")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvfleet.worker.async_engine import AsyncEngine
+    from kvfleet.worker.config import EngineConfig
+    from kvfleet.worker.engine import LLMEngine
+    from kvfleet.worker.server import WorkerState, create_app
+
+    if args.tensor_parallel_size != 1:
+        raise ValueError(f"tensor_parallel_size: {args.tensor_parallel_size} is not supported yet; use 1")
+    if args.max_queued_requests < 0:
+        raise ValueError(f"max_queued_requests: must be >= 0, got {args.max_queued_requests}")
+    config = EngineConfig(
+        model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
+    )
+
+    def load() -> AsyncEngine:
+        engine = LLMEngine(config)
+        engine.warm_up()
+        return AsyncEngine(engine, args.max_queued_requests)
+
+    state = WorkerState(served_model_name=args.served_model_name or args.model)
+    server: uvicorn.Server | None = None
+
+    def stop_on_load_error() -> None:
+        assert server is not None
+        server.should_exit = True
+
+    app = create_app(state, args.max_request_bytes, load=load, on_load_error=stop_on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
+                                           log_level=args.log_level))
+    server.run()
+    return 1 if state.load_error else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvfleet", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
+    _add_crds(sub)
+    _add_operator(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

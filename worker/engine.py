@@ -111,7 +111,9 @@ class LLMEngine:
                 )
             return config.num_kv_blocks
         per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
-        blocks = int(config.kv_cache_memory_gib * 2**30) // per_block
+        # Never more than every running sequence at full length can use.
+        useful = config.max_num_seqs * (needed - 1) + 1
+        blocks = min(int(config.kv_cache_memory_gib * 2**30) // per_block, useful)
         if blocks < needed:
             raise ValueError(
                 f"kv_cache_memory_gib: {config.kv_cache_memory_gib} GiB holds {blocks} blocks, fewer than the "
@@ -170,12 +172,20 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
 
+    def warm_up(self) -> None:
+        """Run one tiny request through every stage, so the first user request pays no
+        one-time costs."""
+        started = time.perf_counter()
+        self.add_request("warm-up", [0], SamplingParams(max_tokens=2, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        log.info("warm-up done in %.2fs", time.perf_counter() - started)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self._requests)
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._requests)
 
     # -- the step loop ------------------------------------------------------------------
 

@@ -1,0 +1,42 @@
+"""The worker's Prometheus metrics (prefix `kvfleet_`): latency histograms and token counters
+fed by the server, and gauges read from the engine at scrape time."""
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvfleet.worker.engine import LLMEngine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _EngineCollector(Collector):
+    """Reads the scheduler and the block pool when Prometheus scrapes; no bookkeeping twice."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        scheduler, pool = self.engine.scheduler, self.engine.pool
+        yield GaugeMetricFamily("kvfleet_requests_running", "Sequences in the running batch", value=len(scheduler.running))
+        yield GaugeMetricFamily("kvfleet_requests_waiting", "Sequences waiting to be scheduled", value=len(scheduler.waiting))
+        yield GaugeMetricFamily("kvfleet_kv_blocks_total", "KV cache blocks that can be in use", value=pool.capacity)
+        yield GaugeMetricFamily("kvfleet_kv_blocks_used", "KV cache blocks in use", value=pool.capacity - pool.num_free)
+        yield CounterMetricFamily("kvfleet_preemptions", "Sequences preempted for lack of KV blocks", value=scheduler.num_preemptions)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("kvfleet_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("kvfleet_inter_token_latency_seconds", "Time between output tokens", buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("kvfleet_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("kvfleet_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("kvfleet_generation_tokens", "Generated tokens", registry=r)
+        self.requests = Counter("kvfleet_requests", "Finished requests by finish reason", ["finish_reason"], registry=r)
+
+    def watch(self, engine: LLMEngine) -> None:
+        self.registry.register(_EngineCollector(engine))
