@@ -111,6 +111,7 @@ class EngineConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=256)
     num_kv_blocks: int | None = Field(None, ge=2, description="KV blocks; default from kv_cache_memory_gib")
     kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV cache size when num_kv_blocks is unset")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prefixes seen before")
     seed: int = 0
 
     @field_validator("block_size")

@@ -79,7 +79,8 @@ class LLMEngine:
 
         kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
         self.pool = BlockPool(num_blocks)
-        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_prefix_caching)
         self.runner = ModelRunner(self.loaded.model, kv_cache, config.block_size)
         self.sampler = Sampler(self.eos_token_ids, self.device, config.seed)
         self._requests: dict[str, _Request] = {}
@@ -195,8 +196,7 @@ class LLMEngine:
             return []
         sampling = [item.seq for item in batch.scheduled if item.samples]
         logits = self.runner.execute(batch)
-        for item in batch.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+        self.scheduler.on_step_done(batch)
         results = self.sampler(logits, sampling) if sampling else []
 
         progressed: dict[str, _Request] = {}

@@ -25,6 +25,11 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("kvfleet_kv_blocks_total", "KV cache blocks that can be in use", value=pool.capacity)
         yield GaugeMetricFamily("kvfleet_kv_blocks_used", "KV cache blocks in use", value=pool.capacity - pool.num_free)
         yield CounterMetricFamily("kvfleet_preemptions", "Sequences preempted for lack of KV blocks", value=scheduler.num_preemptions)
+        yield CounterMetricFamily("kvfleet_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=scheduler.prefix_queried_tokens)
+        yield CounterMetricFamily("kvfleet_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                  value=scheduler.prefix_hit_tokens)
+        yield GaugeMetricFamily("kvfleet_kv_blocks_cached", "KV blocks holding a known prefix", value=pool.num_cached)
 
 
 class WorkerMetrics:

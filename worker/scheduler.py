@@ -6,12 +6,17 @@ the token budget, `max_num_seqs` and free KV blocks allow. When blocks run out i
 the newest running sequence by recompute: its blocks are freed and it waits at the head of
 the queue to be prefilled again (prompt plus the tokens it had generated). The output is a
 plain list handed to the runner; the scheduler never touches tensors.
+
+With prefix caching, a sequence that starts (or restarts) first takes the cached blocks of
+its longest known prefix and skips computing them; every block it completes is registered,
+so later sequences can share it.
 """
 
 from collections import deque
 from dataclasses import dataclass
 
 from kvfleet.worker.kv.block_pool import BlockPool
+from kvfleet.worker.kv.hashing import hash_blocks
 from kvfleet.worker.sequence import Sequence, SequenceStatus
 
 
@@ -37,14 +42,18 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_prefix_caching: bool = True) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_prefix_caching = enable_prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -70,10 +79,15 @@ class Scheduler:
         # Admitting new work right after a preemption would only thrash the pool.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            cached = self._take_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._blocks_needed(seq, n)
             if not self.pool.can_allocate(need):
+                self._release(seq)
                 break
+            if self.enable_prefix_caching:
+                self.prefix_queried_tokens += seq.num_tokens
+                self.prefix_hit_tokens += cached * self.block_size
             self.waiting.popleft()
             seq.block_table.extend(self.pool.allocate(need))
             seq.status = SequenceStatus.RUNNING
@@ -99,10 +113,42 @@ class Scheduler:
         seq.block_table.extend(self.pool.allocate(need))
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.pool.free(seq.block_table)
+    def _take_cached_prefix(self, seq: Sequence) -> int:
+        """Give a starting sequence the cached blocks of its prefix; returns how many. At least
+        one token is always left to compute, for the logits of the next token."""
+        if not self.enable_prefix_caching:
+            return 0
+        seq.block_hashes = hash_blocks(seq.token_ids, self.block_size, seq.block_hashes)
+        usable = (seq.num_tokens - 1) // self.block_size
+        seq.block_table = self.pool.take_cached(seq.block_hashes[:usable])
+        seq.num_cached_blocks = len(seq.block_table)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return len(seq.block_table)
+
+    def on_step_done(self, batch: SchedulerOutput) -> None:
+        """Record the tokens the model has just computed; register blocks they completed."""
+        for item in batch.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if not self.enable_prefix_caching:
+                continue
+            full = seq.num_computed_tokens // self.block_size
+            if full > seq.num_cached_blocks:
+                seq.block_hashes = hash_blocks(seq.token_ids[: full * self.block_size], self.block_size,
+                                               seq.block_hashes)
+                for i in range(seq.num_cached_blocks, full):
+                    self.pool.cache(seq.block_table[i], seq.block_hashes[i])
+                seq.num_cached_blocks = full
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back a sequence's blocks, tail first, and forget what was computed."""
+        self.pool.free(seq.block_table[::-1])
         seq.block_table = []
+        seq.num_cached_blocks = 0
         seq.num_computed_tokens = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -114,6 +160,5 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED

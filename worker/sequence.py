@@ -38,6 +38,10 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Prefix caching: hashes of the sequence's full blocks, and how many of its blocks the
+    # pool knows as cached.
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

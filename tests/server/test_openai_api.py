@@ -122,6 +122,17 @@ def test_probes_models_and_metrics(serve):
     assert metric(url, "kvfleet_kv_blocks_total") > 0
 
 
+def test_a_repeated_prefix_shows_as_prefix_cache_hits(serve):
+    url = serve()
+    api = client(url)
+    long_system = "You are a careful assistant who answers in one short sentence. " * 4
+    for question in ("What is the capital of France?", "What is the capital of Italy?"):
+        api.chat.completions.create(model=MODEL, max_tokens=4, messages=[
+            {"role": "system", "content": long_system}, {"role": "user", "content": question}])
+    assert metric(url, "kvfleet_prefix_cache_hits_total") >= 48
+    assert metric(url, "kvfleet_prefix_cache_queries_total") > metric(url, "kvfleet_prefix_cache_hits_total")
+
+
 def test_drain_refuses_new_requests_and_finishes_those_in_flight(serve):
     url = serve()
     body = {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 40, "temperature": 0,

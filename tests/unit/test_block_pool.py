@@ -34,3 +34,33 @@ def test_double_free_and_over_allocation_are_errors():
 def test_pool_needs_a_usable_block():
     with pytest.raises(ValueError, match="num_blocks"):
         BlockPool(1)
+
+
+def test_cached_block_is_found_again_after_its_last_user_frees_it():
+    pool = BlockPool(4)
+    [a, b] = pool.allocate(2)
+    pool.cache(a, 111)
+    pool.free([b, a])
+    assert pool.num_free == 3 and pool.num_cached == 1
+    assert pool.take_cached([111, 222]) == [a]
+    assert pool.ref_count(a) == 1 and pool.num_free == 2
+
+
+def test_cached_blocks_are_evicted_least_recently_freed_first():
+    pool = BlockPool(3)
+    [a, b] = pool.allocate(2)
+    pool.cache(a, 1)
+    pool.cache(b, 2)
+    pool.free([a])
+    pool.free([b])
+    [reused] = pool.allocate(1)
+    assert reused == a
+    assert pool.take_cached([1]) == [] and pool.take_cached([2]) == [b]
+
+
+def test_a_prefix_is_cached_once():
+    pool = BlockPool(4)
+    [a, b] = pool.allocate(2)
+    pool.cache(a, 7)
+    pool.cache(b, 7)
+    assert pool.take_cached([7]) == [a]
