@@ -105,6 +105,9 @@ class EngineConfig(BaseModel):
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="ranks (processes, one GPU each) that one replica spans; must divide num_heads"
+    )
     max_model_len: int | None = Field(None, ge=1, description="defaults to the model's context")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step (prefill chunk budget)")
@@ -112,6 +115,17 @@ class EngineConfig(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=2, description="KV blocks; default from kv_cache_memory_gib")
     kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV cache size when num_kv_blocks is unset")
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prefixes seen before")
+    kv_offload_cpu_gib: float = Field(0.0, ge=0, description="CPU memory for KV blocks evicted from the GPU pool")
+    kv_offload_disk_gib: float = Field(0.0, ge=0, description="disk space for KV blocks evicted from the CPU tier")
+    kv_offload_disk_path: str | None = Field(None, description="folder of the disk KV tier (kept across restarts)")
+
+    @model_validator(mode="after")
+    def _offload_needs_prefix_caching(self) -> "EngineConfig":
+        if (self.kv_offload_cpu_gib or self.kv_offload_disk_gib) and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_cpu_gib/kv_offload_disk_gib: offload needs enable_prefix_caching")
+        if self.kv_offload_disk_gib and not self.kv_offload_disk_path:
+            raise ValueError("kv_offload_disk_path: required when kv_offload_disk_gib > 0")
+        return self
     seed: int = 0
 
     @field_validator("block_size")

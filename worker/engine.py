@@ -7,10 +7,12 @@ step (e.g. its detokenization) ends that request with finish_reason "error" and 
 others running.
 """
 
+import hashlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +20,14 @@ import torch
 from kvfleet.worker.attention import select_attention_backend
 from kvfleet.worker.config import EngineConfig, ModelConfig, SamplingParams
 from kvfleet.worker.kv.block_pool import BlockPool
+from kvfleet.worker.kv.disk import DiskBlockStore
+from kvfleet.worker.kv.tiers import OffloadTiers
 from kvfleet.worker.model.loader import LoadedModel, load
-from kvfleet.worker.runner import ModelRunner, allocate_kv_cache, kv_bytes_per_block
+from kvfleet.worker.runner import allocate_kv_cache, kv_bytes_per_block
 from kvfleet.worker.sampler import Sampler
 from kvfleet.worker.scheduler import Scheduler
 from kvfleet.worker.sequence import Sequence, TokenLogprobs
+from kvfleet.worker.tp import make_runner
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +82,13 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
-        self.pool = BlockPool(num_blocks)
+        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device,
+                                     self.loaded.tp_size)
+        self.tiers = self._offload_tiers(config, kv_cache)
+        self.pool = BlockPool(num_blocks, on_evict=self.tiers.offload if self.tiers else None)
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_prefix_caching)
-        self.runner = ModelRunner(self.loaded.model, kv_cache, config.block_size)
+                                   config.enable_prefix_caching, self.tiers)
+        self.runner = make_runner(self.loaded, kv_cache, config.block_size)
         self.sampler = Sampler(self.eos_token_ids, self.device, config.seed)
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
@@ -111,7 +118,7 @@ class LLMEngine:
                     f"one sequence of max_model_len={self.max_model_len}; use at least {needed} or lower max_model_len"
                 )
             return config.num_kv_blocks
-        per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype, self.loaded.tp_size)
         # Never more than every running sequence at full length can use.
         useful = config.max_num_seqs * (needed - 1) + 1
         blocks = min(int(config.kv_cache_memory_gib * 2**30) // per_block, useful)
@@ -121,6 +128,28 @@ class LLMEngine:
                 f"{needed} that one sequence of max_model_len={self.max_model_len} needs"
             )
         return blocks
+
+    def _offload_tiers(self, config: EngineConfig, kv_cache: torch.Tensor) -> OffloadTiers | None:
+        """The CPU and disk tiers below the KV cache, sized in blocks from the config's GiB."""
+        if not config.kv_offload_cpu_gib and not config.kv_offload_disk_gib:
+            return None
+        block_bytes = kv_cache[0].numel() * kv_cache.element_size()
+        disk = None
+        if config.kv_offload_disk_gib:
+            assert config.kv_offload_disk_path is not None
+            identity = "|".join([repr(self.model_config), str(self.dtype), str(tuple(kv_cache.shape[1:])),
+                                 self._weights_fingerprint()])
+            disk = DiskBlockStore(Path(config.kv_offload_disk_path), int(config.kv_offload_disk_gib * 2**30) // block_bytes,
+                                  identity.encode(), block_bytes)
+            log.info("disk KV tier at %s: %d blocks, %d found from earlier runs", config.kv_offload_disk_path,
+                     disk.capacity_blocks, len(disk))
+        return OffloadTiers(kv_cache, int(config.kv_offload_cpu_gib * 2**30) // block_bytes, disk)
+
+    def _weights_fingerprint(self) -> str:
+        """A hash of a sample of the weights: the disk tier must never serve another
+        checkpoint's KV, even one with the same architecture."""
+        sample = self.loaded.model.model.embed_tokens.weight[:4].detach().float().cpu().numpy().tobytes()
+        return hashlib.sha256(sample).hexdigest()
 
     # -- requests -----------------------------------------------------------------------
 
@@ -195,7 +224,12 @@ class LLMEngine:
         if not batch.scheduled:
             return []
         sampling = [item.seq for item in batch.scheduled if item.samples]
+        if self.tiers is not None:
+            self.tiers.before_forward()
+        started = time.perf_counter()
         logits = self.runner.execute(batch)
+        if self.tiers is not None and batch.num_tokens > len(batch.scheduled):
+            self.tiers.observe_prefill(batch.num_tokens, time.perf_counter() - started)
         self.scheduler.on_step_done(batch)
         results = self.sampler(logits, sampling) if sampling else []
 

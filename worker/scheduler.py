@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from kvfleet.worker.kv.block_pool import BlockPool
 from kvfleet.worker.kv.hashing import hash_blocks
+from kvfleet.worker.kv.tiers import OffloadTiers
 from kvfleet.worker.sequence import Sequence, SequenceStatus
 
 
@@ -43,12 +44,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, tiers: OffloadTiers | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_prefix_caching = enable_prefix_caching
+        self.tiers = tiers
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -119,11 +121,28 @@ class Scheduler:
         if not self.enable_prefix_caching:
             return 0
         seq.block_hashes = hash_blocks(seq.token_ids, self.block_size, seq.block_hashes)
-        usable = (seq.num_tokens - 1) // self.block_size
-        seq.block_table = self.pool.take_cached(seq.block_hashes[:usable])
+        usable = seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]
+        seq.block_table = self.pool.take_cached(usable)
+        if self.tiers is not None:
+            self._restore_from_tiers(seq, usable[len(seq.block_table):])
         seq.num_cached_blocks = len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return len(seq.block_table)
+
+    def _restore_from_tiers(self, seq: Sequence, block_hashes: list[int]) -> None:
+        """Continue the sequence's cached prefix with blocks copied back from CPU or disk."""
+        assert self.tiers is not None
+        for h in block_hashes:
+            if not self.tiers.contains(h) or not self.tiers.worth_restoring(h, self.block_size):
+                return
+            if not self.pool.can_allocate(1):
+                return
+            [block] = self.pool.allocate(1)
+            if not self.tiers.restore(h, block):
+                self.pool.free([block])
+                return
+            self.pool.cache(block, h)
+            seq.block_table.append(block)
 
     def on_step_done(self, batch: SchedulerOutput) -> None:
         """Record the tokens the model has just computed; register blocks they completed."""

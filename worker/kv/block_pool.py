@@ -11,10 +11,14 @@ something else (least recently freed first, i.e. LRU eviction).
 """
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    """`on_evict(block, block_hash)` is called when a cached block is handed out for something
+    else, while it still holds the prefix (the offload tiers keep a copy)."""
+
+    def __init__(self, num_blocks: int, on_evict: Callable[[int, int], None] | None = None) -> None:
         if num_blocks < 2:
             raise ValueError(f"num_blocks: need at least 2 (block 0 is reserved), got {num_blocks}")
         self.num_blocks = num_blocks
@@ -22,6 +26,7 @@ class BlockPool:
         self._ref_counts = [0] * num_blocks
         self._hash_of: dict[int, int] = {}
         self._block_of: dict[int, int] = {}
+        self._on_evict = on_evict
 
     @property
     def num_free(self) -> int:
@@ -98,3 +103,5 @@ class BlockPool:
         h = self._hash_of.pop(block, None)
         if h is not None:
             del self._block_of[h]
+            if self._on_evict is not None:
+                self._on_evict(block, h)
