@@ -10,17 +10,20 @@ import hashlib
 import logging
 import os
 import struct
+import zlib
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"KVFB"
 FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sI32sQ16s")  # magic, version, model identity, payload bytes, checksum
+_HEADER = struct.Struct("<4sI32sQI")  # magic, version, model identity, payload bytes, CRC-32
 
 
-def _checksum(payload: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(payload, digest_size=16).digest()
+def _checksum(payload: bytes | bytearray | memoryview) -> int:
+    """CRC-32: cheap enough for multi-MiB blocks on the restore path, and it catches torn or
+    flipped bytes; identity and size checks catch foreign and truncated files."""
+    return zlib.crc32(payload)
 
 
 class DiskBlockStore:
@@ -67,25 +70,28 @@ class DiskBlockStore:
             return
         self._index[block_hash] = path
 
-    def read(self, block_hash: int) -> bytes | None:
+    def read(self, block_hash: int) -> bytearray | None:
         """The block's payload, or None (with a warning, and the file dropped) if it is
         missing, truncated, corrupt, or from another model or format."""
         path = self._index.get(block_hash)
         if path is None:
             return None
+        payload = bytearray(self.block_bytes)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                header = f.read(_HEADER.size)
+                got = f.readinto(payload) if len(header) == _HEADER.size else 0
+                extra = f.read(1)
         except OSError as exc:
             return self._drop(block_hash, f"cannot read {path} ({exc})")
-        if len(data) < _HEADER.size:
+        if len(header) < _HEADER.size:
             return self._drop(block_hash, f"{path} is truncated")
-        magic, version, identity, size, checksum = _HEADER.unpack_from(data)
-        payload = data[_HEADER.size:]
+        magic, version, identity, size, checksum = _HEADER.unpack(header)
         if magic != MAGIC or version != FORMAT_VERSION:
             return self._drop(block_hash, f"{path} is not a kvfleet block file of format {FORMAT_VERSION}")
         if identity != self.identity:
             return self._drop(block_hash, f"{path} belongs to another model or KV layout")
-        if size != len(payload) or size != self.block_bytes or _checksum(payload) != checksum:
+        if size != self.block_bytes or got != size or extra or _checksum(payload) != checksum:
             return self._drop(block_hash, f"{path} is truncated or corrupt")
         return payload
 

@@ -84,7 +84,8 @@ class OffloadTiers:
         intact (the caller recomputes instead)."""
         slot = self._slot_of.get(block_hash)
         if slot is not None:
-            self._sync()
+            if self._stream is not None:  # on the GPU, after pending offloads (no host wait)
+                torch.cuda.current_stream(self.gpu_cache.device).wait_stream(self._stream)
             self.gpu_cache[gpu_block].copy_(self.cpu_cache[slot], non_blocking=True)
             self._slot_of.move_to_end(block_hash)
             self.restored_blocks["cpu"] += 1
@@ -95,7 +96,8 @@ class OffloadTiers:
         payload = self.disk.read(block_hash)
         if payload is None:
             return False
-        block = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        block = torch.frombuffer(payload, dtype=torch.uint8)
+        self.before_forward()  # the block's evicted content must be copied out first
         self.gpu_cache[gpu_block].view(torch.uint8).view(-1).copy_(block)
         self._disk_seconds_per_block = _average(self._disk_seconds_per_block, time.perf_counter() - started)
         self.restored_blocks["disk"] += 1
