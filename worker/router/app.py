@@ -1,0 +1,155 @@
+"""The router's HTTP app: the OpenAI API in front of the workers, plus its own probes and metrics.
+
+/v1/completions and /v1/chat/completions are routed by the prompt (`policy`), /v1/models goes
+to any ready replica; /health says the router runs, /ready that some replica can serve, and
+/metrics is the router's own (`kvfleet_router_*`). Discovery, polling and routing settings
+all live on the app's event loop, started and stopped with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kvfleet.worker.router.config import RouterSettings
+from kvfleet.worker.router.fleet import Endpoint, Fleet
+from kvfleet.worker.router.metrics import RouterMetrics
+from kvfleet.worker.router.policy import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK, Policy, RequestFeatures, Router
+from kvfleet.worker.router.poller import DEFAULT_INTERVAL, Poller
+from kvfleet.worker.router.prompt import PromptReader
+from kvfleet.worker.router.proxy import DEFAULT_MAX_ATTEMPTS, Proxy, error_response
+
+# Prompts over this many characters are tokenized off the event loop.
+_TOKENIZE_INLINE_CHARS = 2048
+
+
+class Discovery(Protocol):
+    async def run(self, fleet: Fleet, on_settings: Callable[[RouterSettings], None]) -> None:
+        """Keep `fleet` up to date (and report settings found on the way) until cancelled."""
+
+
+class StaticDiscovery:
+    """A fixed list of workers (`--worker`), each ready as far as discovery knows."""
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
+        if not endpoints:
+            raise ValueError("worker: give at least one --worker URL, or --service to discover them")
+        ids = [e.id for e in endpoints]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"worker: each URL may be given once, got {ids}")
+        self.endpoints = endpoints
+
+    async def run(self, fleet: Fleet, on_settings: Callable[[RouterSettings], None]) -> None:
+        fleet.update(self.endpoints)
+        await asyncio.Event().wait()
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    policy: Policy | None = None  # None: the settings' policy (the InferenceService's router.policy)
+    block_size: int | None = None  # None: the settings' block size (the workers' engine.json)
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    poll_interval: float = DEFAULT_INTERVAL
+    load_factor: float = DEFAULT_LOAD_FACTOR
+    load_slack: int = DEFAULT_LOAD_SLACK
+
+
+@dataclass
+class RouterState:
+    """What the endpoints share; `app.state.router` for tests and embedding."""
+
+    fleet: Fleet
+    router: Router
+    reader: PromptReader
+    metrics: RouterMetrics
+    proxy: Proxy
+
+
+def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings(), tokenizer: Any | None = None,
+               options: RouterOptions = RouterOptions()) -> FastAPI:
+    clock = time.monotonic
+    fleet = Fleet()
+    router = Router(options.policy or settings.policy, settings.pools, options.load_factor, options.load_slack)
+    reader = PromptReader(options.block_size or settings.block_size, tokenizer)
+    metrics = RouterMetrics(fleet, clock)
+    # Keep-alive shorter than uvicorn's 5 s, so the router never reuses a connection that the
+    # worker is closing (that would look like a replica dying).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0), limits=limits)
+    state = RouterState(fleet, router, reader, metrics, Proxy(fleet, router, metrics, client, options.max_attempts, clock))
+
+    def apply_settings(new: RouterSettings) -> None:
+        router.pools = new.pools
+        if options.policy is None:
+            router.policy = new.policy
+        if options.block_size is None:
+            reader.block_size = new.block_size
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        poller = Poller(fleet, router.index, client, options.poll_interval)
+        tasks = [asyncio.create_task(discovery.run(fleet, apply_settings), name="kvfleet-router-discovery"),
+                 asyncio.create_task(poller.run(), name="kvfleet-router-poller")]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.aclose()
+
+    app = FastAPI(title="kvfleet router", lifespan=lifespan)
+    app.state.router = state
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "replicas": len(fleet.replicas)}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        serving = sum(1 for view in fleet.views(clock()) if view.serving)
+        if serving == 0:
+            return JSONResponse({"ready": False, "reason": "no replica is ready"}, status_code=503)
+        return JSONResponse({"ready": True, "replicas": serving})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await state.proxy.forward(request, "/v1/models", b"", RequestFeatures(prompt_tokens=0))
+
+    async def generate(request: Request, path: str) -> Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return error_response(400, f"the body is not valid JSON: {exc}", "invalid_request_error")
+        if not isinstance(body, dict):
+            return error_response(400, "the body must be a JSON object", "invalid_request_error")
+        if reader.tokenizer is not None and len(raw) > _TOKENIZE_INLINE_CHARS:
+            features = await asyncio.to_thread(reader.features, path, body)
+        else:
+            features = reader.features(path, body)
+        return await state.proxy.forward(request, path, raw, features)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "/v1/chat/completions")
+
+    return app

@@ -1,0 +1,66 @@
+"""The router's Prometheus metrics (prefix `kvfleet_router_`): requests per replica, retries,
+routing decisions by reason, requests it refused itself, and, read from the fleet at scrape
+time, each replica's state and requests in flight.
+
+`prefix_blocks` / `prompt_blocks` is the router's estimate of the fleet's prefix-cache hit rate
+(blocks the chosen replica was believed to hold, over all leading blocks hashed), counted
+under every policy so that policies can be compared."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvfleet.worker.router.fleet import Fleet
+from kvfleet.worker.router.policy import RequestFeatures, Route
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _FleetCollector(Collector):
+    def __init__(self, fleet: Fleet, clock: Callable[[], float]) -> None:
+        self.fleet, self.clock = fleet, clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = self.clock()
+        in_flight = GaugeMetricFamily("kvfleet_router_in_flight", "Requests in flight per replica", labels=["replica"])
+        state = GaugeMetricFamily("kvfleet_router_replicas", "Replicas by state", labels=["state"])
+        counts = {"ready": 0, "draining": 0, "unready": 0, "saturated": 0}
+        for view in self.fleet.views(now):
+            in_flight.add_metric([view.id], view.in_flight)
+            key = "draining" if view.draining else "unready" if not view.ready else "saturated" if view.saturated else "ready"
+            counts[key] += 1
+        for key, value in counts.items():
+            state.add_metric([key], value)
+        yield in_flight
+        yield state
+
+
+class RouterMetrics:
+    def __init__(self, fleet: Fleet, clock: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kvfleet_router_requests", "Requests sent to a replica, by its answer's status",
+                                ["replica", "status"], registry=r)
+        self.retries = Counter("kvfleet_router_retries", "Requests sent again elsewhere, by what the replica did",
+                               ["replica", "reason"], registry=r)
+        self.decisions = Counter("kvfleet_router_routing_decisions", "Replica choices by reason and pool",
+                                 ["reason", "pool"], registry=r)
+        self.refused = Counter("kvfleet_router_refused", "Requests the router answered itself, by status",
+                               ["status"], registry=r)
+        self.broken_streams = Counter("kvfleet_router_broken_streams",
+                                      "Responses cut off because the replica failed after the first byte", registry=r)
+        self.prompt_blocks = Counter("kvfleet_router_prompt_blocks", "Leading prompt blocks hashed", registry=r)
+        self.prefix_blocks = Counter("kvfleet_router_prefix_blocks",
+                                     "Leading prompt blocks the chosen replica was believed to hold", registry=r)
+        self.ttfb = Histogram("kvfleet_router_time_to_first_byte_seconds", "Arrival to the first byte relayed",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        r.register(_FleetCollector(fleet, clock))
+
+    def decided(self, route: Route, request: RequestFeatures) -> None:
+        self.decisions.labels(reason=route.reason, pool=route.pool or "").inc()
+        self.prompt_blocks.inc(len(request.block_hashes))
+        self.prefix_blocks.inc(route.matched_blocks)

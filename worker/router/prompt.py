@@ -1,0 +1,95 @@
+"""A request's routing features: its prompt length and the chained hashes of its leading blocks.
+
+The hashes follow the workers' prefix cache: a block is `block_size` tokens, and its hash
+covers its parent's hash and its own token ids, so equal hashes mean equal prefixes. With the
+model's tokenizer the router sees the very tokens a worker computes (chat prompts rendered by
+the same template, text encoded without special tokens, as the engine does). Without one it
+hashes characters instead, `CHARS_PER_TOKEN` per token: prompts that share a prefix still
+share leading hashes, and lengths are estimates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from kvfleet.worker.router.policy import RequestFeatures
+
+CHARS_PER_TOKEN = 4
+# Hashing stops here: prefixes this long already decide the route, and the cost stays bounded.
+MAX_HASHED_BLOCKS = 512
+
+
+def chained_block_hashes(units: Sequence[int] | str, block_size: int) -> tuple[int, ...]:
+    """The hash of every full block of `units` (token ids, or characters), each over its parent's."""
+    hashes: list[int] = []
+    parent = b""
+    for start in range(0, min(len(units) // block_size, MAX_HASHED_BLOCKS) * block_size, block_size):
+        chunk = units[start:start + block_size]
+        payload = chunk.encode() if isinstance(chunk, str) else b"".join(t.to_bytes(4, "little", signed=True) for t in chunk)
+        parent = hashlib.blake2b(parent + payload, digest_size=8).digest()
+        hashes.append(int.from_bytes(parent, "little"))
+    return tuple(hashes)
+
+
+class PromptReader:
+    """Reads the prompt out of an OpenAI request body and turns it into `RequestFeatures`."""
+
+    def __init__(self, block_size: int = 16, tokenizer: Any | None = None) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.tokenizer = tokenizer
+
+    def features(self, path: str, body: dict[str, Any]) -> RequestFeatures:
+        """Features of a /v1/completions or /v1/chat/completions body. A batch of prompts is
+        routed by its first prompt's prefix and its longest prompt's length."""
+        prompts = self._prompts(path, body)
+        if not prompts:
+            return RequestFeatures(prompt_tokens=0)
+        units = [self._units(p) for p in prompts]
+        lengths = [len(u) if not isinstance(u, str) else math.ceil(len(u) / CHARS_PER_TOKEN) for u in units]
+        first = units[0]
+        size = self.block_size * CHARS_PER_TOKEN if isinstance(first, str) else self.block_size
+        return RequestFeatures(prompt_tokens=max(lengths), block_hashes=chained_block_hashes(first, size))
+
+    def _prompts(self, path: str, body: dict[str, Any]) -> list[str | list[int]]:
+        if path.endswith("/chat/completions"):
+            messages = body.get("messages")
+            return [self._chat_text(messages)] if isinstance(messages, list) else []
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return [prompt]
+        if isinstance(prompt, list):
+            return [p for p in prompt if isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p))]
+        return []
+
+    def _units(self, prompt: str | list[int]) -> str | list[int]:
+        """Token ids when they can be known, else the text itself."""
+        if isinstance(prompt, list) or self.tokenizer is None:
+            return prompt
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def _chat_text(self, messages: list[Any]) -> str:
+        """The prompt a worker builds from the messages: its chat template's rendering when the
+        tokenizer has one, else a plain rendering that keeps shared leading messages shared."""
+        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+        if template:
+            try:
+                return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception:  # the worker answers bad messages with its own 400; route as plain text
+                pass
+        return "".join(f"{m.get('role', '')}\n{_content_text(m.get('content'))}\n" for m in messages if isinstance(m, dict))
+
+
+def _content_text(content: Any) -> str:
+    """A message's text, whether it is a string or a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""

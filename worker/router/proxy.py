@@ -1,0 +1,209 @@
+"""Forwarding a request to the chosen replica, and to another one while nothing has reached
+the client yet.
+
+A replica that refuses the connection, answers 503 (loading, draining, engine stopped) or 429
+(queue full), or closes the connection before the first byte of its answer is marked at once,
+so that concurrent requests skip it too, and the request goes to the next choice. The router
+holds back the replica's status line until the first body byte has arrived, so a replica that
+dies before answering costs a retry, not an error. Once a byte has been relayed the answer is
+the replica's: a failure after that cuts the client's connection (a retry would duplicate
+output). Answers are relayed byte for byte, SSE included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from kvfleet.worker.router.fleet import Fleet, Replica
+from kvfleet.worker.router.metrics import RouterMetrics
+from kvfleet.worker.router.policy import Refusal, RequestFeatures, Router
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ATTEMPTS = 3
+# A replica that answered 429 is skipped for its Retry-After, at most this long.
+MAX_SATURATION_SECONDS = 1.0
+# How often a request waiting for its replica's first byte checks whether the client left.
+_DISCONNECT_CHECK_SECONDS = 0.5
+
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                         "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+
+
+def error_response(status: int, message: str, type_: str, retry_after: int | None = None) -> JSONResponse:
+    """An OpenAI-style error body, as the workers write them."""
+    body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Retry(Exception):
+    """The replica did not take the request; another one may."""
+
+    def __init__(self, reason: str, status: int) -> None:
+        super().__init__(reason)
+        self.reason, self.status = reason, status
+
+
+@dataclass
+class _Upstream:
+    response: httpx.Response
+    first: bytes
+    rest: AsyncIterator[bytes]
+
+
+class _RelayResponse(StreamingResponse):
+    """A streamed answer whose clean-up runs however the response ends, even when the client
+    leaves before the first chunk (where a generator's `finally` would never run)."""
+
+    def __init__(self, body: AsyncIterator[bytes], status_code: int, headers: Mapping[str, str],
+                 on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, status_code=status_code, headers=dict(headers))
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+class Proxy:
+    def __init__(self, fleet: Fleet, router: Router, metrics: RouterMetrics, client: httpx.AsyncClient,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts: must be >= 1, got {max_attempts}")
+        self.fleet, self.router, self.metrics, self.client = fleet, router, metrics, client
+        self.max_attempts, self.clock = max_attempts, clock
+
+    async def forward(self, request: Request, path: str, body: bytes, features: RequestFeatures) -> Response:
+        """Send the request to the best replica, retrying on others before the first byte."""
+        arrived = self.clock()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        tried: set[str] = set()
+        saw_full_queue = False
+        for _ in range(self.max_attempts):
+            choice = self.router.choose(features, self.fleet.views(self.clock()), frozenset(tried))
+            if isinstance(choice, Refusal):
+                if saw_full_queue:
+                    break
+                return self._refuse(choice.status, choice.message)
+            self.metrics.decided(choice, features)
+            replica = self.fleet.get(choice.replica)
+            assert replica is not None, "a decision names only replicas of the snapshot it was given"
+            tried.add(replica.id)
+            replica.begin(features.prompt_tokens)
+            try:
+                upstream = await self._until_client_leaves(request, self._open(replica, request.method, path, body, headers))
+            except _Retry as retry:
+                replica.end(features.prompt_tokens)
+                self.metrics.retries.labels(replica=replica.id, reason=retry.reason).inc()
+                saw_full_queue = saw_full_queue or retry.status == 429
+                log.info("replica %s did not take a request (%s); trying another", replica.id, retry.reason)
+                continue
+            except BaseException:
+                replica.end(features.prompt_tokens)
+                raise
+            if upstream is None:  # the client left while the replica worked; the request is dropped
+                replica.end(features.prompt_tokens)
+                return Response(status_code=499)
+            return self._relay(replica, upstream, features.prompt_tokens, arrived)
+        if saw_full_queue:
+            return self._refuse(429, "every replica tried has a full queue; retry later")
+        return self._refuse(503, f"no replica answered after {self.max_attempts} attempts")
+
+    def _refuse(self, status: int, message: str) -> JSONResponse:
+        self.metrics.refused.labels(status=str(status)).inc()
+        if status == 429:
+            return error_response(429, message, "rate_limit_error", self.fleet.retry_after(self.clock()))
+        return error_response(503, message, "service_unavailable", 1)
+
+    async def _until_client_leaves(self, request: Request, opening: Awaitable[_Upstream]) -> _Upstream | None:
+        """`opening`'s result, or None (with `opening` cancelled) once the client has disconnected,
+        so that the replica aborts work nobody will read."""
+        task = asyncio.ensure_future(opening)
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=_DISCONNECT_CHECK_SECONDS)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    return None
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+
+    async def _open(self, replica: Replica, method: str, path: str, body: bytes, headers: dict[str, str]) -> _Upstream:
+        """Send the request and wait for the first byte of the answer, or raise `_Retry`."""
+        outgoing = self.client.build_request(method, f"{replica.url}{path}", content=body, headers=headers)
+        try:
+            response = await self.client.send(outgoing, stream=True)
+        except httpx.ConnectError as exc:
+            replica.mark_unreachable()
+            raise _Retry("connect_error", 503) from exc
+        except httpx.TransportError as exc:  # accepted the connection, closed it without an answer
+            replica.mark_unreachable()
+            raise _Retry("disconnected", 503) from exc
+        try:
+            if response.status_code == 503:
+                replica.mark_unavailable()
+                raise _Retry("unavailable", 503)
+            if response.status_code == 429:
+                replica.mark_saturated(self.clock() + _retry_after(response))
+                raise _Retry("queue_full", 429)
+            rest = response.aiter_raw()
+            try:
+                first = await anext(rest)
+            except StopAsyncIteration:
+                first = b""
+            except httpx.TransportError as exc:
+                replica.mark_unreachable()
+                raise _Retry("disconnected", 503) from exc
+            return _Upstream(response, first, rest)
+        except BaseException:
+            await response.aclose()
+            raise
+
+    def _relay(self, replica: Replica, upstream: _Upstream, prompt_tokens: int, arrived: float) -> Response:
+        response = upstream.response
+        self.metrics.requests.labels(replica=replica.id, status=str(response.status_code)).inc()
+        self.metrics.ttfb.observe(self.clock() - arrived)
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP - {"content-length"}}
+        headers["x-kvfleet-replica"] = replica.id
+
+        async def body() -> AsyncIterator[bytes]:
+            if upstream.first:
+                yield upstream.first
+            try:
+                async for chunk in upstream.rest:
+                    yield chunk
+            except httpx.TransportError:
+                self.metrics.broken_streams.inc()
+                log.warning("replica %s failed after the first byte; the client's answer is cut off", replica.id)
+                raise
+
+        async def close() -> None:
+            await response.aclose()
+            replica.end(prompt_tokens)
+
+        return _RelayResponse(body(), response.status_code, headers, close)
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        seconds = float(response.headers.get("retry-after", MAX_SATURATION_SECONDS))
+    except ValueError:
+        seconds = MAX_SATURATION_SECONDS
+    return min(max(seconds, 0.0), MAX_SATURATION_SECONDS)
