@@ -16,7 +16,9 @@ and kubectl expect more of an API server, and `ApiServer` adds it around the emu
 - garbage collection of dependents by ``ownerReferences`` when an owner is gone;
 - CustomResourceDefinitions installed from their manifests (discovery and storage);
 - the namespaces a new cluster has (default, kube-system, kube-public), and the
-  namespaces resource's own URLs, which kmock 0.8 cannot parse.
+  namespaces resource's own URLs, which kmock 0.8 cannot parse;
+- for kubectl: the OpenAPI v3 documents of the CRDs (`kvfleet.openapi`) and Tables for
+  `kubectl get` (`kvfleet.tables`).
 
 It serves tests (``tests/operator``) and the local cluster (``kvfleet up``). Serve it with
 ``kmock.Server(api_server, port=...)`` inside a running event loop.
@@ -28,6 +30,7 @@ import asyncio
 import copy
 import datetime
 import itertools
+import json
 import re
 import secrets
 import uuid
@@ -41,6 +44,8 @@ import jsonpointer
 import kmock
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import parsing, rendering
+
+from kvfleet import openapi, tables
 
 __all__ = ["ApiServer", "LabelSelector", "merge_diff"]
 
@@ -164,11 +169,18 @@ class ApiServer(kmock.KubernetesEmulator):
     # Per custom resource: (specReplicasPath, statusReplicasPath, labelSelectorPath | None).
     _scale_paths: dict[kmock.resource, tuple[str, str, str | None]] = attrs.field(factory=dict, init=False)
     _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
+    _crds: list[dict[str, Any]] = attrs.field(factory=list, init=False)
+    # Per custom resource: its CRD version's additionalPrinterColumns (kubectl get's columns).
+    _printer_columns: dict[kmock.resource, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
     history: int = 5000  # requests remembered (kmock keeps every request for assertions)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.resources.load_bundled()
+        # Nothing here computes resource metrics, and the bundled metrics.k8s.io "pods" would
+        # answer `kubectl get pods` with Pods dressed as PodMetrics.
+        for resource in [r for r in self.resources if r.group == "metrics.k8s.io"]:
+            del self.resources[resource]
         for namespace in ("default", "kube-system", "kube-public"):
             self.objects[_NAMESPACES, None, namespace] = {
                 "apiVersion": "v1",
@@ -176,6 +188,8 @@ class ApiServer(kmock.KubernetesEmulator):
                 "metadata": {"name": namespace, "uid": str(uuid.uuid4()), "creationTimestamp": _now()},
                 "status": {"phase": "Active"},
             }
+        self.fallback["get /openapi/v3"] << self._serve_openapi_root
+        self.fallback["get", re.compile(r"/openapi/v3/apis/[^/]+/[^/]+")] << self._serve_openapi_group_version
 
     def install_crd(self, crd: Mapping[str, Any]) -> None:
         """Serve a CustomResourceDefinition: its discovery, its objects, and the CRD itself."""
@@ -186,6 +200,7 @@ class ApiServer(kmock.KubernetesEmulator):
                 continue
             resource = kmock.resource(spec["group"], version["name"], names["plural"])
             subresources = version.get("subresources", {})
+            self._printer_columns[resource] = list(version.get("additionalPrinterColumns", []))
             self.resources[resource] = kmock.ResourceInfo(
                 kind=names["kind"],
                 singular=names.get("singular", names["kind"].lower()),
@@ -206,6 +221,29 @@ class ApiServer(kmock.KubernetesEmulator):
         stored.setdefault("metadata", {}).update(uid=str(uuid.uuid4()), creationTimestamp=_now())
         stored["status"] = {"acceptedNames": names, "conditions": [{"type": "Established", "status": "True"}]}
         self.objects[_CRDS, None, crd["metadata"]["name"]] = stored
+        self._crds.append(stored)
+
+    async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
+        """kmock's discovery of a group/version, with the core group's version spelled ``v1``
+        (not ``/v1``: kubectl finds no core resource then) and without short names and
+        categories on the subresources (kubectl warns that a short name is ambiguous)."""
+        result = await super()._serve_version(request)
+        assert isinstance(result, dict)
+        result["groupVersion"] = str(result.get("groupVersion", "")).lstrip("/")
+        for entry in result.get("resources", []):
+            if "/" in entry.get("name", ""):
+                entry["shortNames"], entry["categories"] = [], []
+        return result
+
+    async def _serve_openapi_root(self, request: rendering.Request) -> rendering.Payload:
+        return openapi.root_document(self._crds)
+
+    async def _serve_openapi_group_version(self, request: rendering.Request) -> rendering.Payload:
+        _, group, version = request.url.path.rsplit("/", 2)
+        document = openapi.group_version_document(self._crds, group, version)
+        if document is None:
+            raise kmock.KubernetesNotFoundError(message=f"no OpenAPI document for {group}/{version}")
+        return document
 
     def _replace(self, request: rendering.Request, **changes: Any) -> rendering.Request:
         """The request with `changes`, in its place in the history (kmock matches by identity)."""
@@ -229,6 +267,8 @@ class ApiServer(kmock.KubernetesEmulator):
             return await super()._handle(request)
         if request.action == kmock.action.FETCH and request.subresource == "scale":
             return aiohttp.web.json_response(self._scale_of(request.resource, self._existing(request)))
+        if request.action == kmock.action.WATCH:
+            return await self._stream_watch(request)
         if request.action not in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
             return await super()._handle(request)
         async with self._write_lock:
@@ -254,7 +294,39 @@ class ApiServer(kmock.KubernetesEmulator):
         result["kind"] = f"{info.kind}List" if info.kind else "List"
         result["metadata"] = {"resourceVersion": str(next(self._versions))}
         result["items"] = [obj for obj in result["items"] if self._selected(request, obj)]
+        if self._wants_table(request):
+            return self._table(request.resource, result["items"], result["metadata"]["resourceVersion"])
         return result
+
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        obj = await super()._serve_fetch(request)
+        if request.subresource is None and request.resource is not None and self._wants_table(request):
+            assert isinstance(obj, dict)
+            return self._table(request.resource, [obj], obj.get("metadata", {}).get("resourceVersion", ""))
+        return obj
+
+    @staticmethod
+    def _wants_table(request: rendering.Request) -> bool:
+        accept = next((v for k, v in request.headers.items() if k.lower() == "accept"), "")
+        return tables.wants_table(accept)
+
+    def _table(self, resource: kmock.resource, objects: list[dict[str, Any]], version: str) -> dict[str, Any]:
+        info = self.resources[resource]
+        return tables.table(info.kind or "", objects, version, self._printer_columns.get(resource))
+
+    async def _stream_watch(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        """A watch as newline-delimited JSON typed ``application/json``: kmock's streams go out as
+        ``application/octet-stream``, which client-go (kubectl's waits) cannot decode."""
+        assert request._raw_request is not None  # a request that came over HTTP
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request._raw_request)
+        try:
+            async for event in self._serve_watch(request):
+                if isinstance(event, dict):
+                    await response.write(json.dumps(event).encode() + b"\n")
+        except ConnectionResetError:
+            pass  # the client went away
+        return response
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
         """kmock's watch, filtered by the selectors and ended after ``timeoutSeconds``."""

@@ -4,6 +4,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -89,7 +90,8 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks (processes, one GPU each) that this replica spans")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -109,13 +111,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     from kvfleet.worker.engine import LLMEngine
     from kvfleet.worker.server import WorkerState, create_app
 
-    if args.tensor_parallel_size != 1:
-        raise ValueError(f"tensor_parallel_size: {args.tensor_parallel_size} is not supported yet; use 1")
     if args.max_queued_requests < 0:
         raise ValueError(f"max_queued_requests: must be >= 0, got {args.max_queued_requests}")
     config = EngineConfig(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
     )
@@ -139,6 +139,119 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 1 if state.load_error else 0
 
 
+def _add_router(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("router", help="route OpenAI requests over an InferenceService's workers")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--worker", action="append", default=[], metavar="[POOL=]URL",
+                   help="a worker's base URL, optionally in a pool (repeat); instead of --service")
+    p.add_argument("--service", default=None, help="discover the workers of this InferenceService")
+    p.add_argument("--namespace", "-n", default="default", help="the InferenceService's namespace")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    p.add_argument("--config", default=None,
+                   help="router.json (the InferenceService's router section) instead of the <service>-engine ConfigMap")
+    p.add_argument("--policy", default=None, choices=["prefix-aware", "prefix", "least-loaded", "least-load", "round-robin"],
+                   help="how replicas are chosen (default: the settings' policy, else prefix-aware)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="the workers' KV block size (default: the ConfigMap's engine.json, else 16)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or name for exact prefix hashes")
+    p.add_argument("--model", default=None, help="take the tokenizer from this model (as `kvfleet serve --model`)")
+    p.add_argument("--max-attempts", type=int, default=3, help="replicas tried per request before giving up")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between reads of the workers' /metrics")
+    p.set_defaults(func=_run_router)
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvfleet.worker.router.app import RouterOptions, StaticDiscovery, create_app
+    from kvfleet.worker.router.config import RouterSettings, read_settings_file
+    from kvfleet.worker.router.discovery import KubernetesDiscovery, parse_worker_flag
+
+    if bool(args.worker) == bool(args.service):
+        raise ValueError("router: give either --worker URL (repeatable) or --service NAME")
+    settings = read_settings_file(args.config) if args.config else RouterSettings()
+    if args.service:
+        import kubernetes.client
+
+        from kvfleet.operator.runner import load_configuration
+
+        api_client = kubernetes.client.ApiClient(load_configuration(args.kubeconfig))
+        discovery = KubernetesDiscovery(args.service, args.namespace, api_client, read_configmap=args.config is None)
+    else:
+        discovery = StaticDiscovery([parse_worker_flag(w) for w in args.worker])
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    elif args.model:
+        from kvfleet.worker.model.loader import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
+    policy = {"prefix": "prefix-aware", "least-load": "least-loaded"}.get(args.policy, args.policy)
+    options = RouterOptions(policy=policy, block_size=args.block_size, max_attempts=args.max_attempts,
+                            poll_interval=args.poll_interval)
+    app = create_app(discovery, settings, tokenizer, options)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level)
+    return 0
+
+
+def _add_local_cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the local cluster's files: kubeconfig, logs (default: $KVFLEET_HOME or ~/.kvfleet)")
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    from kvfleet.localcluster import default_state_dir
+
+    return Path(args.state_dir) if args.state_dir else default_state_dir()
+
+
+def _add_up(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("up", help="run the local cluster: API server, operator, process kubelet, routers")
+    _add_local_cluster_options(p)
+    p.add_argument("--api-port", type=int, default=16443, help="the API server's port on 127.0.0.1")
+    p.add_argument("--router-port", type=int, default=30080,
+                   help="the first InferenceService's router port on 127.0.0.1 (the next ones count up)")
+    p.add_argument("--apply", "-f", type=Path, action="append", default=[], help="apply InferenceServices from a file")
+    p.add_argument("--ask", default=None,
+                   help="wait until the applied services are Ready, then ask this and print the answer")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds --ask waits for Ready")
+    p.add_argument("--detach", "-d", action="store_true", help="run in the background (stop it with `kvfleet down`)")
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from kvfleet.up import up
+
+    return up(_state_dir(args), args.api_port, args.router_port, args.apply, args.ask, args.detach, args.timeout)
+
+
+def _add_down(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("down", help="stop the local cluster and every process it runs")
+    _add_local_cluster_options(p)
+    p.set_defaults(func=_run_down)
+
+
+def _run_down(args: argparse.Namespace) -> int:
+    from kvfleet.up import down
+
+    return down(_state_dir(args))
+
+
+def _add_status(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("status", help="show the local cluster, its InferenceServices and their workers")
+    _add_local_cluster_options(p)
+    p.set_defaults(func=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from kvfleet.up import status
+
+    return status(_state_dir(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvfleet", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -147,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_serve(sub)
     _add_crds(sub)
     _add_operator(sub)
+    _add_router(sub)
+    _add_up(sub)
+    _add_down(sub)
+    _add_status(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -21,6 +21,9 @@ LABEL_REPLICA = "kvfleet.dev/replica"
 LABEL_POOL = "kvfleet.dev/pool"
 ANNOTATION_SPEC_HASH = "kvfleet.dev/spec-hash"
 ANNOTATION_DRAINING = "kvfleet.dev/draining-since"
+# A worker Pod's or the entry Service's address where it has no IP of its own: the local
+# cluster (kvfleet.kubelet, kvfleet.loadbalancer) writes it, and it wins over the IP.
+ANNOTATION_ENDPOINT = "kvfleet.dev/endpoint"
 
 WORKER_PORT = 8000
 DEFAULT_POOL = "default"
@@ -283,7 +286,11 @@ def disruption_budget(owner: Owner) -> dict[str, Any]:
 
 
 def service_url(owner: Owner, spec: InferenceServiceSpec, entry: dict[str, Any] | None) -> str:
-    """Where clients reach the service: the load balancer's address if it has one, else cluster DNS."""
+    """Where clients reach the service: the address the local cluster published on the entry
+    Service, else the load balancer's address if it has one, else cluster DNS."""
+    endpoint = ((entry or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_ENDPOINT)
+    if endpoint:
+        return str(endpoint).rstrip("/")
     port = spec.router.port
     ingress = ((entry or {}).get("status", {}).get("loadBalancer", {}).get("ingress") or [{}])[0]
     host = ingress.get("ip") or ingress.get("hostname")

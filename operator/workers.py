@@ -15,10 +15,8 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from kvfleet.operator.children import WORKER_PORT
+from kvfleet.operator.children import ANNOTATION_ENDPOINT, WORKER_PORT
 from kvfleet.operator.reconcile import Probe
-
-ANNOTATION_ENDPOINT = "kvfleet.dev/endpoint"
 
 # The worker's Prometheus metrics that the operator reads (kvfleet.worker.metrics exports them).
 METRIC_RUNNING = "kvfleet_requests_running"

@@ -183,3 +183,56 @@ def test_merge_diff_turns_old_into_new() -> None:
     old = {"a": 1, "b": {"c": 2, "d": 3}, "e": [1]}
     new = {"a": 1, "b": {"c": 5}, "e": [1, 2], "f": None}
     assert merge_diff(old, new) == {"b": {"c": 5, "d": None}, "e": [1, 2], "f": None}
+
+
+def _get_json(url: str, accept: str = "application/json") -> Any:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": accept}), timeout=5) as response:
+        return json.loads(response.read())
+
+
+_TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+
+
+def test_core_discovery_names_its_group_version_v1_and_serves_no_metrics(apiserver: Any) -> None:
+    assert _get_json(f"{apiserver.url}/api/v1")["groupVersion"] == "v1"
+    groups = [g["name"] for g in _get_json(f"{apiserver.url}/apis")["groups"]]
+    assert "kvfleet.dev" in groups and "metrics.k8s.io" not in groups
+
+
+def test_subresources_carry_no_short_names_in_discovery(apiserver: Any) -> None:
+    resources = _get_json(f"{apiserver.url}/apis/{GROUP}/{VERSION}")["resources"]
+    names = {r["name"]: r for r in resources}
+    assert names[PLURAL]["shortNames"] == ["infsvc"]
+    assert names[f"{PLURAL}/scale"]["shortNames"] == [] and names[f"{PLURAL}/status"]["shortNames"] == []
+
+
+def test_openapi_v3_tells_kubectl_that_patches_take_field_validation(apiserver: Any) -> None:
+    root = _get_json(f"{apiserver.url}/openapi/v3")
+    ref = root["paths"][f"apis/{GROUP}/{VERSION}"]["serverRelativeURL"]
+    document = _get_json(f"{apiserver.url}{ref}")
+    patch = document["paths"][f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}"]["patch"]
+    assert patch["x-kubernetes-group-version-kind"]["kind"] == "InferenceService"
+    assert "fieldValidation" in [p["name"] for p in patch["parameters"]]
+    assert "spec" in document["components"]["schemas"]["dev.kvfleet.v1alpha1.InferenceService"]["properties"]
+
+
+def test_lists_are_tables_with_the_crd_printer_columns_when_kubectl_asks(
+    apiserver: Any, custom: kubernetes.client.CustomObjectsApi
+) -> None:
+    custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, _service("tab", replicas=2))
+    custom.patch_namespaced_custom_object_status(GROUP, VERSION, "default", PLURAL, "tab",
+                                                 {"status": {"url": "http://127.0.0.1:30080"}}, _content_type=MERGE)
+    table = _get_json(f"{apiserver.url}/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}", _TABLE)
+    assert table["kind"] == "Table"
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    assert columns == ["Name", "Model", "Replicas", "Ready", "URL", "Age"]
+    (row,) = table["rows"]
+    assert row["cells"][:5] == ["tab", None, 2, None, "http://127.0.0.1:30080"]
+    assert row["object"]["metadata"]["name"] == "tab"
+    one = _get_json(f"{apiserver.url}/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}/tab", _TABLE)
+    assert one["kind"] == "Table" and len(one["rows"]) == 1
+    plain = _get_json(f"{apiserver.url}/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}/tab")
+    assert plain["kind"] == "InferenceService"

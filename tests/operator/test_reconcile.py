@@ -247,6 +247,16 @@ def test_url_comes_from_the_load_balancer_when_it_has_one() -> None:
     assert run(s, [pod(0, s)], objects=objects).status.url == "http://10.0.0.9:8080"
 
 
+def test_url_comes_from_the_address_the_local_cluster_published_on_the_entry_service() -> None:
+    s = spec(router={"serviceType": "LoadBalancer", "port": 8080})
+    objects = settled_objects(s)
+    entry = objects[("Service", "chat")]
+    published = {**entry["metadata"], "annotations": {"kvfleet.dev/endpoint": "http://127.0.0.1:30080/"}}
+    objects[("Service", "chat")] = {**entry, "metadata": published,
+                                    "status": {"loadBalancer": {"ingress": [{"ip": "10.0.0.9"}]}}}
+    assert run(s, [pod(0, s)], objects=objects).status.url == "http://127.0.0.1:30080"
+
+
 def test_deletion_deletes_every_child() -> None:
     s = spec(replicas=2)
     observed = Observed(pods=[pod(0, s), pod(1, s, terminating=True)], objects=settled_objects(s))

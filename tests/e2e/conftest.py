@@ -1,0 +1,95 @@
+"""The local cluster as the e2e tests see it: one `kvfleet up` (a real process tree on
+127.0.0.1) per test module, driven with the real kubectl and the openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvfleet.process import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+KUBECTL = Path(sys.executable).parent / "kubectl"
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll until `check()` returns something truthy; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+@dataclass
+class Cluster:
+    """A running `kvfleet up` and the ways to reach it."""
+
+    process: subprocess.Popen[bytes]
+    state_dir: Path
+    kubeconfig: Path
+    router_port: int
+
+    def kubectl(self, *args: str, check: bool = True) -> str:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        cache = ["--cache-dir", str(self.state_dir / "kube-cache")]  # not ~/.kube: each run has its own port
+        done = subprocess.run([str(KUBECTL), *cache, *args], env=env, capture_output=True, text=True, timeout=60)
+        if check and done.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({done.returncode}): {done.stderr}")
+        return done.stdout + (done.stderr if not check else "")
+
+    def get(self, kind: str, name: str | None = None, *selectors: str) -> Any:
+        """`kubectl get -o json` as data (None when a named object does not exist)."""
+        out = self.kubectl("get", kind, *([name] if name else []), *selectors, "-o", "json", check=False)
+        try:
+            return json.loads(out)
+        except ValueError:
+            return None
+
+    def workers(self, service: str) -> list[dict[str, Any]]:
+        pods = self.get("pods", None, "-l", f"kvfleet.dev/service={service},kvfleet.dev/role=worker")
+        return pods["items"] if pods else []
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if not KUBECTL.exists():
+        pytest.skip(f"needs the real kubectl at {KUBECTL} (make venv installs it)")
+    state_dir = tmp_path_factory.mktemp("kvfleet")
+    api_port, router_port = free_port(), free_port()
+    log = open(state_dir / "up.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvfleet.cli", "up", "--state-dir", str(state_dir),
+         "--api-port", str(api_port), "--router-port", str(router_port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: (state_dir / "cluster.json").exists() or process.poll() is not None, 90, "kvfleet up")
+        assert process.poll() is None, (state_dir / "up.log").read_text()[-3000:]
+        yield Cluster(process, state_dir, state_dir / "kubeconfig", router_port)
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            code = process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        log.close()
+        leftovers = list((state_dir / "pids").glob("*"))
+        subprocess.run([sys.executable, "-m", "kvfleet.cli", "down", "--state-dir", str(state_dir)],
+                       capture_output=True, timeout=120)
+        assert code == 0, f"kvfleet up exited with {code} after Ctrl-C"
+        assert not leftovers, f"processes left running after Ctrl-C: {[p.name for p in leftovers]}"
