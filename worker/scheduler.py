@@ -132,17 +132,21 @@ class Scheduler:
     def _restore_from_tiers(self, seq: Sequence, block_hashes: list[int]) -> None:
         """Continue the sequence's cached prefix with blocks copied back from CPU or disk."""
         assert self.tiers is not None
+        wanted = []
         for h in block_hashes:
             if not self.tiers.contains(h) or not self.tiers.worth_restoring(h, self.block_size):
-                return
-            if not self.pool.can_allocate(1):
-                return
-            [block] = self.pool.allocate(1)
-            if not self.tiers.restore(h, block):
-                self.pool.free([block])
-                return
+                break
+            wanted.append(h)
+        wanted = wanted[: self.pool.num_free]
+        if not wanted:
+            return
+        self.tiers.pin(wanted)
+        blocks = self.pool.allocate(len(wanted))
+        restored = self.tiers.restore(wanted, blocks)
+        for block, h in zip(blocks[:restored], wanted):
             self.pool.cache(block, h)
-            seq.block_table.append(block)
+        seq.block_table.extend(blocks[:restored])
+        self.pool.free(blocks[restored:][::-1])
 
     def on_step_done(self, batch: SchedulerOutput) -> None:
         """Record the tokens the model has just computed; register blocks they completed."""

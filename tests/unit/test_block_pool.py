@@ -64,3 +64,10 @@ def test_a_prefix_is_cached_once():
     pool.cache(a, 7)
     pool.cache(b, 7)
     assert pool.take_cached([7]) == [a]
+
+
+def test_block_copies_coalesce_into_runs_that_advance_together():
+    from kvfleet.worker.kv.tiers import coalesce
+
+    assert coalesce([(4, 10), (5, 11), (6, 12), (9, 13), (10, 14), (2, 2)]) == [(4, 10, 3), (9, 13, 2), (2, 2, 1)]
+    assert coalesce([]) == []
