@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PROMPT ?= What is the capital of France?
 
-.PHONY: demo test venv clean
+.PHONY: demo up test venv clean
 
 $(BIN)/.installed: pyproject.toml Makefile scripts/install-k8s-tools.sh
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ $(BIN)/.installed: pyproject.toml Makefile scripts/install-k8s-tools.sh
 
 venv: $(BIN)/.installed
 
+# The whole system on this machine: API server, operator, worker pods as processes, router;
+# applies the SmolLM2 InferenceService, asks it one question through the router, stops.
 demo: venv
-	$(BIN)/kvfleet generate --prompt "$(PROMPT)"
+	$(BIN)/kvfleet up --apply examples/smollm2-demo.yaml --ask "$(PROMPT)" --once
+
+# The same, left running for kubectl (Ctrl-C stops it).
+up: venv
+	$(BIN)/kvfleet up --apply examples/smollm2-demo.yaml --ask "$(PROMPT)"
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -219,13 +219,17 @@ def _add_up(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
                    help="wait until the applied services are Ready, then ask this and print the answer")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds --ask waits for Ready")
     p.add_argument("--detach", "-d", action="store_true", help="run in the background (stop it with `kvfleet down`)")
+    p.add_argument("--once", action="store_true", help="stop everything after --ask has its answer (a demo run)")
     p.set_defaults(func=_run_up)
 
 
 def _run_up(args: argparse.Namespace) -> int:
     from kvfleet.up import up
 
-    return up(_state_dir(args), args.api_port, args.router_port, args.apply, args.ask, args.detach, args.timeout)
+    if args.once and (args.detach or not args.ask):
+        raise ValueError("--once: needs --ask and cannot be combined with --detach")
+    return up(_state_dir(args), args.api_port, args.router_port, args.apply, args.ask, args.detach, args.timeout,
+              args.once)
 
 
 def _add_down(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -181,7 +181,7 @@ def _banner(state: StateDir) -> str:
 
 
 def up(state_dir: Path, api_port: int, router_port: int, files: Sequence[Path], prompt: str | None,
-       detach: bool, timeout: float) -> int:
+       detach: bool, timeout: float, once: bool = False) -> int:
     state = StateDir(state_dir)
     pid = _running_pid(state)
     if pid is not None:
@@ -205,8 +205,9 @@ def up(state_dir: Path, api_port: int, router_port: int, files: Sequence[Path], 
         print(_banner(state), flush=True)
         if files:
             _apply_and_ask(state, files, prompt, timeout, stop)
-        print("running; Ctrl-C stops everything", flush=True)
-        stop.wait()
+        if not once:
+            print("running; Ctrl-C stops everything", flush=True)
+            stop.wait()
         print("stopping...", flush=True)
     finally:
         cluster.stop()
