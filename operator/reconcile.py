@@ -182,7 +182,10 @@ def _drained(pod: WorkerPod, probe: Probe | None, now: datetime.datetime, timeou
     assert pod.draining_since is not None
     if pod.phase != "Running":
         return "it is not running"
-    if probe is not None and probe.at >= pod.draining_since and (probe.drained or probe.in_flight == 0):
+    # The annotation keeps whole seconds, so only a probe a second past it surely came after
+    # the drain began; an earlier one may predate requests that are still running.
+    surely_after = pod.draining_since + datetime.timedelta(seconds=1)
+    if probe is not None and probe.at >= surely_after and (probe.drained or probe.in_flight == 0):
         return "it has no requests left"
     if now - pod.draining_since >= datetime.timedelta(seconds=timeout):
         return f"its drain timeout of {timeout}s passed"
