@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The kvfleet operator image: slim Python, kvfleet, and only what `kvfleet operator` imports
-# (kopf, the kubernetes client, pydantic, PyYAML) -- no torch. Runs as a non-root user.
+# (kopf, the kubernetes client, pydantic, PyYAML, prometheus-client) -- no torch. Runs as a non-root user.
 # Build from the repository root (docs/images.md):
 #   docker build -f docker/operator.Dockerfile -t ghcr.io/kvfleet/operator:0.1.0 .
 ARG PYTHON_VERSION=3.12
@@ -8,7 +8,7 @@ ARG PYTHON_VERSION=3.12
 FROM python:${PYTHON_VERSION}-slim AS build
 # Installed with the version ranges of pyproject.toml; tests/helm/test_images.py checks that
 # `kvfleet operator` needs nothing else.
-ARG OPERATOR_PACKAGES="kopf kubernetes pydantic pyyaml"
+ARG OPERATOR_PACKAGES="kopf kubernetes pydantic pyyaml prometheus-client"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/kvfleet
 WORKDIR /src

@@ -60,6 +60,8 @@ def _add_operator(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
     p.add_argument("--context", default=None, help="kubeconfig context")
     p.add_argument("--probe-interval", type=float, default=5.0, help="seconds between reads of the workers' metrics")
+    p.add_argument("--health-port", type=int, default=None, help="serve /healthz for the kubelet's probes on this port")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--verbose", "-v", action="count", default=0, help="more logging (-v: debug)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
     p.set_defaults(func=_run_operator)
@@ -72,12 +74,17 @@ def _run_operator(args: argparse.Namespace) -> int:
     from kvfleet.operator.handlers import OperatorOptions
     from kvfleet.operator.runner import load_configuration, run_operator
 
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.quiet or args.verbose:  # main() configured logging from --log-level already
+        logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.DEBUG)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
     configuration = load_configuration(args.kubeconfig, args.context)
     options = OperatorOptions(probe_interval=args.probe_interval)
     # kopf stops gracefully on SIGINT and SIGTERM.
-    asyncio.run(run_operator(configuration, namespaces=args.namespace, options=options))
+    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port is not None else None
+    asyncio.run(run_operator(configuration, namespaces=args.namespace, options=options, liveness_endpoint=liveness))
     return 0
 
 

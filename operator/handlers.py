@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-from kvfleet.operator import children, workers
+from kvfleet.operator import children, metrics, workers
 from kvfleet.operator.children import Owner
 from kvfleet.operator.crd import (
     GROUP,
@@ -114,6 +114,7 @@ class Runtime:
         except (ValidationError, ValueError) as exc:
             message = format_errors(exc) if isinstance(exc, ValidationError) else str(exc)
             self._report_invalid(body, previous, message, now, generation)
+            metrics.passes.labels(outcome="invalid_spec").inc()
             return
 
         pods, objects = self.cluster.list_children(owner)
@@ -131,6 +132,7 @@ class Runtime:
         status = plan.status.model_dump(mode="json")
         if status != previous.model_dump(mode="json"):
             self.cluster.patch_service_status(namespace, name, status)
+        metrics.passes.labels(outcome="acted" if plan.actions else "steady").inc()
 
     def _report_invalid(
         self, body: dict[str, Any], previous: InferenceServiceStatus, message: str,
@@ -146,6 +148,7 @@ class Runtime:
 
     def _apply(self, owner: Owner, action: Action, pod: Mapping[str, Any] | None, body: dict[str, Any]) -> None:
         cluster = self.cluster
+        metrics.actions.labels(kind=action.kind, verb=action.verb).inc()
         if action.verb == "create":
             assert action.manifest is not None
             if not cluster.create(action.manifest):

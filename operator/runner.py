@@ -71,8 +71,10 @@ async def run_operator(
     options: OperatorOptions | None = None,
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
+    liveness_endpoint: str | None = None,
 ) -> None:
-    """Run the operator until `stop_flag` is set (or forever); all namespaces when none given."""
+    """Run the operator until `stop_flag` is set (or forever); all namespaces when none given.
+    With `liveness_endpoint` (e.g. http://0.0.0.0:8080/healthz) kopf answers the kubelet's probes."""
     options = options or OperatorOptions()
     registry = kopf.OperatorRegistry()
     register(registry, options)
@@ -91,4 +93,5 @@ async def run_operator(
         standalone=True,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
+        liveness_endpoint=liveness_endpoint,
     )

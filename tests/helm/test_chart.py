@@ -56,8 +56,16 @@ def test_default_install_renders_the_operator_and_no_inference_service(
 ) -> None:
     kinds = sorted(m["kind"] for m in default_manifests)
     assert kinds == sorted(
-        ["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+        ["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"]
     )
+
+
+def test_operator_serves_health_probes_and_metrics_behind_a_service(default_manifests: list[dict[str, Any]]) -> None:
+    container = one(default_manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"--health-port=8080", "--metrics-port=9090"} <= set(container["args"])
+    service = one(default_manifests, "Service")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics"}]
 
 
 def test_operator_runs_one_replica_replaced_with_recreate(default_manifests: list[dict[str, Any]]) -> None:

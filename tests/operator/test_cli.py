@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import kubernetes.client
 import pytest
 import yaml
@@ -21,6 +23,12 @@ def test_cli_starts_without_importing_the_operator() -> None:
 
 
 @pytest.mark.timeout(60)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_operator_command_serves_a_cluster_from_a_kubeconfig(
     apiserver: ServerThread, api_client: kubernetes.client.ApiClient, tmp_path: Path
 ) -> None:
@@ -31,7 +39,9 @@ def test_operator_command_serves_a_cluster_from_a_kubeconfig(
         "users": [{"name": "me", "user": {"token": "secret"}}],
         "contexts": [{"name": "local", "context": {"cluster": "local", "user": "me"}}],
     }))
-    command = [sys.executable, "-m", "kvfleet.cli", "operator", "--kubeconfig", str(kubeconfig), "-n", "default", "-q"]
+    health_port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-m", "kvfleet.cli", "operator", "--kubeconfig", str(kubeconfig), "-n", "default", "-q",
+               "--health-port", str(health_port), "--metrics-port", str(metrics_port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         custom = kubernetes.client.CustomObjectsApi(api_client)
@@ -41,6 +51,9 @@ def test_operator_command_serves_a_cluster_from_a_kubeconfig(
         core = kubernetes.client.CoreV1Api(api_client)
         wait_for(lambda: [p.metadata.name for p in core.list_namespaced_pod("default").items] == ["cli-w-0"],
                  timeout=30, what="the operator process to create the worker")
+        assert httpx.get(f"http://127.0.0.1:{health_port}/healthz", timeout=10).status_code == 200
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert 'kvfleet_operator_actions_total{kind="Pod",verb="create"}' in scraped
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
