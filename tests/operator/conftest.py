@@ -6,8 +6,7 @@ import asyncio
 import http.server
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import kmock
@@ -16,6 +15,7 @@ import pytest
 from kvfleet.operator.crd import render_crd
 
 from kvfleet.apiserver import ApiServer
+from tests.polling import wait_for  # noqa: F401  (re-exported to the tests here)
 
 
 class ServerThread:
@@ -67,18 +67,6 @@ def kube_config(apiserver: ServerThread) -> kubernetes.client.Configuration:
 def api_client(kube_config: kubernetes.client.Configuration) -> Iterator[kubernetes.client.ApiClient]:
     with kubernetes.client.ApiClient(kube_config) as client:
         yield client
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
-    """Poll until `check()` returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last: {last!r}")
 
 
 class FakeWorkers:

@@ -3,7 +3,6 @@ router in front of them."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from kvfleet.worker.router.config import RouterSettings
 from kvfleet.worker.router.discovery import parse_worker_flag
 from kvfleet.worker.server import WorkerState, create_app as create_worker_app
 from tests.server.conftest import free_port, running_server
+from tests.polling import wait_for
 
 MODEL = "tiny"
 
@@ -71,16 +71,6 @@ def start_router() -> Iterator[Callable[..., str]]:
             return url
 
         yield start
-
-
-def wait_for(check: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def client(url: str) -> openai.OpenAI:

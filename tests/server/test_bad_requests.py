@@ -8,7 +8,7 @@ from tests.server.conftest import MODEL
 
 pytestmark = pytest.mark.slow
 
-CHAT = f"/v1/chat/completions"
+CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
