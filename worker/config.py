@@ -123,6 +123,9 @@ class EngineConfig(BaseModel):
     def _offload_needs_prefix_caching(self) -> "EngineConfig":
         if (self.kv_offload_cpu_gib or self.kv_offload_disk_gib) and not self.enable_prefix_caching:
             raise ValueError("kv_offload_cpu_gib/kv_offload_disk_gib: offload needs enable_prefix_caching")
+        if (self.kv_offload_cpu_gib or self.kv_offload_disk_gib) and self.tensor_parallel_size > 1:
+            raise ValueError("kv_offload_cpu_gib/kv_offload_disk_gib: offload copies rank 0's KV only; "
+                             "use it with tensor_parallel_size=1")
         if self.kv_offload_disk_gib and not self.kv_offload_disk_path:
             raise ValueError("kv_offload_disk_path: required when kv_offload_disk_gib > 0")
         return self

@@ -1,26 +1,108 @@
-"""Runs one scheduled step on the model: builds the flat batch tensors and the attention
-metadata from the scheduler's output, runs the forward pass, returns the logits of the
-sequences that sample this step."""
+"""Runs one scheduled step on the model: packs the scheduler's output into one flat integer
+tensor, unpacks it on the model's device into the batch tensors and the attention metadata,
+runs the forward pass, returns the logits of the sequences that sample this step.
+
+The packed form is what tensor-parallel rank 0 broadcasts to the other ranks each step
+(kvfleet.worker.tp): a handful of integers per token, never Python objects.
+"""
+
+from dataclasses import dataclass
 
 import torch
 
 from kvfleet.worker.attention import AttentionMetadata
 from kvfleet.worker.config import ModelConfig
 from kvfleet.worker.model.llama import LlamaForCausalLM
+from kvfleet.worker.model.parallel import kv_heads_per_rank
 from kvfleet.worker.scheduler import SchedulerOutput
 
 
 def allocate_kv_cache(
-    cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, tp_size: int = 1
 ) -> torch.Tensor:
     """One tensor for every layer, blocks outermost (shared/DESIGN.md): a block of all layers
-    is one contiguous span, so moving it between tiers is a single copy."""
-    shape = (num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
+    is one contiguous span, so moving it between tiers is a single copy. Under tensor
+    parallelism it holds only this rank's KV heads."""
+    shape = (num_blocks, cfg.num_layers, 2, block_size, kv_heads_per_rank(cfg, tp_size), cfg.head_dim)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes of one block on one rank (each rank holds its own KV heads' share)."""
+    return cfg.num_layers * 2 * block_size * kv_heads_per_rank(cfg, tp_size) * cfg.head_dim * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The sizes that delimit the fields of a packed step: tokens, sequences, sampling
+    sequences, and the width of the padded block tables."""
+
+    num_tokens: int
+    num_seqs: int
+    num_samples: int
+    max_blocks: int
+
+    @property
+    def packed_len(self) -> int:
+        t, b = self.num_tokens, self.num_seqs
+        return 3 * t + 2 * b + 1 + self.num_samples + b * self.max_blocks
+
+
+@dataclass
+class StepInputs:
+    """One step's model inputs on the model's device."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor
+
+
+def pack_step(batch: SchedulerOutput, block_size: int) -> tuple[StepShape, torch.Tensor]:
+    """The step as one int64 CPU tensor: input ids, positions, slot mapping (per token),
+    context lengths, cu_seqlens, the rows that sample, then the block tables row by row."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    cu_seqlens = [0]
+    context_lens: list[int] = []
+    sample_rows: list[int] = []
+    bs = block_size
+    for item in batch.scheduled:
+        seq, start = item.seq, item.seq.num_computed_tokens
+        end = start + item.num_new_tokens
+        input_ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        table = seq.block_table
+        slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        cu_seqlens.append(cu_seqlens[-1] + item.num_new_tokens)
+        context_lens.append(end)
+        if item.samples:
+            sample_rows.append(cu_seqlens[-1] - 1)
+
+    max_blocks = max(len(item.seq.block_table) for item in batch.scheduled)
+    tables: list[int] = []
+    for item in batch.scheduled:
+        tables += item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))
+    shape = StepShape(len(input_ids), len(batch.scheduled), len(sample_rows), max_blocks)
+    fields = input_ids + positions + slots + context_lens + cu_seqlens + sample_rows + tables
+    return shape, torch.tensor(fields, dtype=torch.int64)
+
+
+def unpack_step(shape: StepShape, packed: torch.Tensor) -> StepInputs:
+    """Views of a packed step (already on the model's device) as the model's inputs."""
+    t, b, s = shape.num_tokens, shape.num_seqs, shape.num_samples
+    input_ids, positions, slots, context_lens, cu_seqlens, sample_rows, tables = packed.split(
+        [t, t, t, b, b + 1, s, b * shape.max_blocks]
+    )
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        block_tables=tables.view(b, shape.max_blocks).to(torch.int32),
+        context_lens=context_lens.to(torch.int32),
+        cu_seqlens_q=cu_seqlens.to(torch.int32),
+        is_decode=t == b,
+    )
+    return StepInputs(input_ids, positions, meta, sample_rows)
 
 
 class ModelRunner:
@@ -30,40 +112,15 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
 
-    @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
         """Logits [num_sampling_sequences, vocab] in the order of `batch.scheduled`."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu_seqlens = [0]
-        context_lens: list[int] = []
-        sample_rows: list[int] = []
-        bs = self.block_size
-        for item in batch.scheduled:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            cu_seqlens.append(cu_seqlens[-1] + item.num_new_tokens)
-            context_lens.append(end)
-            if item.samples:
-                sample_rows.append(cu_seqlens[-1] - 1)
+        shape, packed = pack_step(batch, self.block_size)
+        logits = self.run(unpack_step(shape, packed.to(self.device)))
+        assert logits is not None, "only tensor-parallel rank 0 executes scheduled batches"
+        return logits
 
-        max_blocks = max(len(item.seq.block_table) for item in batch.scheduled)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch.scheduled]
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(tables, torch.int32),
-            context_lens=tensor(context_lens, torch.int32),
-            cu_seqlens_q=tensor(cu_seqlens, torch.int32),
-            is_decode=len(input_ids) == len(batch.scheduled),
-        )
-        hidden = self.model(tensor(input_ids, torch.int64), tensor(positions, torch.int64), self.kv_cache, meta)
-        return self.model.logits(hidden[tensor(sample_rows, torch.int64)])
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The forward pass; logits on tensor-parallel rank 0, None on the other ranks."""
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        return self.model.logits(hidden[inputs.sample_rows])

@@ -112,3 +112,5 @@ def test_offload_settings_are_validated(tiny_models, tmp_path):
         make(tiny_models["llama"], kv_offload_disk_gib=1.0)
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         make(tiny_models["llama"], kv_offload_cpu_gib=1.0, enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        make(tiny_models["llama"], kv_offload_cpu_gib=1.0, tensor_parallel_size=2)

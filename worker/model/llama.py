@@ -2,7 +2,9 @@
 
 Parameter names follow the Hugging Face checkpoints, so a safetensors state dict loads as is.
 The forward pass works on a flat batch: all sequences' new tokens concatenated, with their
-positions and the attention metadata that says where their KV lives.
+positions and the attention metadata that says where their KV lives. Under tensor parallelism
+(`group` of several ranks) each rank builds the same modules with its slice of the heads, the
+MLP and the vocabulary (kvfleet.worker.model.parallel).
 """
 
 import torch
@@ -11,6 +13,15 @@ from torch import nn
 
 from kvfleet.worker.attention import AttentionBackend, AttentionMetadata
 from kvfleet.worker.config import ModelConfig
+from kvfleet.worker.model.parallel import (
+    SINGLE_RANK,
+    ColumnParallelLinear,
+    HeadSplit,
+    ParallelLMHead,
+    RowParallelLinear,
+    TPGroup,
+    VocabParallelEmbedding,
+)
 from kvfleet.worker.model.rope import RotaryEmbedding
 
 
@@ -28,16 +39,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
+    """This rank's query heads and the KV heads they read; the output projection sums the ranks."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend, group: TPGroup) -> None:
         super().__init__()
+        heads = HeadSplit.of(cfg, group)
+        d = cfg.head_dim
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_q, heads.num_kv, d
+        self.scale = d**-0.5
         self.backend = backend
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        q, kv = (heads.q_start * d, heads.num_q * d), (heads.kv_start * d, heads.num_kv * d)
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, cfg.qkv_bias, *q)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.qkv_bias, *kv)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.qkv_bias, *kv)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_bias, group, *q)
 
     def forward(
         self,
@@ -57,23 +73,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """SwiGLU over this rank's share of the intermediate features."""
+
+    def __init__(self, cfg: ModelConfig, group: TPGroup) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        size = cfg.intermediate_size // group.world_size
+        part = (group.rank * size, size)
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, *part)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, *part)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, group, *part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend, group: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx, backend)
+        self.self_attn = Attention(cfg, layer_idx, backend, group)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, group)
 
     def forward(
         self,
@@ -88,10 +108,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend, group) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
@@ -109,13 +129,17 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder plus LM head. `forward` returns hidden states; `logits` projects selected rows."""
+    """Decoder plus LM head. `forward` returns hidden states; `logits` projects selected rows.
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    `group` is this process's tensor-parallel rank; the default, one rank, is the whole model.
+    """
+
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup = SINGLE_RANK) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, backend)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.group = group
+        self.model = LlamaModel(cfg, backend, group)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -128,6 +152,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_cache, meta)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary on rank 0; None on the other ranks."""
         logits = self.lm_head(hidden)
+        if logits is None:
+            return None
         return logits if logits.dtype == torch.float64 else logits.float()

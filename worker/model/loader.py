@@ -1,5 +1,9 @@
 """Finding a model on disk and loading it: Hugging Face folders (one safetensors file or a
-sharded index), GGUF files, and random ("dummy") weights of any config for benchmarks."""
+sharded index), GGUF files, and random ("dummy") weights of any config for benchmarks.
+
+Under tensor parallelism each rank loads only its slices: from safetensors it reads just
+those bytes (`get_slice`), from GGUF it dequantizes each tensor and keeps its slice.
+"""
 
 import importlib.util
 import json
@@ -9,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -17,6 +21,10 @@ from kvfleet.worker.attention import AttentionBackend
 from kvfleet.worker.config import EngineConfig, ModelConfig
 from kvfleet.worker.model import gguf_file
 from kvfleet.worker.model.llama import LlamaForCausalLM
+from kvfleet.worker.model.parallel import SINGLE_RANK, Shard, TPGroup, check_tp_size
+
+if TYPE_CHECKING:
+    from kvfleet.worker.tp import Replica
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +61,33 @@ class LoadedModel:
     tokenizer: Any
     dtype: torch.dtype
     device: torch.device
+    # Rank 0 of a tensor-parallel replica: the other ranks' processes (kvfleet.worker.tp).
+    replica: "Replica | None" = None
+
+    @property
+    def tp_size(self) -> int:
+        return self.model.group.world_size
 
 
-def load(config: EngineConfig, backend: AttentionBackend) -> LoadedModel:
-    """Resolve, read and place the model and its tokenizer as `config` asks."""
+def load(config: EngineConfig, backend: AttentionBackend, group: TPGroup | None = None) -> LoadedModel:
+    """Resolve, read and place the model and its tokenizer as `config` asks.
+
+    With `tensor_parallel_size` > 1 and no `group`, this process becomes rank 0 of a new
+    replica: kvfleet.worker.tp starts the other ranks, which load their shards meanwhile.
+    With a `group`, this process loads its rank's shard (the tokenizer only on rank 0).
+    """
+    if group is None:
+        if config.tensor_parallel_size > 1:
+            from kvfleet.worker.tp import load_replica
+
+            return load_replica(config, backend)
+        group = SINGLE_RANK
     source = resolve_model(config.model, config.load_format)
     model_config = read_model_config(source)
-    tokenizer = load_tokenizer(source, config.tokenizer) if source.format != "dummy" else None
+    check_tp_size(model_config, group.world_size)
+    tokenizer = load_tokenizer(source, config.tokenizer) if source.format != "dummy" and group.rank == 0 else None
     dtype, device = config.torch_dtype(), config.torch_device()
-    model = load_model(source, model_config, dtype, device, backend, config.seed)
+    model = load_model(source, model_config, dtype, device, backend, config.seed, group)
     return LoadedModel(source, model_config, model, tokenizer, dtype, device)
 
 
@@ -121,40 +147,76 @@ def load_model(
     device: torch.device,
     backend: AttentionBackend,
     seed: int = 0,
+    group: TPGroup = SINGLE_RANK,
 ) -> LlamaForCausalLM:
-    """Build the model on `device` and fill its weights from `source` (random for dummy)."""
+    """Build `group`'s rank of the model on `device` and fill its weights from `source`
+    (random for dummy)."""
     start = time.perf_counter()
     with torch.device("meta"):  # no memory and no random init until the real weights arrive
-        model = LlamaForCausalLM(cfg, backend).to(dtype)
+        model = LlamaForCausalLM(cfg, backend, group).to(dtype)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if source.format == "dummy":
         _fill_dummy(model, seed)
     else:
-        tensors = (
-            gguf_file.iter_tensors(source.gguf_reader, cfg, source.gguf_path)
-            if source.format == "gguf"
-            else _iter_safetensors(source.path)
-        )
-        _load_weights(model, tensors, str(source.gguf_path if source.gguf_name else source.path))
-    log.info("loaded %s weights from %s in %.2fs", source.format, source.path, time.perf_counter() - start)
+        shards = {
+            f"{prefix}.{name}": shard
+            for prefix, module in model.named_modules()
+            for name, shard in getattr(module, "shards", {}).items()
+        }
+        if source.format == "gguf":
+            tensors = (
+                (name, tuple(t.shape), _slice(t, shards.get(name)))
+                for name, t in gguf_file.iter_tensors(source.gguf_reader, cfg, source.gguf_path)
+            )
+        else:
+            tensors = _iter_safetensors(source.path, shards)
+        _load_weights(model, tensors, str(source.gguf_path if source.gguf_name else source.path), shards)
+    log.info(
+        "loaded %s weights (rank %d of %d) from %s in %.2fs",
+        source.format, group.rank, group.world_size, source.path, time.perf_counter() - start,
+    )
     return model.eval()
 
 
-def _load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], where: str) -> None:
+def _slice(tensor: Any, shard: Shard | None) -> torch.Tensor:
+    """`shard`'s part of a torch tensor or of a safetensors slice (which reads only that part)."""
+    shape = tensor.get_shape() if hasattr(tensor, "get_shape") else tensor.shape
+    index = [slice(None)] * len(shape)
+    if shard is not None and shard.dim < len(shape):
+        index[shard.dim] = slice(shard.start, shard.stop)
+    return tensor[tuple(index)]
+
+
+def _load_weights(
+    model: torch.nn.Module,
+    tensors: Iterator[tuple[str, tuple[int, ...], torch.Tensor]],
+    where: str,
+    shards: dict[str, Shard],
+) -> None:
+    """Copy each (name, checkpoint shape, this rank's part) into its parameter."""
     params = dict(model.named_parameters())
     missing = set(params)
-    for name, tensor in tensors:
+    for name, shape, part in tensors:
         param = params.get(name)
         if param is None:
             if name == "lm_head.weight" or "rotary_emb" in name:
                 continue  # tied head stored anyway, or precomputed rotary buffers
             raise ValueError(f"{where}: unexpected tensor {name!r}")
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        shard = shards.get(name)
+        expected = list(param.shape)
+        if shard is not None:
+            expected[shard.dim] = shard.full
+        if list(shape) != expected:
+            raise ValueError(f"{where}: tensor {name} has shape {tuple(shape)}, expected {tuple(expected)}")
         with torch.no_grad():
-            param.copy_(tensor)
+            if shard is None:
+                param.copy_(part)
+            else:  # a padded vocabulary share ends in rows no token reaches; keep them zero
+                size = shard.stop - shard.start
+                param.narrow(shard.dim, 0, size).copy_(part)
+                param.narrow(shard.dim, size, param.shape[shard.dim] - size).zero_()
         missing.discard(name)
     if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")
@@ -162,7 +224,8 @@ def _load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Ten
         raise ValueError(f"{where}: missing tensors {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(folder: Path, shards: dict[str, Shard]) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
+    """(name, checkpoint shape, the part `shards` names) of every tensor, reading only that part."""
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
@@ -182,7 +245,8 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    tensor = f.get_slice(key)
+                    yield key, tuple(tensor.get_shape()), _slice(tensor, shards.get(key))
         except (OSError, RuntimeError, ValueError) as exc:
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
         except Exception as exc:  # safetensors raises its own SafetensorError on bad headers
