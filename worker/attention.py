@@ -38,6 +38,8 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    triton_pointwise: bool  # whether the model should run its norms/rotary/activation in Triton
+
     def forward(
         self,
         q: torch.Tensor,
@@ -58,6 +60,8 @@ class AttentionBackend(Protocol):
 
 class TorchAttentionBackend:
     """Plain torch on any device: the reference path, and the engine's path on CPU."""
+
+    triton_pointwise = False  # the model's norms, rotary and activation stay in torch too
 
     def forward(
         self,
@@ -84,9 +88,14 @@ class TorchAttentionBackend:
 class TritonAttentionBackend:
     """The Triton kernels of kvfleet.kernels.paged_attention: the engine's path on CUDA.
 
+    With it the model also runs kvfleet.kernels' rms_norm (fused residual add), rotary and
+    silu_and_mul kernels (`triton_pointwise`).
+
     The kernels are looked up on their module at each call (not bound at import), so a test
     process that reloads the module under Triton's interpreter runs the reloaded kernels.
     """
+
+    triton_pointwise = True
 
     def forward(
         self,

@@ -77,7 +77,9 @@ def test_triton_backend_writes_and_attends_like_torch(device, new_lens):
 
 @pytest.mark.gpu
 def test_tiny_llama_greedy_decoding_matches_torch_backend_in_bf16(gpu):
-    """Two sequences prefilled together (one in two chunks), then 24 decode steps, greedy.
+    """The whole Triton path (attention, write_kv, rms_norm with the residual add, rotary from
+    its cos/sin table, silu_and_mul) against the torch path.
+    Two sequences prefilled together (one in two chunks), then 24 decode steps, greedy.
     Tokens must match; logits may differ by bf16 rounding in another order (atol 0.1 on
     logits of spread about 10, with the top-2 gaps far larger)."""
     pytest.importorskip("pydantic")  # kvfleet.worker.config needs it
@@ -98,6 +100,8 @@ def test_tiny_llama_greedy_decoding_matches_torch_backend_in_bf16(gpu):
             if p.dim() > 1:
                 p.normal_(0.0, 0.25 / p.shape[1] ** 0.25)
     models["triton"].load_state_dict(models["torch"].state_dict())
+    for model in models.values():  # as the loader does: one gate/up matmul for silu_and_mul
+        model.fuse_gate_up()
 
     prompts = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 84, 19], [7, 1, 8]]
     tokens, logits = {}, {}

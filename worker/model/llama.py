@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvfleet.kernels.activation import silu_and_mul
+from kvfleet.kernels.norm import rms_norm
 from kvfleet.worker.attention import AttentionBackend, AttentionMetadata
 from kvfleet.worker.config import ModelConfig
 from kvfleet.worker.model.parallel import (
@@ -26,16 +28,27 @@ from kvfleet.worker.model.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """RMSNorm, optionally of `x + residual` (then it also returns that sum, the new residual).
+    With `triton` it runs kvfleet.kernels' fused kernel; else in torch, rounding like HF."""
+
+    def __init__(self, dim: int, eps: float, triton: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.triton = triton
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.triton:
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         h = x.to(acc)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        out = self.weight * h.to(x.dtype)
+        return out if residual is None else (out, x)
 
 
 class Attention(nn.Module):
@@ -67,44 +80,69 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = rotary(positions, q, k, triton=self.backend.triton_pointwise)
         out = self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU over this rank's share of the intermediate features."""
+    """SwiGLU over this rank's share of the intermediate features.
 
-    def __init__(self, cfg: ModelConfig, group: TPGroup) -> None:
+    `fuse_gate_up` makes the gate and up weights two halves of one buffer (the parameters stay,
+    as views), so that one matmul yields `[gate | up]` for the fused silu_and_mul kernel.
+    """
+
+    def __init__(self, cfg: ModelConfig, group: TPGroup, triton: bool) -> None:
         super().__init__()
         size = cfg.intermediate_size // group.world_size
         part = (group.rank * size, size)
         self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, *part)
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, *part)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, group, *part)
+        self.triton = triton
+        self._gate_up: torch.Tensor | None = None
+
+    def fuse_gate_up(self) -> None:
+        if self.gate_proj.bias is not None:
+            return  # biased MLPs keep two matmuls
+        fused = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
+        rows = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight.data, self.up_proj.weight.data = fused[:rows], fused[rows:]
+        self._gate_up = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton and self._gate_up is not None:
+            return self.down_proj(silu_and_mul(F.linear(x, self._gate_up)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend, group: TPGroup) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        triton = backend.triton_pointwise
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, triton)
         self.self_attn = Attention(cfg, layer_idx, backend, group)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, group)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, triton)
+        self.mlp = MLP(cfg, group, triton)
 
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x is the previous layer's output, residual the stream before it (None at layer 0):
+        each norm adds them first, so the add fuses into the norm's kernel."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -112,8 +150,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend, group) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend.triton_pointwise)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
     def forward(
         self,
@@ -122,10 +160,11 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta)
+        out, _ = self.norm(x, residual)
+        return out
 
 
 class LlamaForCausalLM(nn.Module):
@@ -151,6 +190,11 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_cache, meta)
+
+    def fuse_gate_up(self) -> None:
+        """Once the weights are loaded: one gate/up matmul per layer (see MLP)."""
+        for layer in self.model.layers:
+            layer.mlp.fuse_gate_up()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary on rank 0; None on the other ranks."""

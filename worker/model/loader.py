@@ -173,6 +173,7 @@ def load_model(
         else:
             tensors = _iter_safetensors(source.path, shards)
         _load_weights(model, tensors, str(source.gguf_path if source.gguf_name else source.path), shards)
+    model.fuse_gate_up()
     log.info(
         "loaded %s weights (rank %d of %d) from %s in %.2fs",
         source.format, group.rank, group.world_size, source.path, time.perf_counter() - start,

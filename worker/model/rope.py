@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from kvfleet.kernels.rotary import rotary
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """float32 [head_dim // 2] rotation frequencies, after `scaling` (None, linear or llama3)."""
@@ -37,23 +39,37 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Applies the rotation for each token's absolute position to q and k ([t, heads, d])."""
+    """Applies the rotation for each token's absolute position to q and k ([t, heads, d]).
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
+    The torch path computes angles per call in float32, exactly as transformers does; the
+    Triton path reads a [max_positions, d] cos/sin table built once (in float64) per device.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int) -> None:
         super().__init__()
-        # A plain attribute, not a buffer: it is computed on the CPU even when the model is
-        # built on the meta device, and moves to the tokens' device on first use.
+        # Plain attributes, not buffers: computed on the CPU even when the model is built on
+        # the meta device, and moved to the tokens' device on first use.
         self.inv_freq = inverse_frequencies(head_dim, theta, scaling)
+        self.max_positions = max_positions
+        self._cos_sin: torch.Tensor | None = None
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, triton: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if triton:
+            return rotary(q, k, positions, self._cos_sin_cache(positions.device))
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _cos_sin_cache(self, device: torch.device) -> torch.Tensor:
+        if self._cos_sin is None or self._cos_sin.device != device:
+            angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), self.inv_freq.cpu().double())
+            self._cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
+        return self._cos_sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
