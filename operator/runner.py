@@ -61,6 +61,10 @@ def _settings(options: OperatorOptions) -> kopf.OperatorSettings:
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
     settings.execution.max_workers = 16
+    # A service deleted while its probe timer runs keeps its finalizer until kopf sees the
+    # timer exit; kopf looks again only every `cancellation_polling` seconds (60 by default),
+    # so a deletion could wait a minute for a probe that takes milliseconds.
+    settings.background.cancellation_polling = 0.5
     return settings
 
 
