@@ -144,8 +144,17 @@ def write_kv_ref(
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
     acc = _acc_dtype(k.dtype)
-    kv_layer[blocks, 0, offsets] = (k[keep].to(acc) / k_scale).to(kv_layer.dtype)
-    kv_layer[blocks, 1, offsets] = (v[keep].to(acc) / v_scale).to(kv_layer.dtype)
+    kv_layer[blocks, 0, offsets] = _to_cache(k[keep].to(acc) / k_scale, kv_layer.dtype)
+    kv_layer[blocks, 1, offsets] = _to_cache(v[keep].to(acc) / v_scale, kv_layer.dtype)
+
+
+def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round into the cache's dtype; fp8 saturates at its largest value, as the kernel does
+    (a plain cast would turn out-of-range values into NaN)."""
+    if dtype == torch.float8_e4m3fn:
+        limit = torch.finfo(dtype).max
+        x = x.clamp(-limit, limit)
+    return x.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,6 +114,9 @@ class EngineConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=256)
     num_kv_blocks: int | None = Field(None, ge=2, description="KV blocks; default from kv_cache_memory_gib")
     kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV cache size when num_kv_blocks is unset")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="auto: the model's dtype; fp8: float8 e4m3 with per-layer K/V scales (half of bf16)"
+    )
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prefixes seen before")
     kv_offload_cpu_gib: float = Field(0.0, ge=0, description="CPU memory for KV blocks evicted from the GPU pool")
     kv_offload_disk_gib: float = Field(0.0, ge=0, description="disk space for KV blocks evicted from the CPU tier")

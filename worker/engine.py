@@ -72,6 +72,7 @@ class LLMEngine:
         self.config = config
         self.loaded = loaded or load(config, select_attention_backend(config.torch_device()))
         self.device, self.dtype = self.loaded.device, self.loaded.dtype
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.model_config: ModelConfig = self.loaded.config
         self.tokenizer: Any = self.loaded.tokenizer
         self.max_model_len = self._max_model_len(config, self.model_config)
@@ -82,7 +83,7 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.dtype, self.device,
+        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.kv_dtype, self.device,
                                      self.loaded.tp_size)
         self.tiers = self._offload_tiers(config, kv_cache)
         self.pool = BlockPool(num_blocks, on_evict=self.tiers.offload if self.tiers else None)
@@ -118,7 +119,7 @@ class LLMEngine:
                     f"one sequence of max_model_len={self.max_model_len}; use at least {needed} or lower max_model_len"
                 )
             return config.num_kv_blocks
-        per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype, self.loaded.tp_size)
+        per_block = kv_bytes_per_block(self.model_config, config.block_size, self.kv_dtype, self.loaded.tp_size)
         # Never more than every running sequence at full length can use.
         useful = config.max_num_seqs * (needed - 1) + 1
         blocks = min(int(config.kv_cache_memory_gib * 2**30) // per_block, useful)
@@ -137,7 +138,7 @@ class LLMEngine:
         disk = None
         if config.kv_offload_disk_gib:
             assert config.kv_offload_disk_path is not None
-            identity = "|".join([repr(self.model_config), str(self.dtype), str(tuple(kv_cache.shape[1:])),
+            identity = "|".join([repr(self.model_config), str(self.dtype), str(self.kv_dtype), str(tuple(kv_cache.shape[1:])),
                                  self._weights_fingerprint()])
             disk = DiskBlockStore(Path(config.kv_offload_disk_path), int(config.kv_offload_disk_gib * 2**30) // block_bytes,
                                   identity.encode(), block_bytes)

@@ -61,6 +61,9 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = heads.num_q, heads.num_kv, d
         self.scale = d**-0.5
+        # An fp8 KV cache stores K/scale and V/scale. 1.0 (no calibration) keeps values within
+        # e4m3's +-448 for the models we run; calibrated per-layer scales can be set here.
+        self.k_scale = self.v_scale = 1.0
         self.backend = backend
         q, kv = (heads.q_start * d, heads.num_q * d), (heads.kv_start * d, heads.num_kv * d)
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, cfg.qkv_bias, *q)
@@ -81,7 +84,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k, triton=self.backend.triton_pointwise)
-        out = self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
