@@ -88,6 +88,19 @@ def _run_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_access_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key-file", default=None,
+                   help="require `Authorization: Bearer <key>` on /v1/* with a key of this file (one per line; "
+                        "default: $KVFLEET_API_KEY_FILE, else no key is required)")
+    p.add_argument("--internal-token-file", default=None,
+                   help="the token the router shows its workers (the file's first key), which a worker then "
+                        "requires instead of user keys (default: $KVFLEET_INTERNAL_TOKEN_FILE)")
+    p.add_argument("--requests-per-minute", type=int, default=None,
+                   help="per API key; more get 429 with Retry-After (default: no limit)")
+    p.add_argument("--tokens-per-minute", type=int, default=None,
+                   help="per API key, prompt plus max_tokens counted on arrival; more get 429 (default: no limit)")
+
+
 def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker)")
     p.add_argument("--model", default="demo", help="HF folder, .gguf file, or 'demo' (SmolLM2-135M-Instruct)")
@@ -107,12 +120,17 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
     p.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; more get 429")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    _add_access_options(p)
+    p.add_argument("--admin-token-file", default=None,
+                   help="require this operator token on /admin/* (default: $KVFLEET_ADMIN_TOKEN_FILE, else open)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port instead of --port")
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kvfleet.worker import auth
     from kvfleet.worker.async_engine import AsyncEngine
     from kvfleet.worker.config import EngineConfig
     from kvfleet.worker.engine import LLMEngine
@@ -120,6 +138,14 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if args.max_queued_requests < 0:
         raise ValueError(f"max_queued_requests: must be >= 0, got {args.max_queued_requests}")
+    api_keys = auth.keys_from(args.api_key_file, auth.API_KEY_FILE_ENV)
+    internal = auth.keys_from(args.internal_token_file, auth.INTERNAL_TOKEN_FILE_ENV)
+    if api_keys and internal:
+        raise ValueError("serve: give --api-key-file for a worker that clients call, or --internal-token-file "
+                         "for one behind a router (which then refuses user keys), not both")
+    access = auth.AccessPolicy(api_keys=internal or api_keys,
+                               admin_tokens=auth.keys_from(args.admin_token_file, auth.ADMIN_TOKEN_FILE_ENV),
+                               requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
     config = EngineConfig(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -139,9 +165,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         assert server is not None
         server.should_exit = True
 
-    app = create_app(state, args.max_request_bytes, load=load, on_load_error=stop_on_load_error)
+    app = create_app(state, args.max_request_bytes, load=load, on_load_error=stop_on_load_error, access=access,
+                     serve_metrics=args.metrics_port is None)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
                                            log_level=args.log_level))
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, args.host, registry=state.metrics.registry)
     server.run()
     return 1 if state.load_error else 0
 
@@ -165,12 +196,14 @@ def _add_router(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--model", default=None, help="take the tokenizer from this model (as `kvfleet serve --model`)")
     p.add_argument("--max-attempts", type=int, default=3, help="replicas tried per request before giving up")
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between reads of the workers' /metrics")
+    _add_access_options(p)
     p.set_defaults(func=_run_router)
 
 
 def _run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kvfleet.worker import auth
     from kvfleet.worker.router.app import RouterOptions, StaticDiscovery, create_app
     from kvfleet.worker.router.config import RouterSettings, read_settings_file
     from kvfleet.worker.router.discovery import KubernetesDiscovery, parse_worker_flag
@@ -197,8 +230,11 @@ def _run_router(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(resolve_model(args.model))
     policy = {"prefix": "prefix-aware", "least-load": "least-loaded"}.get(args.policy, args.policy)
+    internal = auth.keys_from(args.internal_token_file, auth.INTERNAL_TOKEN_FILE_ENV)
+    access = auth.AccessPolicy(api_keys=auth.keys_from(args.api_key_file, auth.API_KEY_FILE_ENV),
+                               requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
     options = RouterOptions(policy=policy, block_size=args.block_size, max_attempts=args.max_attempts,
-                            poll_interval=args.poll_interval)
+                            poll_interval=args.poll_interval, access=access, internal_token=internal[0] if internal else None)
     app = create_app(discovery, settings, tokenizer, options)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level)
     return 0

@@ -1,7 +1,8 @@
 """The worker's OpenAI-compatible HTTP server (FastAPI).
 
 /v1/completions and /v1/chat/completions (streaming over SSE or not), /v1/models, the
-kubelet's /health and /ready, Prometheus /metrics, and /admin/drain for the operator.
+kubelet's /health and /ready, Prometheus /metrics (or on its own port), and /admin/drain for the
+operator; `access` (worker/auth.py) decides which of them need a key.
 Every refusal is an OpenAI-style error body: 400 for bad input (naming the field), 404 for
 an unknown model, 413 for an oversized body, 429 with Retry-After when the queue is full,
 503 with Retry-After while loading or draining.
@@ -25,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvfleet.worker.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from kvfleet.worker.auth import AccessControl, AccessPolicy
 from kvfleet.worker.engine import CompletionOutput, RequestOutput
 from kvfleet.worker.metrics import WorkerMetrics
 from kvfleet.worker.protocol import ChatCompletionRequest, CompletionRequest
@@ -118,9 +120,11 @@ class _BodyTooLarge(Exception):
 
 def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
                load: Callable[[], AsyncEngine] | None = None,
-               on_load_error: Callable[[], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[], None] | None = None, access: AccessPolicy = AccessPolicy(),
+               serve_metrics: bool = True) -> FastAPI:
     """The worker's app. With `load`, the model loads in the background after start-up, so
-    that /health answers at once and /ready turns 200 when the engine can serve."""
+    that /health answers at once and /ready turns 200 when the engine can serve. Without
+    `serve_metrics`, /metrics is left to a separate port (`kvfleet serve --metrics-port`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -165,9 +169,10 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
             return JSONResponse({"ready": False, "reason": reason}, status_code=503)
         return JSONResponse({"ready": True})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if serve_metrics:
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def drain_status() -> dict[str, Any]:
         in_flight = state.engine.num_in_flight if state.engine else 0
@@ -212,6 +217,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         return await _respond(request, stream, formatter, body.stream, body.include_usage, 1, arrived)
 
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.add_middleware(AccessControl, policy=access)  # outermost: no body is read before the key is checked
     return app
 
 

@@ -2,7 +2,8 @@
 
 /v1/completions and /v1/chat/completions are routed by the prompt (`policy`), /v1/models goes
 to any ready replica; /health says the router runs, /ready that some replica can serve, and
-/metrics is the router's own (`kvfleet_router_*`). Discovery, polling and routing settings
+/metrics is the router's own (`kvfleet_router_*`); `access` (worker/auth.py) decides which
+need a key, and `internal_token` is what the router shows the workers instead. Discovery, polling and routing settings
 all live on the app's event loop, started and stopped with it.
 """
 
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvfleet.worker.auth import AccessControl, AccessPolicy
 from kvfleet.worker.router.config import RouterSettings
 from kvfleet.worker.router.fleet import Endpoint, Fleet
 from kvfleet.worker.router.metrics import RouterMetrics
@@ -62,6 +64,8 @@ class RouterOptions:
     poll_interval: float = DEFAULT_INTERVAL
     load_factor: float = DEFAULT_LOAD_FACTOR
     load_slack: int = DEFAULT_LOAD_SLACK
+    access: AccessPolicy = AccessPolicy()
+    internal_token: bytes | None = None  # sent to workers in place of the client's Authorization
 
 
 @dataclass
@@ -86,7 +90,8 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
     # worker is closing (that would look like a replica dying).
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0), limits=limits)
-    state = RouterState(fleet, router, reader, metrics, Proxy(fleet, router, metrics, client, options.max_attempts, clock))
+    state = RouterState(fleet, router, reader, metrics, Proxy(fleet, router, metrics, client, options.max_attempts, clock,
+                                                                  options.internal_token))
 
     def apply_settings(new: RouterSettings) -> None:
         router.pools = new.pools
@@ -152,4 +157,5 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "/v1/chat/completions")
 
+    app.add_middleware(AccessControl, policy=options.access)
     return app

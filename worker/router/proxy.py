@@ -7,7 +7,8 @@ so that concurrent requests skip it too, and the request goes to the next choice
 holds back the replica's status line until the first body byte has arrived, so a replica that
 dies before answering costs a retry, not an error. Once a byte has been relayed the answer is
 the replica's: a failure after that cuts the client's connection (a retry would duplicate
-output). Answers are relayed byte for byte, SSE included.
+output). Answers are relayed byte for byte, SSE included. With an internal token, the client's
+Authorization header is replaced by the router's own, so user keys never reach the workers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from kvfleet.worker.auth import bearer_header
 from kvfleet.worker.router.fleet import Fleet, Replica
 from kvfleet.worker.router.metrics import RouterMetrics
 from kvfleet.worker.router.policy import Refusal, RequestFeatures, Router
@@ -79,16 +81,20 @@ class _RelayResponse(StreamingResponse):
 
 class Proxy:
     def __init__(self, fleet: Fleet, router: Router, metrics: RouterMetrics, client: httpx.AsyncClient,
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock: Callable[[], float] = time.monotonic,
+                 internal_token: bytes | None = None) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts: must be >= 1, got {max_attempts}")
         self.fleet, self.router, self.metrics, self.client = fleet, router, metrics, client
         self.max_attempts, self.clock = max_attempts, clock
+        self._upstream_auth = bearer_header(internal_token) if internal_token is not None else None
 
     async def forward(self, request: Request, path: str, body: bytes, features: RequestFeatures) -> Response:
         """Send the request to the best replica, retrying on others before the first byte."""
         arrived = self.clock()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        if self._upstream_auth is not None:
+            headers["authorization"] = self._upstream_auth
         tried: set[str] = set()
         saw_full_queue = False
         for _ in range(self.max_attempts):
