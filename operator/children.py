@@ -2,7 +2,8 @@
 
 Plain functions from the validated spec to Kubernetes objects as dicts; no I/O. The workers'
 spec hash covers the pod template and the engine settings, so any change to either rolls the
-workers (see `reconcile`).
+workers (see `reconcile`); the template names the API keys' Secret and key, so pointing
+`spec.auth` elsewhere rolls them too (a new value written into the same Secret key does not).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ WORKER_PORT = 8000
 DEFAULT_POOL = "default"
 ENGINE_CONFIG_DIR = "/etc/kvfleet"
 MODELS_DIR = "/models"
+# The API keys' Secret is mounted beside, not inside, ENGINE_CONFIG_DIR: a mount point nested in
+# a (read-only) ConfigMap volume cannot be created by the container runtime.
+AUTH_DIR = "/etc/kvfleet-auth"
+API_KEY_FILE = "api-keys"
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,8 @@ def _serve_args(owner: Owner, spec: InferenceServiceSpec) -> list[str]:
     ]
     if engine.maxModelLen is not None:
         args += ["--max-model-len", str(engine.maxModelLen)]
+    if spec.auth is not None:  # a path, never the keys: they stay in the Secret
+        args += ["--api-key-file", f"{AUTH_DIR}/{API_KEY_FILE}"]
     return args
 
 
@@ -133,6 +140,12 @@ def _volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, A
     if spec.engine.tensorParallelSize > 1:  # ranks exchange tensors through shared memory
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    if spec.auth is not None:
+        ref = spec.auth.apiKeySecretRef
+        volumes.append(
+            {"name": "api-keys", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": API_KEY_FILE}]}}
+        )
+        mounts.append({"name": "api-keys", "mountPath": AUTH_DIR, "readOnly": True})
     return volumes, mounts
 
 

@@ -278,6 +278,25 @@ class ProbesSpec(_Model):
     )
 
 
+class SecretKeyRef(_Model):
+    """One key of a Secret in the service's namespace."""
+
+    name: str = Field(
+        ..., pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253, description="The Secret's name."
+    )
+    key: str = Field(..., pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key within the Secret.")
+
+
+class AuthSpec(_Model):
+    """Access control of the service's endpoint."""
+
+    apiKeySecretRef: SecretKeyRef = Field(
+        ...,
+        description="The Secret key that holds the API keys clients must send as `Authorization: Bearer <key>`"
+        " (one per line). The workers read it from a mounted file, so the keys never appear in a Pod spec.",
+    )
+
+
 class InferenceServiceSpec(_Model):
     """A model served by replicas of the kvfleet engine behind one OpenAI-compatible endpoint."""
 
@@ -292,6 +311,7 @@ class InferenceServiceSpec(_Model):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra worker environment.")
     probes: ProbesSpec = Field(default_factory=ProbesSpec)
+    auth: AuthSpec | None = Field(None, description="API keys required of clients (absent: no authentication).")
     drainTimeoutSeconds: int = Field(
         60, ge=0, le=3600,
         description="How long a replica being removed may finish its requests in flight.",
@@ -410,7 +430,9 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     References are inlined, optional fields become plain (absent rather than null), free-form
     objects preserve unknown fields, numeric exclusive bounds take the OpenAPI v3.0 form, and
     nested objects and lists default to empty ones, so that the API server fills in the
-    defaults inside them and CEL rules can rely on them being present.
+    defaults inside them and CEL rules can rely on them being present. Objects that the model
+    makes optional (`X | None`) get no such default: their absence means something (`auth`
+    off), and an empty one would miss its required fields.
     """
     if "$ref" in schema:
         resolved = defs[schema["$ref"].rsplit("/", 1)[-1]]
@@ -426,11 +448,13 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             **({"description": schema["description"]} if "description" in schema else {}),
         }
     out: dict[str, Any] = {}
+    optional: set[str] = set()
     for key, value in schema.items():
         if key in _DROPPED_KEYS or (key == "additionalProperties" and value is False):
             continue
         if key == "properties":
             out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+            optional = {name for name, sub in value.items() if {"type": "null"} in sub.get("anyOf", [])}
         elif key in ("items", "additionalProperties"):
             out[key] = _structural(value, defs)
         elif key in ("exclusiveMinimum", "exclusiveMaximum"):
@@ -440,7 +464,7 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     required = set(out.get("required", []))
     for name, sub in out.get("properties", {}).items():
-        if name in required or "default" in sub or sub.get("x-kubernetes-preserve-unknown-fields"):
+        if name in required | optional or "default" in sub or sub.get("x-kubernetes-preserve-unknown-fields"):
             continue
         if sub.get("type") == "array":
             sub["default"] = []

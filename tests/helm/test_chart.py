@@ -199,3 +199,24 @@ def test_notes_tell_what_to_run_next(render: Render, notes_chart: Path, sets: li
     notes = next(doc["notes"] for doc in render(sets=sets, chart=notes_chart) if "notes" in doc)
     for text in expected:
         assert text in notes
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_network_policy_admits_only_routers_and_the_operator_to_the_workers(
+    render: Render, version: str,
+) -> None:
+    assert of_kind(render(), "NetworkPolicy") == []  # off by default
+    manifests = render(sets=["networkPolicy.enabled=true"])
+    policy = one(manifests, "NetworkPolicy")
+    kubernetes_validate.validate(policy, version, strict=True)
+    operator_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"kvfleet.dev/role": "worker"}}
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert set(rule) == {"from"}  # every port, but from these peers only
+    router, operator = rule["from"]
+    assert router == {"podSelector": {"matchLabels": {"kvfleet.dev/role": "router"}}}
+    assert set(operator) == {"podSelector"} and set(operator["podSelector"]) == {"matchLabels"}
+    selector = operator["podSelector"]["matchLabels"]
+    assert selector and selector.items() <= operator_labels.items()

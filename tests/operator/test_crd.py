@@ -72,11 +72,12 @@ def test_example_is_valid_against_the_crd_schema(path: Path) -> None:
     InferenceServiceSpec.model_validate(obj["spec"])
 
 
-def test_examples_cover_cpu_demo_one_gpu_and_tensor_parallel() -> None:
+def test_examples_cover_cpu_demo_one_gpu_tensor_parallel_and_auth() -> None:
     specs = [InferenceServiceSpec.model_validate(yaml.safe_load(p.read_text())["spec"]) for p in EXAMPLES]
     assert any(s.model.source == "demo" and s.gpus == 0 for s in specs)
     assert any(s.engine.tensorParallelSize == 1 and s.gpus == 1 for s in specs)
     assert any(s.engine.tensorParallelSize == 2 and s.gpus == 2 for s in specs)
+    assert any(s.auth is not None for s in specs) and any(s.auth is None for s in specs)
 
 
 # Each bad spec: (spec, the field the model's error names). Both the API server's schema (with
@@ -97,6 +98,9 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"router": {"pools": [{"name": "a"}, {"name": "a"}]}}, "router.pools"),
     ({"router": {"pools": [{"name": "a", "minPromptTokens": 9, "maxPromptTokens": 3}]}}, "minPromptTokens"),
     ({"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
+    ({"auth": {}}, "spec.auth.apiKeySecretRef"),
+    ({"auth": {"apiKeySecretRef": {"name": "keys"}}}, "spec.auth.apiKeySecretRef.key"),
+    ({"auth": {"apiKeySecretRef": {"name": "Keys!", "key": "k"}}}, "spec.auth.apiKeySecretRef.name"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any
 
 from kvfleet.operator import children
@@ -100,6 +101,50 @@ def test_worker_pod_runs_kvfleet_serve_with_the_engine_settings() -> None:
     assert command[command.index("--max-model-len") + 1] == "4096"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+# The value a Secret would hold: the operator never reads it, so no manifest may contain it.
+API_KEY = "sk-kvfleet-0123456789abcdef"
+AUTH = {"apiKeySecretRef": {"name": "chat-keys", "key": "keys"}}
+
+
+def test_auth_mounts_the_secret_as_a_file_and_passes_its_path_never_the_key() -> None:
+    s = spec(replicas=2, auth=AUTH)
+    plan = run(s, [], objects={})
+    pods = [a.manifest for a in plan.actions if a.kind == "Pod"]
+    assert len(pods) == 2
+    for manifest in pods:
+        assert manifest is not None
+        pod_spec = manifest["spec"]
+        container = pod_spec["containers"][0]
+        volume = next(v for v in pod_spec["volumes"] if "secret" in v)
+        assert volume["secret"] == {"secretName": "chat-keys", "items": [{"key": "keys", "path": "api-keys"}]}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+        assert mount == {"name": volume["name"], "mountPath": "/etc/kvfleet-auth", "readOnly": True}
+        command = container["command"]
+        assert command[command.index("--api-key-file") + 1] == "/etc/kvfleet-auth/api-keys"
+    rendered = json.dumps([a.manifest for a in plan.actions])
+    assert API_KEY not in rendered and "secretKeyRef" not in rendered
+
+
+def test_without_auth_workers_get_no_secret_and_no_key_file() -> None:
+    manifest = run(spec(replicas=1), [], objects={}).actions[-1].manifest
+    assert manifest is not None
+    assert not any("secret" in v for v in manifest["spec"]["volumes"])
+    assert "--api-key-file" not in manifest["spec"]["containers"][0]["command"]
+
+
+def test_changed_secret_reference_rolls_the_workers() -> None:
+    old = spec(replicas=1, auth=AUTH)
+    hashes = {
+        current_hash(spec(replicas=1)),
+        current_hash(old),
+        current_hash(spec(replicas=1, auth={"apiKeySecretRef": {"name": "chat-keys-2", "key": "keys"}})),
+        current_hash(spec(replicas=1, auth={"apiKeySecretRef": {"name": "chat-keys", "key": "rotated"}})),
+    }
+    assert len(hashes) == 4
+    new = spec(replicas=1, auth={"apiKeySecretRef": {"name": "chat-keys-2", "key": "keys"}})
+    assert verbs(run(new, [pod(0, old)])) == [("create", "chat-w-1")]
 
 
 def test_settled_service_needs_nothing_and_is_ready() -> None:
