@@ -16,10 +16,7 @@ from kvfleet.worker.engine import LLMEngine
 from kvfleet.worker.llm import LLM
 from kvfleet.worker.model.loader import load
 from kvfleet.worker.runner import kv_bytes_per_block
-
-TOPICS = ["the sea", "a robot", "winter", "coffee", "a lighthouse", "the moon", "trains", "a library"]
-ASKS = ["Write a short poem about {}.", "Tell me three facts about {}.", "Describe {} to a child.",
-        "What is the history of {}?"]
+from offline import make_conversations  # bench/offline.py: the same prompts as the throughput benchmark
 
 
 def main() -> None:
@@ -40,8 +37,7 @@ def main() -> None:
     fits = {name: int(args.kv_gib * 2**30 // kv_bytes_per_block(cfg, block, dtype)) // per_request
             for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))}
 
-    conversations = [[{"role": "user", "content": ASKS[i % len(ASKS)].format(TOPICS[i % len(TOPICS)])}]
-                     for i in range(args.num_prompts)]
+    conversations = make_conversations(args.num_prompts)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     outputs = {}
     for kv in ("auto", "fp8"):

@@ -21,6 +21,7 @@ from kvfleet.worker.attention import select_attention_backend
 from kvfleet.worker.config import EngineConfig, SamplingParams
 from kvfleet.worker.engine import LLMEngine
 from kvfleet.worker.model.loader import load
+from kvfleet.worker.runner import kv_bytes_per_block
 
 SHAPES = {
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -60,7 +61,7 @@ def prefix_restores(loaded, args, vocab: int, disk_dir: Path) -> list[str]:
     pool_tokens = max(args.prefixes) + 4096
     base = dict(model=args.model_dir, load_format="dummy", max_model_len=max(args.prefixes) + 64,
                 num_kv_blocks=pool_tokens // 16 + 1, max_num_batched_tokens=args.chunk)
-    block_bytes = 2 * loaded.config.num_layers * 16 * loaded.config.num_kv_heads * loaded.config.head_dim * loaded.dtype.itemsize
+    block_bytes = kv_bytes_per_block(loaded.config, 16, loaded.dtype)
     cpu_gib = (pool_tokens // 16 + 64) * block_bytes / 2**30
     via_cpu = LLMEngine(EngineConfig(**base, kv_offload_cpu_gib=cpu_gib), loaded=loaded)
     via_disk = LLMEngine(EngineConfig(**base, kv_offload_cpu_gib=4 * block_bytes / 2**30, kv_offload_disk_gib=2 * cpu_gib,
@@ -93,7 +94,7 @@ def multi_turn(loaded, args, vocab: int, offload: bool) -> str:
     """Conversations whose KV outgrows the GPU pool; each turn's prompt extends the last."""
     rng = random.Random(1)
     gpu_tokens = args.conversations * args.turn_tokens * args.turns // 4
-    block_bytes = 2 * loaded.config.num_layers * 16 * loaded.config.num_kv_heads * loaded.config.head_dim * loaded.dtype.itemsize
+    block_bytes = kv_bytes_per_block(loaded.config, 16, loaded.dtype)
     settings = dict(model=args.model_dir, load_format="dummy", max_model_len=args.turns * (args.turn_tokens + args.answer_tokens) + 64,
                     num_kv_blocks=gpu_tokens // 16 + 1, max_num_batched_tokens=args.chunk, max_num_seqs=args.conversations)
     if offload:

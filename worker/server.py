@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvfleet.worker.async_engine import AsyncEngine, EngineDead, EngineOverloaded
@@ -145,13 +146,9 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             return ApiError(400, f"the body is not valid JSON: {first.get('msg')}", param="body").response()
-        param = ".".join(loc) or None
-        message = first.get("msg", "invalid request")
-        message = f"{param}: {message}" if param else message
-        return ApiError(400, message, param=param).response()
+        return _validation_error(exc.errors()).response()
 
     @app.get("/health")
     async def health() -> Response:
@@ -239,16 +236,20 @@ def _prepare(state: WorkerState, model: str) -> AsyncEngine:
     return state.serving_engine()
 
 
+def _validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
+    """Pydantic's first error as a 400 naming the field (its path, less FastAPI's "body")."""
+    first = errors[0]
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    message = first.get("msg", "invalid request")
+    return ApiError(400, f"{param}: {message}" if param else message, param=param)
+
+
 def _params(build: Callable[[], Any]) -> Any:
     try:
         return build()
+    except ValidationError as exc:
+        raise _validation_error(exc.errors()) from exc
     except ValueError as exc:
-        errors = getattr(exc, "errors", None)
-        if callable(errors) and errors():
-            first = errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            return_msg = f"{param}: {first.get('msg')}" if param else first.get("msg")
-            raise ApiError(400, return_msg, param=param) from exc
         raise _error_from_value(exc) from exc
 
 
