@@ -172,7 +172,9 @@ class ApiServer(kmock.KubernetesEmulator):
     _crds: list[dict[str, Any]] = attrs.field(factory=list, init=False)
     # Per custom resource: its CRD version's additionalPrinterColumns (kubectl get's columns).
     _printer_columns: dict[kmock.resource, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
-    history: int = 5000  # requests remembered (kmock keeps every request for assertions)
+    # Requests remembered (kmock keeps every request for assertions and scans them on each
+    # request, so a long history costs CPU while the cluster idles).
+    history: int = 500
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()

@@ -18,7 +18,23 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    _add_speculative_options(p)
     p.set_defaults(func=_run_generate)
+
+
+def _add_speculative_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding: ngram (prompt lookup) or draft (--draft-model); default: off")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens drafted per step and sequence")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix matched")
+    p.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix matched")
+    p.add_argument("--draft-model", default=None, help="draft: a small model with the target's vocabulary")
+
+
+def _speculative_settings(args: argparse.Namespace) -> dict:
+    return dict(speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
+                prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
+                draft_model=args.draft_model)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -28,13 +44,32 @@ def _run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, **_speculative_settings(args))
     if args.raw:
         outputs = llm.generate(args.prompt, params)
     else:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     for out in outputs:
         print(out.outputs[0].text.strip())
+    return 0
+
+
+def _add_quantize(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("quantize", help="write a GPTQ-format int4/int8 copy of a Hugging Face checkpoint")
+    p.add_argument("--model", type=Path, required=True, help="HF folder with bf16/fp16/fp32 safetensors")
+    p.add_argument("--bits", type=int, required=True, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input features per scale (default: 128 for 4 bits, -1 = per channel for 8 bits)")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the quantized checkpoint")
+    p.add_argument("--device", default="cpu", help="where to quantize (cpu, cuda)")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from kvfleet.worker.model.quantize_checkpoint import quantize_checkpoint
+
+    quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.device,
+                        progress=lambda line: print(line, flush=True))
     return 0
 
 
@@ -110,6 +145,8 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantization", default=None, choices=["gptq", "int8", "int4"],
+                   help="weight-only quantization (default: as the checkpoint is; int8/int4 quantize at load)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks (processes, one GPU each) that this replica spans")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -117,7 +154,18 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
+    p.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                   help="KV cache size (default: 1 GiB on CPU; on CUDA what --gpu-memory-utilization leaves)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory for weights, activations and KV cache")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of prompt prefixes seen before")
+    p.add_argument("--kv-offload-cpu-gib", type=float, default=0.0, help="CPU memory for KV blocks evicted from the GPU")
+    p.add_argument("--kv-offload-disk-gib", type=float, default=0.0, help="disk space for KV blocks evicted from CPU")
+    p.add_argument("--kv-offload-disk-path", default=None, help="folder of the disk KV tier (kept across restarts)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    _add_speculative_options(p)
     p.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; more get 429")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     _add_access_options(p)
@@ -148,9 +196,13 @@ def _run_serve(args: argparse.Namespace) -> int:
                                requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
     config = EngineConfig(
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-        tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
+        enable_prefix_caching=args.enable_prefix_caching, kv_offload_cpu_gib=args.kv_offload_cpu_gib,
+        kv_offload_disk_gib=args.kv_offload_disk_gib, kv_offload_disk_path=args.kv_offload_disk_path,
+        enforce_eager=args.enforce_eager, **_speculative_settings(args),
     )
 
     def load() -> AsyncEngine:
@@ -196,6 +248,9 @@ def _add_router(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--model", default=None, help="take the tokenizer from this model (as `kvfleet serve --model`)")
     p.add_argument("--max-attempts", type=int, default=3, help="replicas tried per request before giving up")
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between reads of the workers' /metrics")
+    p.add_argument("--hold-seconds", type=float, default=None,
+                   help="hold a request this long while no replica can take it, then 503 (default: the settings' "
+                        "holdTimeoutSeconds with --service, else 0: answer 503 at once)")
     _add_access_options(p)
     p.set_defaults(func=_run_router)
 
@@ -234,7 +289,8 @@ def _run_router(args: argparse.Namespace) -> int:
     access = auth.AccessPolicy(api_keys=auth.keys_from(args.api_key_file, auth.API_KEY_FILE_ENV),
                                requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
     options = RouterOptions(policy=policy, block_size=args.block_size, max_attempts=args.max_attempts,
-                            poll_interval=args.poll_interval, access=access, internal_token=internal[0] if internal else None)
+                            poll_interval=args.poll_interval, access=access, internal_token=internal[0] if internal else None,
+                            hold_seconds=args.hold_seconds)
     app = create_app(discovery, settings, tokenizer, options)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level)
     return 0
@@ -305,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_serve(sub)
+    _add_quantize(sub)
     _add_crds(sub)
     _add_operator(sub)
     _add_router(sub)
@@ -315,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.log_level != "debug":  # one INFO line per HTTP call (the router polls its workers every second)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

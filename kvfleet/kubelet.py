@@ -12,13 +12,15 @@ doubling to 5 min). A deleted Pod's process gets SIGTERM, then SIGKILL after the
 period. Each Pod's output goes to ``<state dir>/logs/<namespace>_<pod>_<container>.log``.
 
 Only what the workers need is emulated: one container per Pod, HTTP probes, env values and
-``fieldRef`` env; volumes are not mounted (the process sees the host's files).
+``fieldRef`` env, and `secret`, `configMap` and `emptyDir` volumes, which `kvfleet.volumes`
+writes into the pod's folder and points the command's and env's mount paths at (a process
+cannot mount); other volumes are not mounted (the process sees the host's files).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
-import json
 import logging
 import os
 import re
@@ -32,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes.client
-import kubernetes.watch
 from kubernetes.client.exceptions import ApiException
 
+from kvfleet import volumes
+from kvfleet.follow import follow
 from kvfleet.operator.children import ANNOTATION_ENDPOINT
 from kvfleet.process import ManagedProcess, free_port, resolve_command
 
@@ -48,6 +51,7 @@ _BACKOFF_INITIAL = 10.0
 _BACKOFF_MAX = 300.0
 _HEALTHY_RUN = 600.0  # a container that ran this long restarts without back-off again
 _TICK = 0.2  # seconds between checks of a running process
+_MOUNT_RETRY = 2.0  # seconds between tries to mount a volume whose Secret or ConfigMap is missing
 
 
 def _now() -> str:
@@ -179,6 +183,7 @@ class _PodRunner:
             if port.get("name"):
                 self.ports[port["name"]] = local
         self.status = _ContainerState()
+        self.mounts: dict[str, Path] = {}  # mount path -> the folder that stands in for it
         self.stopping = threading.Event()
         self.process: ManagedProcess | None = None
         self._reported: dict[str, Any] | None = None
@@ -191,22 +196,60 @@ class _PodRunner:
         return f"http://{POD_IP}:{self.ports[numbered[0]]}" if numbered else None
 
     def _argv(self) -> list[str]:
-        argv = [*(self.container.get("command") or []), *(self.container.get("args") or [])]
+        argv = [volumes.rewrite(arg, self.mounts)
+                for arg in [*(self.container.get("command") or []), *(self.container.get("args") or [])]]
         numbered = {k: v for k, v in self.ports.items() if isinstance(k, int)}
         return rewrite_listen_args(argv, numbered)
+
+    @property
+    def workdir(self) -> Path:
+        return self.kubelet.state_dir / "pods" / f"{self.namespace}_{self.name}"
+
+    def _mount(self) -> bool:
+        """Write the pod's volumes; until that works (a missing Secret), report FailedMount and
+        retry, as a node's kubelet does. False when the pod was stopped meanwhile."""
+        reported = ""
+        while not self.stopping.is_set():
+            try:
+                self.mounts = volumes.materialize(self.spec.get("volumes") or [],
+                                                  self.container.get("volumeMounts") or [],
+                                                  self.workdir / "volumes", self.kubelet.read_data(self.namespace))
+                return True
+            except volumes.MountError as exc:
+                message = f"MountVolume.SetUp failed for {exc}"
+                if message != reported:
+                    self.status.state = {"waiting": {"reason": "ContainerCreating", "message": message}}
+                    self._report()
+                    self.kubelet.event(self, "Warning", "FailedMount", message)
+                    reported = message
+            self.stopping.wait(_MOUNT_RETRY)
+        return False
 
     def _env(self) -> dict[str, str]:
         fields = {"metadata.name": self.name, "metadata.namespace": self.namespace, "metadata.uid": self.uid,
                   "status.podIP": POD_IP, "status.hostIP": POD_IP, "spec.nodeName": self.kubelet.node_name}
-        env = {**os.environ, **self.kubelet.extra_env}
+        env = {**os.environ, **self.kubelet.extra_env, "OMP_NUM_THREADS": str(self._cpu_threads())}
         for var in self.container.get("env") or []:
             if "value" in var:
-                env[var["name"]] = str(var["value"])
+                env[var["name"]] = volumes.rewrite(str(var["value"]), self.mounts)
             elif "fieldRef" in (var.get("valueFrom") or {}):
                 value = fields.get(var["valueFrom"]["fieldRef"].get("fieldPath", ""))
                 if value is not None:
                     env[var["name"]] = value
         return env
+
+    def _cpu_threads(self) -> int:
+        """Threads for the container's math libraries: its CPU limit (else request), as a
+        container runtime's CPU quota would allow. Without it, each of several workers on one
+        machine starts a thread per core and they slow each other down many times over."""
+        resources = self.container.get("resources") or {}
+        cpu = (resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get("cpu")
+        cores = os.cpu_count() or 1
+        if cpu is None:
+            return cores
+        quantity = str(cpu)
+        amount = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+        return max(1, min(cores, int(amount)))
 
     # ---- reporting ---------------------------------------------------------------------
 
@@ -256,7 +299,7 @@ class _PodRunner:
             self.kubelet.bind(self.namespace, self.name, self.endpoint)
             self._report()
             failures_in_a_row = 0
-            while not self.stopping.is_set():
+            while self._mount():
                 started = time.monotonic()
                 code, reason, message = self._run_once()
                 if self.stopping.is_set():
@@ -302,8 +345,7 @@ class _PodRunner:
             self.kubelet.event(self, "Warning", "Failed", f"Error: {message}")
             return 128, "StartError", message
         logs = self.kubelet.state_dir / "logs" / f"{self.namespace}_{self.name}_{name}.log"
-        workdir = self.kubelet.state_dir / "pods" / f"{self.namespace}_{self.name}"
-        self.process = ManagedProcess([executable, *argv[1:]], self._env(), logs, workdir, self.kubelet.pid_dir)
+        self.process = ManagedProcess([executable, *argv[1:]], self._env(), logs, self.workdir, self.kubelet.pid_dir)
         self.process.start()
         started = time.monotonic()
         self.status.state = {"running": {"startedAt": _now()}}
@@ -405,24 +447,14 @@ class ProcessKubelet:
     # ---- the API server's side -----------------------------------------------------------
 
     def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                listing = self.core.list_pod_for_all_namespaces(_preload_content=False)
-                self._sync(json.loads(listing.data)["items"], full=True)
-                watch = kubernetes.watch.Watch()
-                for event in watch.stream(self.core.list_pod_for_all_namespaces, timeout_seconds=5):
-                    if self._stop.is_set():
-                        watch.stop()
-                        break
-                    pod = event["raw_object"]
-                    if event["type"] == "DELETED":
-                        self._forget(pod["metadata"]["uid"])
-                    else:
-                        self._sync([pod], full=False)
-            except Exception as exc:  # the API server restarting or going away: retry
-                if not self._stop.is_set():
-                    log.warning("kubelet: watching pods failed (%s); retrying", exc)
-                    self._stop.wait(1.0)
+        follow(self.core.list_pod_for_all_namespaces, lambda pods: self._sync(pods, full=True), self._pod_event,
+               self._stop, "kubelet")
+
+    def _pod_event(self, kind: str, pod: dict[str, Any]) -> None:
+        if kind == "DELETED":
+            self._forget(pod["metadata"]["uid"])
+        else:
+            self._sync([pod], full=False)
 
     def _sync(self, pods: Sequence[Mapping[str, Any]], full: bool) -> None:
         """Start runners for new pods; with `full`, stop those whose pod is gone."""
@@ -459,6 +491,25 @@ class ProcessKubelet:
             log.info("kubelet: stopping pod %s/%s", runner.namespace, runner.name)
             self.event(runner, "Normal", "Killing", f"Stopping container {runner.container['name']}")
             threading.Thread(target=runner.stop, name=f"stop-{runner.name}", daemon=True).start()
+
+    def read_data(self, namespace: str) -> volumes.ReadData:
+        """How a pod of `namespace` reads a Secret's or ConfigMap's data for its volumes."""
+
+        def read(kind: str, name: str) -> dict[str, bytes] | None:
+            call = self.core.read_namespaced_secret if kind == "Secret" else self.core.read_namespaced_config_map
+            try:
+                obj = self.core.api_client.sanitize_for_serialization(call(name, namespace))
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise volumes.MountError(f"{kind} {name!r}: {exc.reason}") from exc
+            data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()} if kind == "Secret" \
+                else {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
+            data.update({k: str(v).encode() for k, v in (obj.get("stringData") or {}).items()})
+            data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+            return data
+
+        return read
 
     def bind(self, namespace: str, name: str, endpoint: str | None) -> None:
         """Put the pod on this node and publish its address."""

@@ -1,37 +1,37 @@
 """The local cluster's service load balancer: a fixed 127.0.0.1 address for each
-InferenceService, with the service's router behind it.
+InferenceService's entry Service, forwarded to the ready pods the Service selects.
 
 In a cluster, clients reach an InferenceService through its entry Service (the operator's
-``<name>`` Service, label ``kvfleet.dev/role=router``): cluster DNS and kube-proxy, or the
-load balancer that a cloud (or k3s' ServiceLB, or MetalLB) provisions for it. The local
-cluster has neither, so this controller does their job for the entry Services, as k3s'
-ServiceLB does for LoadBalancer Services: it gives each one a port on 127.0.0.1 (the first
-free one from ``first_port``, so the first service always gets the same URL), runs the
-request router there (``kvfleet router``, which finds the service's workers through the API
-server), restarts it if it exits, and publishes the address in the Service's
-``kvfleet.dev/endpoint`` annotation, from which the operator writes ``status.url`` (the URL
-column of ``kubectl get infsvc``). The router's output goes to
-``<state dir>/logs/<namespace>_<service>_router.log``.
+``<name>`` Service, label ``kvfleet.dev/role=router``, which selects the router pod): cluster
+DNS and kube-proxy, or the load balancer a cloud (or k3s' ServiceLB, or MetalLB) provisions
+for it. The local cluster has neither, so this controller does their job for the entry
+Services, as k3s' ServiceLB does for LoadBalancer Services: it gives each one a port on
+127.0.0.1 (the first free one from ``first_port``, so the first service always gets the same
+URL), forwards each TCP connection made there to one of the Service's ready pods (round
+robin, at the address the process kubelet published in the pod's ``kvfleet.dev/endpoint``
+annotation), and publishes the address in the Service's own ``kvfleet.dev/endpoint``
+annotation, from which the operator writes ``status.url`` (the URL column of
+``kubectl get infsvc``). A connection that finds no ready pod waits a few seconds for one
+(a restarting router) and is then closed, as kube-proxy rejects it.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import itertools
 import logging
-import os
-import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import kubernetes.client
-import kubernetes.watch
 from kubernetes.client.exceptions import ApiException
 
+from kvfleet.follow import follow
 from kvfleet.operator.children import ANNOTATION_ENDPOINT
-from kvfleet.process import ManagedProcess
 
 __all__ = ["LocalLoadBalancer"]
 
@@ -39,31 +39,59 @@ log = logging.getLogger(__name__)
 
 ENTRY_SELECTOR = "kvfleet.dev/role=router"
 LABEL_SERVICE = "kvfleet.dev/service"
-_RESTART_BACKOFF_MAX = 30.0
 _MERGE_PATCH = "application/merge-patch+json"
+_CHUNK = 1 << 16
+# How long a new connection waits for a ready pod before it is closed.
+_WAIT_FOR_ENDPOINT_SECONDS = 5.0
+_ENDPOINT_CHECK_SECONDS = 0.1
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+def _ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def ready_endpoints(pods: Mapping[str, Mapping[str, Any]], namespace: str, selector: Mapping[str, str]) -> list[str]:
+    """The addresses (host:port) of the ready, not deleted pods that a Service's selector picks."""
+    if not selector:
+        return []
+    found = []
+    for pod in pods.values():
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        endpoint = (meta.get("annotations") or {}).get(ANNOTATION_ENDPOINT)
+        if (meta.get("namespace") != namespace or meta.get("deletionTimestamp") or not endpoint
+                or any(labels.get(k) != v for k, v in selector.items()) or not _ready(pod)):
+            continue
+        found.append(endpoint.removeprefix("http://").removeprefix("https://").rstrip("/"))
+    return sorted(found)
+
+
+async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter, half_close: bool) -> None:
+    """Relay bytes until the source ends; then end the sink's sending side (`half_close`)."""
+    try:
+        while data := await source.read(_CHUNK):
+            sink.write(data)
+            await sink.drain()
+    except (ConnectionError, OSError):
+        return
+    if half_close:
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            if sink.can_write_eof():
+                sink.write_eof()
 
 
 @dataclass
 class _Route:
-    """One entry Service's address and the router process serving it."""
+    """One entry Service's local address and what its selector picks."""
 
     uid: str  # the entry Service's
     namespace: str
     name: str  # the InferenceService's
-    port: int
-    process: ManagedProcess
-    restarts: int = 0
-    next_start: float = 0.0
+    selector: dict[str, str]
+    port: int = 0
+    server: asyncio.Server | None = None
+    turns: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
     def url(self) -> str:
@@ -71,21 +99,20 @@ class _Route:
 
 
 class LocalLoadBalancer:
-    """Watches the entry Services and keeps a router listening for each."""
+    """Watches the entry Services and the pods; forwards each Service's local port to its pods."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, state_dir: Path, kubeconfig: Path,
-                 first_port: int = 30080, pid_dir: Path | None = None) -> None:
+    def __init__(self, api_client: kubernetes.client.ApiClient, first_port: int = 30080) -> None:
         self.core = kubernetes.client.CoreV1Api(api_client)
-        self.state_dir = state_dir
-        self.kubeconfig = kubeconfig
         self.first_port = first_port
-        self.pid_dir = pid_dir
         self._routes: dict[str, _Route] = {}  # by Service uid
+        self._pods: dict[str, dict[str, Any]] = {}  # by pod uid
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._loop = asyncio.new_event_loop()
         self._threads = [
-            threading.Thread(target=self._watch, name="loadbalancer-watch", daemon=True),
-            threading.Thread(target=self._supervise, name="loadbalancer-routers", daemon=True),
+            threading.Thread(target=self._loop.run_forever, name="loadbalancer-forward", daemon=True),
+            threading.Thread(target=self._follow_services, name="loadbalancer-services", daemon=True),
+            threading.Thread(target=self._follow_pods, name="loadbalancer-pods", daemon=True),
         ]
 
     def start(self) -> None:
@@ -93,16 +120,9 @@ class LocalLoadBalancer:
             thread.start()
 
     def urls(self) -> dict[str, str]:
-        """namespace/name -> URL of every InferenceService's router."""
+        """namespace/name -> local URL of every InferenceService's entry Service."""
         with self._lock:
-            return {f"{r.namespace}/{r.name}": r.url for r in self._routes.values()}
-
-    def processes(self) -> dict[str, int]:
-        """namespace/name -> pid of every router running now."""
-        with self._lock:
-            routes = list(self._routes.values())
-        return {f"{r.namespace}/{r.name}": r.process.pid for r in routes
-                if r.process.pid and r.process.poll() is None}
+            return {f"{r.namespace}/{r.name}": r.url for r in self._routes.values() if r.port}
 
     def stop(self) -> None:
         self._stop.set()
@@ -110,97 +130,137 @@ class LocalLoadBalancer:
             routes = list(self._routes.values())
             self._routes.clear()
         for route in routes:
-            route.process.stop(grace_seconds=5)
+            self._call(self._close(route))
+        self._loop.call_soon_threadsafe(self._loop.stop)
         for thread in self._threads:
             thread.join(timeout=10)
 
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                listing = self.core.list_service_for_all_namespaces(label_selector=ENTRY_SELECTOR,
-                                                                   _preload_content=False)
-                services = json.loads(listing.data)["items"]
-                present = {s["metadata"]["uid"] for s in services}
-                for service in services:
-                    self._add(service)
-                with self._lock:
-                    gone = [uid for uid in self._routes if uid not in present]
-                for uid in gone:
-                    self._remove(uid)
-                watch = kubernetes.watch.Watch()
-                for event in watch.stream(self.core.list_service_for_all_namespaces,
-                                          label_selector=ENTRY_SELECTOR, timeout_seconds=5):
-                    if self._stop.is_set():
-                        watch.stop()
-                        break
-                    service = event["raw_object"]
-                    if event["type"] == "DELETED":
-                        self._remove(service["metadata"]["uid"])
-                    else:
-                        self._add(service)
-            except Exception as exc:  # the API server restarting or going away: retry
-                if not self._stop.is_set():
-                    log.warning("load balancer: watching services failed (%s); retrying", exc)
-                    self._stop.wait(1.0)
+    def _call(self, coroutine: Any) -> Any:
+        """Run a coroutine on the forwarding loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
 
-    def _free_port(self) -> int:
+    # ---- watching the API server -------------------------------------------------------------
+
+    def _follow_services(self) -> None:
+        follow(self.core.list_service_for_all_namespaces, self._services_listed, self._service_event, self._stop,
+               "load balancer", label_selector=ENTRY_SELECTOR)
+
+    def _services_listed(self, services: Sequence[dict[str, Any]]) -> None:
+        present = {s["metadata"]["uid"] for s in services}
+        for service in services:
+            self._add(service)
         with self._lock:
-            taken = {r.port for r in self._routes.values()}
-        port = self.first_port
-        while port in taken or not _bindable(port):
-            port += 1
-        return port
+            gone = [uid for uid in self._routes if uid not in present]
+        for uid in gone:
+            self._remove(uid)
 
-    def _add(self, service: dict) -> None:
+    def _service_event(self, kind: str, service: dict[str, Any]) -> None:
+        if kind == "DELETED":
+            self._remove(service["metadata"]["uid"])
+        else:
+            self._add(service)
+
+    def _follow_pods(self) -> None:
+        follow(self.core.list_pod_for_all_namespaces, self._pods_listed, self._pod_event, self._stop, "load balancer")
+
+    def _pods_listed(self, pods: Sequence[dict[str, Any]]) -> None:
+        with self._lock:
+            self._pods = {p["metadata"]["uid"]: p for p in pods}
+
+    def _pod_event(self, kind: str, pod: dict[str, Any]) -> None:
+        with self._lock:
+            if kind == "DELETED":
+                self._pods.pop(pod["metadata"]["uid"], None)
+            else:
+                self._pods[pod["metadata"]["uid"]] = pod
+
+    # ---- routes ------------------------------------------------------------------------------
+
+    def _add(self, service: dict[str, Any]) -> None:
         meta = service["metadata"]
         uid = meta["uid"]
+        selector = dict((service.get("spec") or {}).get("selector") or {})
         with self._lock:
-            if uid in self._routes or self._stop.is_set():
+            known = self._routes.get(uid)
+            if known is not None:
+                known.selector = selector  # a changed selector applies to the next connection
                 return
-        namespace = meta["namespace"]
-        name = (meta.get("labels") or {}).get(LABEL_SERVICE, meta["name"])
-        port = self._free_port()
-        argv = [str(Path(sys.executable).parent / "kvfleet"), "router", "--host", "127.0.0.1", "--port", str(port),
-                "--service", name, "--namespace", namespace, "--kubeconfig", str(self.kubeconfig)]
-        process = ManagedProcess(argv, dict(os.environ), self.state_dir / "logs" / f"{namespace}_{name}_router.log",
-                                 self.state_dir / "routers" / f"{namespace}_{name}", self.pid_dir)
-        route = _Route(uid, namespace, name, port, process)
-        with self._lock:
+            if self._stop.is_set():
+                return
+            route = _Route(uid, meta["namespace"], (meta.get("labels") or {}).get(LABEL_SERVICE, meta["name"]),
+                           selector)
             self._routes[uid] = route
-        log.info("load balancer: %s/%s at %s", namespace, name, route.url)
-        process.start()
+        self._call(self._listen(route))
+        log.info("load balancer: %s/%s at %s", route.namespace, route.name, route.url)
         try:
-            self.core.patch_namespaced_service(meta["name"], namespace,
+            self.core.patch_namespaced_service(meta["name"], route.namespace,
                                                {"metadata": {"annotations": {ANNOTATION_ENDPOINT: route.url}}},
                                                _content_type=_MERGE_PATCH)
         except ApiException as exc:
-            log.warning("load balancer: annotating service %s/%s failed: %s", namespace, meta["name"], exc.reason)
+            log.warning("load balancer: annotating service %s/%s failed: %s", route.namespace, meta["name"],
+                        exc.reason)
 
     def _remove(self, uid: str) -> None:
         with self._lock:
             route = self._routes.pop(uid, None)
         if route is not None:
-            log.info("load balancer: %s/%s removed; stopping its router", route.namespace, route.name)
-            route.process.stop(grace_seconds=5)
+            log.info("load balancer: %s/%s removed; closing %s", route.namespace, route.name, route.url)
+            self._call(self._close(route))
 
-    def _supervise(self) -> None:
-        """Restart routers that exited, with a back-off (1 s doubling to 30 s)."""
-        while not self._stop.wait(0.5):
+    # ---- forwarding (on the loop) ------------------------------------------------------------
+
+    async def _listen(self, route: _Route) -> None:
+        """Listen on the first free port from `first_port` that no other route holds."""
+        port = self.first_port
+        while True:
             with self._lock:
-                routes = list(self._routes.values())
-            now = time.monotonic()
-            for route in routes:
-                code = route.process.poll()
-                if code is None:
-                    continue
-                if route.next_start == 0.0:
-                    route.next_start = now + min(_RESTART_BACKOFF_MAX, 2.0 ** route.restarts)
-                    log.warning("load balancer: the router of %s/%s exited with code %d; restarting",
-                                route.namespace, route.name, code)
-                elif now >= route.next_start:
-                    with self._lock:
-                        if self._routes.get(route.uid) is not route:
-                            continue  # removed meanwhile
-                        route.restarts += 1
-                        route.next_start = 0.0
-                        route.process.start()
+                taken = {r.port for r in self._routes.values()}
+            if port not in taken:
+                try:
+                    route.server = await asyncio.start_server(
+                        lambda r, w: self._forward(route, r, w), "127.0.0.1", port, reuse_address=True)
+                    route.port = port
+                    return
+                except OSError:
+                    pass
+            port += 1
+
+    async def _close(self, route: _Route) -> None:
+        if route.server is not None:
+            route.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(route.server.wait_closed(), 5)
+
+    async def _endpoint(self, route: _Route) -> str | None:
+        """The next ready pod's address, waiting briefly while there is none."""
+        deadline = time.monotonic() + _WAIT_FOR_ENDPOINT_SECONDS
+        while True:
+            with self._lock:
+                endpoints = ready_endpoints(self._pods, route.namespace, route.selector)
+            if endpoints:
+                return endpoints[next(route.turns) % len(endpoints)]
+            if time.monotonic() >= deadline or self._stop.is_set():
+                return None
+            await asyncio.sleep(_ENDPOINT_CHECK_SECONDS)
+
+    async def _forward(self, route: _Route, client_reader: asyncio.StreamReader,
+                       client_writer: asyncio.StreamWriter) -> None:
+        upstream_writer: asyncio.StreamWriter | None = None
+        try:
+            endpoint = await self._endpoint(route)
+            if endpoint is None:
+                return
+            host, _, port = endpoint.rpartition(":")
+            try:
+                upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                return
+            to_upstream = asyncio.ensure_future(_copy(client_reader, upstream_writer, half_close=True))
+            try:
+                await _copy(upstream_reader, client_writer, half_close=False)
+            finally:
+                to_upstream.cancel()
+        finally:
+            for writer in (client_writer, upstream_writer):
+                if writer is not None:
+                    writer.close()

@@ -6,9 +6,11 @@
   127.0.0.1, on its own event loop;
 - the operator, the same code as in a cluster (`kvfleet.operator.runner.run_operator`),
   on another event loop, talking to the API server over HTTP like any client;
-- the process kubelet (`kvfleet.kubelet`), which runs the worker Pods as processes;
+- the process kubelet (`kvfleet.kubelet`), which runs the worker and router Pods as
+  processes (with this cluster's kubeconfig in ``KUBECONFIG``, where a cluster would mount a
+  service-account token);
 - the service load balancer (`kvfleet.loadbalancer`), which gives each InferenceService a
-  fixed local URL with the router behind it.
+  fixed local URL and forwards it to the router pod, as kube-proxy would.
 
 It writes a kubeconfig for the API server, so the real `kubectl` works against it, and
 `cluster.json` (pid, URLs) for `kvfleet status` and `kvfleet down`. Everything lives in
@@ -199,10 +201,12 @@ class LocalCluster:
             self._api_client = kubernetes.client.ApiClient(configuration)
             self._operator = _OperatorThread(configuration, self.probe_interval)
             self._operator.start()
-            self.kubelet = ProcessKubelet(self._api_client, self.state.root, pid_dir=self.state.pids)
+            # The pods' stand-in for a service-account token: the router pods find their
+            # workers through the API server with this kubeconfig.
+            self.kubelet = ProcessKubelet(self._api_client, self.state.root, pid_dir=self.state.pids,
+                                          extra_env={"KUBECONFIG": str(self.state.kubeconfig)})
             self.kubelet.start()
-            self.loadbalancer = LocalLoadBalancer(self._api_client, self.state.root, self.state.kubeconfig,
-                                                  self.router_port, pid_dir=self.state.pids)
+            self.loadbalancer = LocalLoadBalancer(self._api_client, self.router_port)
             self.loadbalancer.start()
         except BaseException:
             self.stop()
@@ -213,7 +217,7 @@ class LocalCluster:
         }, indent=2) + "\n")
 
     def stop(self) -> None:
-        """Operator first (so nothing is recreated), then routers and workers, the API server last."""
+        """Operator first (so nothing is recreated), then the load balancer and the pods, the API server last."""
         if self._operator is not None:
             self._operator.stop()
         stoppers = [threading.Thread(target=part.stop) for part in (self.loadbalancer, self.kubelet) if part]

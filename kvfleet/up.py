@@ -5,13 +5,19 @@ the background with ``--detach``. With ``--apply FILE`` it applies InferenceServ
 manifests, and with ``--ask PROMPT`` it also waits until they are Ready, showing progress,
 and prints the answer to one chat request sent through the service's router: the one
 command that takes a new user from nothing to an answer.
+
+A service with ``spec.auth`` needs its API-key Secret: a Secret in the same file is applied
+too, and a missing one is created with a random key (this cluster is the user's own), so the
+auth example runs as it is. ``up`` then prints how to pass the key, and ``--ask`` sends it.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -61,21 +67,93 @@ def _client(state: StateDir) -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient(configuration)
 
 
-def apply(api_client: kubernetes.client.ApiClient, path: Path, namespace: str = "default") -> list[str]:
-    """Create or update the InferenceServices of a manifest file; their names.
+def _apply_secret(core: kubernetes.client.CoreV1Api, doc: dict[str, Any], namespace: str) -> None:
+    ns = doc["metadata"].get("namespace", namespace)
+    try:
+        core.create_namespaced_secret(ns, doc)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        core.patch_namespaced_secret(doc["metadata"]["name"], ns, doc, _content_type=_MERGE_PATCH)
 
-    Only InferenceServices: anything else is for `kubectl apply` against the kubeconfig.
+
+def _auth_ref(service: dict[str, Any]) -> tuple[str, str] | None:
+    """(Secret name, key) of a service's API keys, or None without auth."""
+    ref = ((service.get("spec") or {}).get("auth") or {}).get("apiKeySecretRef") or {}
+    return (str(ref["name"]), str(ref["key"])) if ref.get("name") and ref.get("key") else None
+
+
+def ensure_api_key_secret(api_client: kubernetes.client.ApiClient, namespace: str,
+                          service: dict[str, Any]) -> str | None:
+    """Create the service's API-key Secret with one random key if it does not exist; its name
+    if this call created it."""
+    ref = _auth_ref(service)
+    if ref is None:
+        return None
+    core = kubernetes.client.CoreV1Api(api_client)
+    key = f"sk-kvfleet-{secrets.token_urlsafe(24)}"
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": ref[0], "namespace": namespace},
+            "type": "Opaque", "data": {ref[1]: base64.b64encode(key.encode()).decode()}}
+    try:
+        core.create_namespaced_secret(namespace, body)
+    except ApiException as exc:
+        if exc.status == 409:
+            return None
+        raise
+    return ref[0]
+
+
+def api_key(api_client: kubernetes.client.ApiClient, namespace: str, service: dict[str, Any]) -> str | None:
+    """The first API key of a service with auth (what `--ask` sends), or None without auth."""
+    ref = _auth_ref(service)
+    if ref is None:
+        return None
+    secret = kubernetes.client.CoreV1Api(api_client).read_namespaced_secret(ref[0], namespace)
+    text = base64.b64decode((secret.data or {}).get(ref[1], "")).decode()
+    return next((line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")),
+                None)
+
+
+def key_hint(kubeconfig: Path, namespace: str, service: dict[str, Any], url: str) -> str:
+    """How to pass a service's API key (read from its Secret, never printed itself)."""
+    ref = _auth_ref(service)
+    if ref is None:
+        return ""
+    name = service["metadata"]["name"]
+    return (f"{namespace}/{name} requires an API key (Secret {ref[0]}, key {ref[1]}); pass it as:\n"
+            f"  export KUBECONFIG={kubeconfig}\n"
+            f"  export OPENAI_API_KEY=$(kubectl get secret {ref[0]} -n {namespace} "
+            f"-o jsonpath='{{.data.{ref[1]}}}' | base64 -d | head -n1)\n"
+            f"  curl -H \"Authorization: Bearer $OPENAI_API_KEY\" {url}/v1/models\n"
+            f"  (the openai client reads OPENAI_API_KEY; `kvfleet up --ask` sends the key itself)")
+
+
+def apply(api_client: kubernetes.client.ApiClient, path: Path, namespace: str = "default") -> list[str]:
+    """Create or update the InferenceServices (and Secrets) of a manifest file; the services' names.
+
+    A service with auth whose API-key Secret exists nowhere gets one with a random key.
+    Other kinds are for `kubectl apply` against the kubeconfig.
     """
     custom = kubernetes.client.CustomObjectsApi(api_client)
-    names = []
-    for doc in yaml.safe_load_all(path.read_text()):
-        if not doc:
-            continue
-        if doc.get("kind") != KIND or doc.get("apiVersion") != f"{GROUP}/{VERSION}":
+    core = kubernetes.client.CoreV1Api(api_client)
+    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for doc in docs:
+        is_service = doc.get("kind") == KIND and doc.get("apiVersion") == f"{GROUP}/{VERSION}"
+        if not is_service and not (doc.get("kind") == "Secret" and doc.get("apiVersion") == "v1"):
             raise ValueError(f"{path}: kind {doc.get('kind')!r}: `kvfleet up --apply` applies InferenceServices "
-                             f"({GROUP}/{VERSION}) only; use kubectl for the rest")
+                             f"({GROUP}/{VERSION}) and Secrets only; use kubectl for the rest")
+    for doc in docs:
+        if doc["kind"] == "Secret":
+            _apply_secret(core, doc, namespace)
+    names = []
+    for doc in docs:
+        if doc["kind"] == "Secret":
+            continue
         ns = doc["metadata"].get("namespace", namespace)
         name = doc["metadata"]["name"]
+        created = ensure_api_key_secret(api_client, ns, doc)
+        if created:
+            print(f"created Secret {ns}/{created} with a random API key for {name}", flush=True)
         try:
             custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, doc)
         except ApiException as exc:
@@ -131,14 +209,15 @@ def wait_ready(api_client: kubernetes.client.ApiClient, namespace: str, name: st
     raise TimeoutError(f"{namespace}/{name} was not Ready within {timeout:.0f}s: {summary or 'no status yet'}")
 
 
-def ask(url: str, model: str, prompt: str, timeout: float = 120.0) -> str:
-    """One chat completion through the router (retried while the router starts)."""
+def ask(url: str, model: str, prompt: str, timeout: float = 120.0, key: str | None = None) -> str:
+    """One chat completion through the router (retried while the router starts), with the
+    service's API key when it has one."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
                        "max_tokens": 64, "temperature": 0}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     deadline = time.monotonic() + timeout
     while True:
-        request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return str(json.loads(response.read())["choices"][0]["message"]["content"]).strip()
@@ -153,8 +232,14 @@ def _apply_and_ask(state: StateDir, files: Sequence[Path], prompt: str | None, t
                    stop: threading.Event | None = None) -> None:
     with _client(state) as api_client:
         names = [name for path in files for name in apply(api_client, path)]
-        for name in names:
-            print(f"applied InferenceService {name}", flush=True)
+        for full_name in names:
+            print(f"applied InferenceService {full_name}", flush=True)
+            namespace, name = full_name.split("/")
+            service = kubernetes.client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name)
+            hint = key_hint(state.kubeconfig, namespace, service, _url_hint(state, service))
+            if hint:
+                print(hint, flush=True)
         if prompt is None:
             return
         tty = sys.stdout.isatty()
@@ -169,7 +254,12 @@ def _apply_and_ask(state: StateDir, files: Sequence[Path], prompt: str | None, t
                 print()
             url, model = service["status"]["url"], service["status"].get("model", name)
             print(f"{full_name} is Ready at {url}", flush=True)
-            print(f"> {prompt}\n{ask(url, model, prompt)}", flush=True)
+            print(f"> {prompt}\n{ask(url, model, prompt, key=api_key(api_client, namespace, service))}", flush=True)
+
+
+def _url_hint(state: StateDir, service: dict[str, Any]) -> str:
+    """The service's URL, or where to find it while the operator has not written it yet."""
+    return str((service.get("status") or {}).get("url") or "<URL from `kubectl get infsvc`>")
 
 
 def _banner(state: StateDir) -> str:

@@ -2,19 +2,24 @@
 
 Plain functions from the validated spec to Kubernetes objects as dicts; no I/O. The workers'
 spec hash covers the pod template and the engine settings, so any change to either rolls the
-workers (see `reconcile`); the template names the API keys' Secret and key, so pointing
-`spec.auth` elsewhere rolls them too (a new value written into the same Secret key does not).
+workers (see `reconcile`). With `spec.auth`, the pods mount the user's API-key Secret and the
+operator's own `<name>-internal` Secret (internal and admin tokens) as files, never as values;
+a keyed hash of both Secrets' contents (`auth_hash`, computed by the operator) joins the spec
+hash and the pod's `kvfleet.dev/auth-hash` annotation, so a new key in the same Secret rolls
+the pods just as a new Secret reference does.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvfleet.operator.crd import API_VERSION, KIND, InferenceServiceSpec
+from kvfleet.operator.crd import API_VERSION, KIND, InferenceServiceSpec, KVCacheSpec, PoolSpec, SpeculativeSpec
 
 LABEL_SERVICE = "kvfleet.dev/service"
 LABEL_ROLE = "kvfleet.dev/role"
@@ -34,6 +39,11 @@ MODELS_DIR = "/models"
 # a (read-only) ConfigMap volume cannot be created by the container runtime.
 AUTH_DIR = "/etc/kvfleet-auth"
 API_KEY_FILE = "api-keys"
+# The operator's per-service Secret: the router's token for the workers, the operator's for /admin/*.
+INTERNAL_DIR = "/etc/kvfleet-internal"
+INTERNAL_TOKEN_KEY = "internal-token"
+ADMIN_TOKEN_KEY = "admin-token"
+ANNOTATION_AUTH_HASH = "kvfleet.dev/auth-hash"
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,19 @@ def selector_string(owner: Owner) -> str:
     return ",".join(f"{k}={v}" for k, v in worker_selector(owner).items())
 
 
-def worker_name(owner: Owner, index: int) -> str:
-    return f"{owner.name}-w-{index}"
+def worker_name(owner: Owner, index: int, pool: str = DEFAULT_POOL) -> str:
+    """`<name>-w-<n>`, or `<name>-<pool>-w-<n>` for a worker of one of `router.pools`."""
+    return f"{owner.name}-w-{index}" if pool == DEFAULT_POOL else f"{owner.name}-{pool}-w-{index}"
+
+
+def pool_spec(spec: InferenceServiceSpec, pool: PoolSpec) -> InferenceServiceSpec:
+    """The spec a pool's workers run: the service's, with the pool's replicas, resources and engine.
+
+    A pool without `replicas` follows `spec.replicas`, which is what kubectl scale and the
+    autoscaler write."""
+    replicas = spec.replicas if pool.replicas is None else pool.replicas
+    resources = pool.resources if pool.resources is not None else spec.resources
+    return spec.model_copy(update={"replicas": replicas, "resources": resources, "engine": spec.pool_engine(pool)})
 
 
 def workers_service_name(owner: Owner) -> str:
@@ -74,6 +95,10 @@ def workers_service_name(owner: Owner) -> str:
 
 def engine_configmap_name(owner: Owner) -> str:
     return f"{owner.name}-engine"
+
+
+def internal_secret_name(owner: Owner) -> str:
+    return f"{owner.name}-internal"
 
 
 def served_model_name(owner: Owner, spec: InferenceServiceSpec) -> str:
@@ -115,9 +140,76 @@ def _serve_args(owner: Owner, spec: InferenceServiceSpec) -> list[str]:
     ]
     if engine.maxModelLen is not None:
         args += ["--max-model-len", str(engine.maxModelLen)]
-    if spec.auth is not None:  # a path, never the keys: they stay in the Secret
-        args += ["--api-key-file", f"{AUTH_DIR}/{API_KEY_FILE}"]
+    if engine.quantization is not None:
+        args += ["--quantization", engine.quantization]
+    if engine.speculative is not None:
+        args += _speculative_args(engine.speculative)
+    return args + _kv_cache_args(engine.kvCache, engine.prefixCaching) + auth_args(owner, spec, "worker")
+
+
+def _speculative_args(spec: SpeculativeSpec) -> list[str]:
+    args = ["--speculative-method", spec.method, "--num-speculative-tokens", str(spec.numTokens)]
+    if spec.method == "ngram":
+        args += ["--prompt-lookup-min", str(spec.promptLookupMin), "--prompt-lookup-max", str(spec.promptLookupMax)]
+    if spec.draftModel is not None:
+        args += ["--draft-model", spec.draftModel]
     return args
+
+
+def _kv_cache_args(kv: KVCacheSpec, prefix_caching: bool) -> list[str]:
+    args = ["--kv-cache-dtype", kv.dtype, "--gpu-memory-utilization", str(kv.gpuMemoryUtilization)]
+    if not prefix_caching:
+        args.append("--no-prefix-caching")
+    if kv.cpuOffloadGiB > 0:
+        args += ["--kv-offload-cpu-gib", str(kv.cpuOffloadGiB)]
+    if kv.diskOffloadGiB > 0:
+        args += ["--kv-offload-disk-gib", str(kv.diskOffloadGiB), "--kv-offload-disk-path", kv.diskPath]
+    return args
+
+
+def auth_args(owner: Owner, spec: InferenceServiceSpec, role: str) -> list[str]:
+    """The access flags of a `worker` or `router` pod's command: paths, never keys.
+
+    The router checks the users' keys and shows the workers the internal token; a worker then
+    accepts only that token on /v1/* (a user key sent to it directly is refused) and only the
+    operator's admin token on /admin/*.
+    """
+    if spec.auth is None:
+        return []
+    internal = ["--internal-token-file", f"{INTERNAL_DIR}/{INTERNAL_TOKEN_KEY}"]
+    if role == "router":
+        return ["--api-key-file", f"{AUTH_DIR}/{API_KEY_FILE}", *internal]
+    if role == "worker":
+        return [*internal, "--admin-token-file", f"{INTERNAL_DIR}/{ADMIN_TOKEN_KEY}"]
+    raise ValueError(f"role: must be 'worker' or 'router', got {role!r}")
+
+
+def auth_volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The Secret volumes (and their mounts) that `auth_args`' paths point into; the same for
+    workers and routers, each reading the files its flags name."""
+    if spec.auth is None:
+        return [], []
+    ref = spec.auth.apiKeySecretRef
+    volumes = [
+        {"name": "api-keys", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": API_KEY_FILE}]}},
+        {"name": "internal-tokens", "secret": {"secretName": internal_secret_name(owner)}},
+    ]
+    mounts = [
+        {"name": "api-keys", "mountPath": AUTH_DIR, "readOnly": True},
+        {"name": "internal-tokens", "mountPath": INTERNAL_DIR, "readOnly": True},
+    ]
+    return volumes, mounts
+
+
+def internal_secret(owner: Owner, tokens: Mapping[str, str]) -> dict[str, Any]:
+    """The operator's Secret of a service with auth: its internal and admin tokens."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(owner, internal_secret_name(owner), {}),
+        "data": {key: base64.b64encode(value.encode()).decode() for key, value in tokens.items()},
+    }
 
 
 def _volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -140,13 +232,8 @@ def _volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, A
     if spec.engine.tensorParallelSize > 1:  # ranks exchange tensors through shared memory
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    if spec.auth is not None:
-        ref = spec.auth.apiKeySecretRef
-        volumes.append(
-            {"name": "api-keys", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": API_KEY_FILE}]}}
-        )
-        mounts.append({"name": "api-keys", "mountPath": AUTH_DIR, "readOnly": True})
-    return volumes, mounts
+    auth_volumes_, auth_mounts = auth_volumes(owner, spec)
+    return volumes + auth_volumes_, mounts + auth_mounts
 
 
 def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -167,10 +254,13 @@ def _probes(spec: InferenceServiceSpec) -> dict[str, Any]:
             "failureThreshold": timing.failureThreshold,
             **common,
         },
+        # Every second while loading: /health is cheap, and a restarted worker then turns
+        # Ready within a second of listening instead of within a period.
         "startupProbe": {
             "httpGet": {"path": "/health", "port": "http"},
-            "failureThreshold": max(1, timing.startupSeconds // timing.periodSeconds),
-            **common,
+            "failureThreshold": timing.startupSeconds,
+            "periodSeconds": 1,
+            "timeoutSeconds": timing.timeoutSeconds,
         },
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
@@ -232,21 +322,28 @@ def engine_settings(owner: Owner, spec: InferenceServiceSpec) -> dict[str, str]:
     }
 
 
-def spec_hash(owner: Owner, spec: InferenceServiceSpec) -> str:
-    """A short hash of what a worker runs: its pod template and its engine settings."""
+def spec_hash(owner: Owner, spec: InferenceServiceSpec, auth_hash: str | None = None) -> str:
+    """A short hash of what a worker runs: its pod template, its engine settings, and the
+    contents of the Secrets it mounts (`auth_hash`; pods read their keys once, at start)."""
     payload = json.dumps(
-        {"template": worker_template(owner, spec), "engine": engine_settings(owner, spec)["engine.json"]},
+        {"template": worker_template(owner, spec), "engine": engine_settings(owner, spec)["engine.json"],
+         **({"auth": auth_hash} if auth_hash else {})},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def worker_pod(owner: Owner, spec: InferenceServiceSpec, index: int, template_hash: str) -> dict[str, Any]:
-    labels = {LABEL_ROLE: "worker", LABEL_REPLICA: str(index), LABEL_POOL: DEFAULT_POOL}
-    metadata = _metadata(owner, worker_name(owner, index), labels)
+def worker_pod(owner: Owner, spec: InferenceServiceSpec, index: int, template_hash: str,
+               auth_hash: str | None = None, pool: str = DEFAULT_POOL) -> dict[str, Any]:
+    """A worker of `pool` (its `spec` from `pool_spec` for one of `router.pools`)."""
+    labels = {LABEL_ROLE: "worker", LABEL_REPLICA: str(index), LABEL_POOL: pool}
+    metadata = _metadata(owner, worker_name(owner, index, pool), labels)
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: template_hash}
+    if auth_hash:
+        metadata["annotations"][ANNOTATION_AUTH_HASH] = auth_hash
     spec_ = worker_template(owner, spec)
-    spec_["hostname"] = worker_name(owner, index)
+    # A DNS label unique within the workers' headless Service (the subdomain), however long the names.
+    spec_["hostname"] = worker_name(owner, index) if pool == DEFAULT_POOL else f"{pool}-w-{index}"
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec_}
 
 
@@ -275,14 +372,14 @@ def workers_service(owner: Owner) -> dict[str, Any]:
 
 
 def entry_service(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
-    """The service's endpoint. It balances over the ready workers; the router takes its place later."""
+    """The service's endpoint: it selects the router pod (`router_children.router_pod`)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, owner.name, {LABEL_ROLE: "router"}),
         "spec": {
             "type": spec.router.serviceType,
-            "selector": worker_selector(owner),
+            "selector": {LABEL_SERVICE: owner.name, LABEL_ROLE: "router"},
             "ports": [{"name": "http", "port": spec.router.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }

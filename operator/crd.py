@@ -109,11 +109,53 @@ class KVCacheSpec(_Model):
     diskPath: str = Field("/var/cache/kvfleet/kv", pattern=r"^/", description="Folder of the disk KV tier.")
 
 
+class SpeculativeSpec(_Model):
+    """Speculative decoding: draft several tokens per step and verify them in one forward pass."""
+
+    method: Literal["ngram", "draft"] = Field(
+        description="ngram: prompt lookup (drafts copied from the prompt and output; no extra model); draft: a"
+        " small model with the served model's tokenizer (draftModel)."
+    )
+    numTokens: int = Field(4, ge=1, le=16, description="Tokens drafted per step and sequence.")
+    promptLookupMin: int = Field(2, ge=1, le=16, description="ngram: shortest suffix matched.")
+    promptLookupMax: int = Field(4, ge=1, le=16, description="ngram: longest suffix matched (tried first).")
+    draftModel: str | None = Field(
+        None, pattern=r"^/", description="draft: absolute path of the draft model (HF folder or .gguf) in the"
+        " worker pod, e.g. under /models on the model's volume."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.method != 'draft' || has(self.draftModel)", "method=draft needs draftModel"),
+                _cel("self.method == 'draft' || !has(self.draftModel)", "draftModel is only used by method=draft"),
+                _cel("self.promptLookupMin <= self.promptLookupMax", "promptLookupMin must not exceed promptLookupMax"),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _check_method(self) -> SpeculativeSpec:
+        if self.method == "draft" and not self.draftModel:
+            raise ValueError("engine.speculative.draftModel is required when engine.speculative.method=draft")
+        if self.method != "draft" and self.draftModel:
+            raise ValueError("engine.speculative.draftModel is only used by engine.speculative.method=draft")
+        if self.promptLookupMin > self.promptLookupMax:
+            raise ValueError(f"engine.speculative.promptLookupMin ({self.promptLookupMin}) must not exceed"
+                             f" engine.speculative.promptLookupMax ({self.promptLookupMax})")
+        return self
+
+
 class EngineSpec(_Model):
     """The inference engine's settings, passed to every worker."""
 
     tensorParallelSize: Literal[1, 2, 4, 8] = Field(1, description="GPUs (ranks) per replica.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="Weights' dtype.")
+    quantization: Literal["gptq", "int8", "int4"] | None = Field(
+        None,
+        description="Weight-only quantization of the linear layers (default: as the checkpoint is). gptq: require"
+        " a GPTQ checkpoint; int8 (per channel) / int4 (groups of 128): quantize plain weights at load.",
+    )
     maxModelLen: int | None = Field(
         None, ge=16, le=1048576, description="Longest context in tokens (default: the model's own)."
     )
@@ -121,6 +163,7 @@ class EngineSpec(_Model):
     maxNumBatchedTokens: int = Field(2048, ge=16, le=1048576, description="Token budget of one engine step.")
     prefixCaching: bool = Field(True, description="Reuse the KV blocks of shared prompt prefixes.")
     kvCache: KVCacheSpec = Field(default_factory=KVCacheSpec)
+    speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding (default: off).")
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -185,12 +228,28 @@ class AutoscalingSpec(_Model):
         return self
 
 
+class PoolEngineSpec(_Model):
+    """Engine settings of one pool's workers; each one unset keeps the service's `engine` value."""
+
+    maxModelLen: int | None = Field(None, ge=16, le=1048576, description="Longest context in tokens.")
+    maxNumSeqs: int | None = Field(None, ge=1, le=4096, description="Sequences batched together at most.")
+    maxNumBatchedTokens: int | None = Field(None, ge=16, le=1048576, description="Token budget of one engine step.")
+
+
 class PoolSpec(_Model):
-    """A router pool: requests whose prompt length falls in [minPromptTokens, maxPromptTokens)."""
+    """A router pool with workers of its own: requests whose prompt length falls in
+    [minPromptTokens, maxPromptTokens) go to its workers, which the operator deploys with the
+    pool's resources and engine settings."""
 
     name: str = Field(..., pattern=_DNS_LABEL, max_length=20, description="The pool's name.")
     minPromptTokens: int = Field(0, ge=0, description="Shortest prompt (tokens) routed to this pool.")
     maxPromptTokens: int | None = Field(None, ge=1, description="Prompts this long or longer go elsewhere.")
+    replicas: int | None = Field(
+        None, ge=0, le=1000,
+        description="This pool's workers, fixed. Unset: spec.replicas, which kubectl scale and the autoscaler set.",
+    )
+    resources: ResourcesSpec | None = Field(None, description="Each of this pool's workers' resources (unset: spec.resources).")
+    engine: PoolEngineSpec | None = Field(None, description="Engine settings of this pool's workers (unset: spec.engine's).")
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -222,6 +281,11 @@ class RouterSpec(_Model):
         "ClusterIP", description="Type of the entry Service."
     )
     port: int = Field(80, ge=1, le=65535, description="Port of the entry Service.")
+    holdTimeoutSeconds: int = Field(
+        60, ge=0, le=3600,
+        description="How long the router holds a request while no replica can take it (scale from zero,"
+        " start-up) before it answers 503; 0 answers at once.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -330,6 +394,16 @@ class InferenceServiceSpec(_Model):
                     " && self.replicas <= self.autoscaling.maxReplicas)",
                     "with autoscaling enabled, replicas must lie within [minReplicas, maxReplicas]",
                 ),
+                _cel(
+                    "self.router.pools.all(p, !has(p.resources) || !has(p.resources.gpusPerReplica)"
+                    " || p.resources.gpusPerReplica == 0 || p.resources.gpusPerReplica == self.engine.tensorParallelSize)",
+                    "a pool's resources.gpusPerReplica must be 0 (CPU) or equal engine.tensorParallelSize",
+                ),
+                _cel(
+                    "self.router.pools.all(p, !has(p.engine) || !has(p.engine.maxNumBatchedTokens)"
+                    " || p.engine.maxNumBatchedTokens >= self.engine.kvCache.blockSize)",
+                    "a pool's engine.maxNumBatchedTokens must hold at least one KV block",
+                ),
             ]
         }
     )
@@ -348,7 +422,24 @@ class InferenceServiceSpec(_Model):
                 f"with autoscaling enabled, replicas ({self.replicas}) must lie within"
                 f" [{scaling.minReplicas}, {scaling.maxReplicas}]"
             )
+        for pool in self.router.pools:
+            self.pool_engine(pool)
+            pool_gpus = pool.resources.gpusPerReplica if pool.resources else None
+            if pool_gpus not in (None, 0, self.engine.tensorParallelSize):
+                raise ValueError(
+                    f"router.pools[{pool.name}].resources.gpusPerReplica ({pool_gpus}) must be 0 (CPU) or equal"
+                    f" engine.tensorParallelSize ({self.engine.tensorParallelSize})"
+                )
         return self
+
+    def pool_engine(self, pool: PoolSpec) -> EngineSpec:
+        """The engine settings of a pool's workers: the service's, with the pool's overrides."""
+        overrides = pool.engine.model_dump(exclude_none=True) if pool.engine else {}
+        try:
+            return EngineSpec.model_validate({**self.engine.model_dump(), **overrides})
+        except ValidationError as exc:
+            problem = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise ValueError(f"router.pools[{pool.name}].engine: {problem}") from None
 
     @property
     def gpus(self) -> int:
@@ -384,6 +475,19 @@ class WorkerStatus(_Model):
     probeError: str | None = Field(None, description="Why the last read failed, if it did.")
 
 
+class AutoscalerStatus(_Model):
+    """The autoscaler's last decision."""
+
+    desiredReplicas: int = Field(..., description="The replicas it asked for.")
+    recommendedReplicas: int = Field(..., description="What the load alone asked for, before stabilization.")
+    metric: str = Field(..., description="The load signal it held at its target.")
+    value: float | None = Field(None, description="The signal's value per replica (absent: no worker reported it).")
+    heldRequests: int = Field(0, description="Requests the router held while no replica was ready.")
+    reason: str = Field("", description="Why it decided as it did.")
+    time: str | None = Field(None, description="When it decided.")
+    lastScaleTime: str | None = Field(None, description="When it last changed the replicas.")
+
+
 class InferenceServiceStatus(_Model):
     """What the operator observed and did."""
 
@@ -396,6 +500,7 @@ class InferenceServiceStatus(_Model):
     specHash: str | None = Field(None, description="Hash of the current worker template.")
     observedGeneration: int | None = None
     workers: list[WorkerStatus] = Field(default_factory=list)
+    autoscaler: AutoscalerStatus | None = Field(None, description="The autoscaler's last decision (when enabled).")
     conditions: list[Condition] = Field(default_factory=list)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-from kvfleet.operator import children, metrics, workers
+from kvfleet.operator import children, credentials, metrics, scaling, workers
 from kvfleet.operator.children import Owner
 from kvfleet.operator.crd import (
     GROUP,
@@ -75,6 +75,7 @@ class Runtime:
         self.options = options
         self._passes: dict[tuple[str, str], _Pass] = {}
         self._passes_lock = threading.Lock()
+        self.autoscaler = scaling.Autoscaler(cluster, options.probe_timeout)
 
     def _pass(self, namespace: str, name: str) -> _Pass:
         with self._passes_lock:
@@ -83,6 +84,11 @@ class Runtime:
     def forget(self, namespace: str, name: str) -> None:
         with self._passes_lock:
             self._passes.pop((namespace, name), None)
+        self.autoscaler.forget(namespace, name)
+
+    def last_probes(self, namespace: str, name: str) -> dict[str, Probe]:
+        """The probes of the previous probe period."""
+        return dict(self._pass(namespace, name).probes)
 
     def converge(self, namespace: str, name: str, probes: Mapping[str, Probe] | None = None) -> None:
         """Bring one service's children to its spec; coalesces with a pass already running."""
@@ -116,6 +122,11 @@ class Runtime:
             self._report_invalid(body, previous, message, now, generation)
             metrics.passes.labels(outcome="invalid_spec").inc()
             return
+        auth = self._auth_state(owner, spec) if spec.auth is not None else credentials.AuthState()
+        if auth.problem is not None:
+            self._report_invalid(body, previous, auth.problem, now, generation, reason="AuthSecretMissing")
+            metrics.passes.labels(outcome="auth_secret_missing").inc()
+            return
 
         pods, objects = self.cluster.list_children(owner)
         pods_by_name = {p["metadata"]["name"]: p for p in pods}
@@ -125,26 +136,53 @@ class Runtime:
             objects=objects,
             probes={n: p for n, p in {**known, **probes}.items() if p is not None and n in pods_by_name},
             conditions=previous.conditions,
+            auth_hash=auth.hash,
         )
         plan = reconcile(owner, spec, observed, now, generation)
         for action in plan.actions:
             self._apply(owner, action, pods_by_name.get(action.name), body)
-        status = plan.status.model_dump(mode="json")
+        # status.autoscaler is the autoscaler's to write (kvfleet.operator.scaling); keep it.
+        status = plan.status.model_copy(update={"autoscaler": previous.autoscaler}).model_dump(mode="json")
         if status != previous.model_dump(mode="json"):
             self.cluster.patch_service_status(namespace, name, status)
         metrics.passes.labels(outcome="acted" if plan.actions else "steady").inc()
 
     def _report_invalid(
         self, body: dict[str, Any], previous: InferenceServiceStatus, message: str,
-        now: datetime.datetime, generation: int | None,
+        now: datetime.datetime, generation: int | None, reason: str = "InvalidSpec",
     ) -> None:
         """Degraded with the reason; children untouched; one Event per distinct problem."""
         before = next((c for c in previous.conditions if c.type == "Degraded"), None)
-        status = invalid_spec_status(previous, message, now, generation)
+        status = invalid_spec_status(previous, message, now, generation, reason)
         meta = body["metadata"]
         self.cluster.patch_service_status(meta["namespace"], meta["name"], status.model_dump(mode="json"))
-        if before is None or before.reason != "InvalidSpec" or before.message != message:
-            kopf.warn(body, reason="InvalidSpec", message=f"Invalid spec, nothing changed: {message}")
+        if before is None or before.reason != reason or before.message != message:
+            what = "Invalid spec" if reason == "InvalidSpec" else "Missing API keys"
+            kopf.warn(body, reason=reason, message=f"{what}, nothing changed: {message}")
+
+    def _internal_tokens(self, owner: Owner) -> dict[str, bytes]:
+        """The service's internal and admin tokens, made (once) if its internal Secret is missing."""
+        name = children.internal_secret_name(owner)
+        secret = self.cluster.get_secret(owner.namespace, name)
+        if secret is None:
+            tokens = credentials.new_tokens()
+            if self.cluster.create_secret(children.internal_secret(owner, tokens)):
+                return {key: value.encode() for key, value in tokens.items()}
+            secret = self.cluster.get_secret(owner.namespace, name)  # another pass made it meanwhile
+        return credentials.secret_data(secret or {})
+
+    def _auth_state(self, owner: Owner, spec: InferenceServiceSpec) -> credentials.AuthState:
+        """Read (never copy) the API-key Secret: the hash that rolls the pods, or what is missing."""
+        assert spec.auth is not None
+        ref = spec.auth.apiKeySecretRef
+        internal = self._internal_tokens(owner)
+        user_secret = self.cluster.get_secret(owner.namespace, ref.name)
+        return credentials.auth_state(owner.namespace, ref.name, ref.key, user_secret, internal)
+
+    def _admin_token(self, owner: Owner) -> bytes | None:
+        """What /admin/* of the service's workers accepts, if auth gave them a token."""
+        secret = self.cluster.get_secret(owner.namespace, children.internal_secret_name(owner))
+        return credentials.admin_token(credentials.secret_data(secret)) if secret is not None else None
 
     def _apply(self, owner: Owner, action: Action, pod: Mapping[str, Any] | None, body: dict[str, Any]) -> None:
         cluster = self.cluster
@@ -161,7 +199,8 @@ class Runtime:
                 return
         elif action.verb == "drain":
             url = workers.worker_url(pod) if pod is not None else None
-            problem = workers.request_drain(url, self.options.probe_timeout) if url else "it has no address"
+            token = self._admin_token(owner) if url else None
+            problem = workers.request_drain(url, self.options.probe_timeout, token) if url else "it has no address"
             cluster.annotate("Pod", owner.namespace, action.name, {children.ANNOTATION_DRAINING: format_time(_now())})
             if problem:
                 kopf.info(body, reason=action.reason, message=f"{action.message} (drain call failed: {problem})")
@@ -170,7 +209,8 @@ class Runtime:
 
     def probe_workers(self, namespace: str, name: str, uid: str) -> dict[str, Probe]:
         """Read every worker's /ready and /metrics, in parallel."""
-        pods, _ = self.cluster.list_children(Owner(name=name, namespace=namespace, uid=uid))
+        owner = Owner(name=name, namespace=namespace, uid=uid)
+        pods, _ = self.cluster.list_children(owner)
         targets = {}
         for pod in pods:
             url = workers.worker_url(pod)
@@ -180,8 +220,9 @@ class Runtime:
         if not targets:
             return {}
         timeout = self.options.probe_timeout
+        token = self._admin_token(owner) if any(d for _, d in targets.values()) else None
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
-            futures = {n: pool.submit(workers.probe, u, timeout, d) for n, (u, d) in targets.items()}
+            futures = {n: pool.submit(workers.probe, u, timeout, d, token) for n, (u, d) in targets.items()}
             return {n: f.result() for n, f in futures.items()}
 
     def delete_children(self, namespace: str, name: str, uid: str, body: dict[str, Any]) -> None:
@@ -228,14 +269,42 @@ def register(registry: kopf.OperatorRegistry, options: OperatorOptions) -> None:
 
     @kopf.timer(**resource, id="workers_probed", registry=registry, interval=options.probe_interval,
                 backoff=backoff)
-    def workers_probed(name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
-        """Periodically: read the workers into status, finish drains, retry whatever failed."""
+    def workers_probed(name: str, namespace: str, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        """Periodically: read the workers into status, autoscale, finish drains, retry whatever failed."""
         runtime: Runtime = memo.runtime
-        runtime.converge(namespace, name, runtime.probe_workers(namespace, name, uid))
+        probes = runtime.probe_workers(namespace, name, uid)
+        previous = runtime.last_probes(namespace, name)
+        runtime.converge(namespace, name, probes)
+        runtime.autoscaler.run(dict(body), probes, previous, _now())
+
+    @kopf.index(**resource, id="services_by_secret", registry=registry)
+    def services_by_secret(name: str, namespace: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str] | None:
+        """The services that mount each API-key Secret, by (namespace, Secret name)."""
+        secret = ((spec.get("auth") or {}).get("apiKeySecretRef") or {}).get("name")
+        return {(namespace, secret): name} if secret else None
+
+    @kopf.on.event("", "v1", "secrets", id="secret_changed", registry=registry)
+    def secret_changed(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
+                       services_by_secret: kopf.Index[tuple[str, str], str], **_: Any) -> None:
+        """An API-key Secret (or a service's internal one) appeared, changed or went away:
+        converge the services that mount it, which roll their pods when its content changed."""
+        services = set(services_by_secret.get((namespace, name), ()))
+        owner = _owner_name(body)
+        if owner is not None:
+            services.add(owner)
+        for service in sorted(services):
+            memo.runtime.converge(namespace, service)
 
     @kopf.on.event("", "v1", "pods", id="worker_changed", labels={children.LABEL_ROLE: "worker"}, registry=registry)
     def worker_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
         """A worker pod changed or went away: converge its service at once."""
+        owner = _owner_name(body)
+        if owner is not None:
+            memo.runtime.converge(namespace, owner)
+
+    @kopf.on.event("", "v1", "pods", id="router_changed", labels={children.LABEL_ROLE: "router"}, registry=registry)
+    def router_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+        """The router pod changed or went away: converge its service at once."""
         owner = _owner_name(body)
         if owner is not None:
             memo.runtime.converge(namespace, owner)

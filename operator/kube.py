@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
-from kvfleet.operator import children
+from kvfleet.operator import children, router_children
 from kvfleet.operator.children import Owner
 from kvfleet.operator.crd import GROUP, PLURAL, VERSION
 
@@ -20,11 +20,19 @@ from kvfleet.operator.crd import GROUP, PLURAL, VERSION
 RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
     (GROUP, PLURAL, ("get", "list", "watch", "patch")),  # kopf watches and patches; get_service reads
     (GROUP, f"{PLURAL}/status", ("patch",)),  # patch_service_status
-    ("", "pods", ("list", "watch", "create", "patch", "delete")),  # kopf watches the workers
+    ("", "pods", ("list", "watch", "create", "patch", "delete")),  # kopf watches the workers and the router
     ("", "services", ("list", "create", "patch", "delete")),
-    ("", "configmaps", ("list", "create", "patch", "delete")),
+    # get: the router's Role grants it, and a Role may only grant what its creator holds
+    ("", "configmaps", ("get", "list", "create", "patch", "delete")),
+    ("", "serviceaccounts", ("list", "create", "patch", "delete")),  # the router's identity
+    ("rbac.authorization.k8s.io", "roles", ("list", "create", "patch", "delete")),
+    ("rbac.authorization.k8s.io", "rolebindings", ("list", "create", "patch", "delete")),
+    (GROUP, f"{PLURAL}/scale", ("patch",)),  # the autoscaler writes replicas as kubectl scale does
     ("policy", "poddisruptionbudgets", ("list", "create", "patch", "delete")),
     ("", "events", ("create",)),  # kopf posts the Events
+    # kopf watches the API-key Secrets (a new key rolls the pods); get_secret reads them and the
+    # internal Secret, which create_secret makes. Only hashes of their contents leave the operator.
+    ("", "secrets", ("get", "list", "watch", "create")),
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),  # kopf's resource scanning
     ("", "namespaces", ("list", "watch")),  # kopf's namespace observation
 ]
@@ -39,6 +47,7 @@ class Cluster:
         self._client = api_client
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._policy = kubernetes.client.PolicyV1Api(api_client)
+        self._rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
 
     def _plain(self, obj: Any) -> Any:
@@ -54,6 +63,32 @@ class Cluster:
             raise
         return cast(dict[str, Any], obj)
 
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Secret, or None if it does not exist."""
+        try:
+            secret = self._core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return cast(dict[str, Any], self._plain(secret))
+
+    def create_secret(self, manifest: Mapping[str, Any]) -> bool:
+        """Create a Secret; False if it already exists (another pass created it)."""
+        try:
+            self._core.create_namespaced_secret(manifest["metadata"]["namespace"], manifest)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def scale(self, namespace: str, name: str, replicas: int) -> None:
+        """Set spec.replicas through the scale subresource, as kubectl scale and an HPA do."""
+        self._custom.patch_namespaced_custom_object_scale(
+            GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": replicas}}, _content_type=_MERGE_PATCH
+        )
+
     def patch_service_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         self._custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _content_type=_MERGE_PATCH
@@ -63,18 +98,24 @@ class Cluster:
         """The owner's worker pods, and its other children by (kind, name)."""
         namespace = owner.namespace
         labels = f"{children.LABEL_SERVICE}={owner.name}"
+        router_labels = ",".join(f"{k}={v}" for k, v in router_children.router_selector(owner).items())
         pods = self._core.list_namespaced_pod(namespace, label_selector=children.selector_string(owner)).items
         others = [
             *self._core.list_namespaced_service(namespace, label_selector=labels).items,
             *self._core.list_namespaced_config_map(namespace, label_selector=labels).items,
             *self._policy.list_namespaced_pod_disruption_budget(namespace, label_selector=labels).items,
+            *self._core.list_namespaced_pod(namespace, label_selector=router_labels).items,
+            *self._core.list_namespaced_service_account(namespace, label_selector=router_labels).items,
+            *self._rbac.list_namespaced_role(namespace, label_selector=router_labels).items,
+            *self._rbac.list_namespaced_role_binding(namespace, label_selector=router_labels).items,
         ]
 
         def owned(obj: dict[str, Any]) -> bool:
             refs = obj["metadata"].get("ownerReferences") or []
             return any(ref.get("uid") == owner.uid for ref in refs)
 
-        kinds = {"V1Service": "Service", "V1ConfigMap": "ConfigMap", "V1PodDisruptionBudget": "PodDisruptionBudget"}
+        kinds = {"V1Service": "Service", "V1ConfigMap": "ConfigMap", "V1PodDisruptionBudget": "PodDisruptionBudget",
+                 "V1Pod": "Pod", "V1ServiceAccount": "ServiceAccount", "V1Role": "Role", "V1RoleBinding": "RoleBinding"}
         objects: dict[tuple[str, str], dict[str, Any]] = {}
         for item in others:
             plain = self._plain(item)
@@ -94,6 +135,13 @@ class Cluster:
             "PodDisruptionBudget": (self._policy.create_namespaced_pod_disruption_budget,
                                     self._policy.patch_namespaced_pod_disruption_budget,
                                     self._policy.delete_namespaced_pod_disruption_budget),
+            "ServiceAccount": (self._core.create_namespaced_service_account,
+                               self._core.patch_namespaced_service_account,
+                               self._core.delete_namespaced_service_account),
+            "Role": (self._rbac.create_namespaced_role, self._rbac.patch_namespaced_role,
+                     self._rbac.delete_namespaced_role),
+            "RoleBinding": (self._rbac.create_namespaced_role_binding, self._rbac.patch_namespaced_role_binding,
+                            self._rbac.delete_namespaced_role_binding),
         }
         return calls[kind]
 

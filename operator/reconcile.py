@@ -6,6 +6,11 @@ the status to record. Its rules, in the order they apply:
 
 - A failed worker (phase Failed or Succeeded) is deleted and a new one created at once.
 - Missing workers are created, each named <name>-w-<n> with the lowest free n.
+- With `router.pools`, each pool is its own group of workers (<name>-<pool>-w-<n>, label
+  kvfleet.dev/pool=<pool>) with the pool's replicas, resources and engine settings, and every
+  rule here applies to each pool on its own. A pool without `replicas` has spec.replicas
+  workers (what kubectl scale and the autoscaler write). Workers of a pool no longer defined
+  are drained once every defined pool has all its workers ready.
 - Surplus workers go in this order: not-ready, then least-loaded, then highest n. A ready
   one is drained first (POST /admin/drain) and deleted once drained: the worker reported
   nothing in flight, or it stopped running, or `drainTimeoutSeconds` passed. A not-ready
@@ -14,16 +19,20 @@ the status to record. Its rules, in the order they apply:
   (surge one), and once it is ready one worker of an older spec is drained and removed.
 - Services, the engine ConfigMap and the PodDisruptionBudget are created or patched
   until they contain what the spec asks.
+- The router pod (and its ServiceAccount, Role and RoleBinding) is created; a failed one, or
+  one of an older spec, is deleted and created afresh. The service is Ready only while its
+  router is.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvfleet.operator import children
+from kvfleet.operator import children, router_children
 from kvfleet.operator.children import Owner
 from kvfleet.operator.crd import Condition, InferenceServiceSpec, InferenceServiceStatus, WorkerStatus
 
@@ -56,6 +65,7 @@ class WorkerPod:
     draining_since: datetime.datetime | None = None
     stuck_reason: str | None = None
     stuck_message: str = ""
+    pool: str = children.DEFAULT_POOL
 
     @classmethod
     def from_manifest(cls, pod: Mapping[str, Any]) -> WorkerPod:
@@ -85,6 +95,7 @@ class WorkerPod:
             draining_since=_parse_time(annotations.get(children.ANNOTATION_DRAINING)),
             stuck_reason=stuck["reason"] if stuck else None,
             stuck_message=(stuck or {}).get("message", ""),
+            pool=labels.get(children.LABEL_POOL) or children.DEFAULT_POOL,
         )
 
     @property
@@ -103,6 +114,7 @@ class Probe:
     kv_usage: float | None = None
     drained: bool | None = None  # from GET /admin/drain, read only while the worker drains
     error: str | None = None
+    ttft_buckets: tuple[tuple[float, float], ...] = ()  # the TTFT histogram (for the autoscaler)
 
     @property
     def in_flight(self) -> int | None:
@@ -130,6 +142,7 @@ class Observed:
     objects: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
     probes: Mapping[str, Probe] = field(default_factory=dict)
     conditions: Sequence[Condition] = ()
+    auth_hash: str | None = None  # of the Secrets the pods mount (kvfleet.operator.credentials)
 
 
 @dataclass(frozen=True)
@@ -217,26 +230,78 @@ def _sync_objects(owner: Owner, spec: InferenceServiceSpec, observed: Observed) 
         children.workers_service(owner),
         children.entry_service(owner, spec),
         children.disruption_budget(owner),
+        router_children.router_service_account(owner),
+        router_children.router_role(owner),
+        router_children.router_role_binding(owner),
     )
     actions = (_sync_object(d, observed.objects.get((d["kind"], d["metadata"]["name"]))) for d in desired)
     return [a for a in actions if a is not None]
 
 
+def _sync_router(owner: Owner, spec: InferenceServiceSpec, observed: Observed) -> tuple[list[Action], bool, str | None]:
+    """The router pod's actions, whether it is ready, and what is wrong with it, if anything.
+
+    It holds no state worth draining (a request in flight on a replaced router fails like one
+    on a lost connection), so a failed router, or one of an older spec, is deleted and the
+    next pass creates it afresh.
+    """
+    desired = router_children.router_pod(owner, spec, observed.auth_hash)
+    name = desired["metadata"]["name"]
+    current = observed.objects.get(("Pod", name))
+    if current is None:
+        return [Action("create", "Pod", name, "Created", f"Created router {name}", desired)], False, None
+    meta, status = current.get("metadata") or {}, current.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return [], False, None
+    phase = status.get("phase") or "Pending"
+    if phase in ("Failed", "Succeeded"):
+        message = f"Router {name} {phase.lower()}; replacing it"
+        return [Action("delete", "Pod", name, "Replaced", message)], False, f"router {name} {phase.lower()} and was replaced"
+    wanted_hash = desired["metadata"]["annotations"][children.ANNOTATION_SPEC_HASH]
+    if (meta.get("annotations") or {}).get(children.ANNOTATION_SPEC_HASH) != wanted_hash:
+        return [Action("delete", "Pod", name, "RouterUpdated", f"Replacing router {name}: its spec changed")], False, None
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return [], ready, None
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The workers of one pool: what they run and how many of them."""
+
+    pool: str
+    spec: InferenceServiceSpec
+    hash: str
+
+
+def _groups(owner: Owner, spec: InferenceServiceSpec, auth_hash: str | None) -> list[_Group]:
+    """One group per pool of `router.pools`, or the one default pool when none is defined."""
+    if not spec.router.pools:
+        return [_Group(children.DEFAULT_POOL, spec, children.spec_hash(owner, spec, auth_hash))]
+    groups = []
+    for pool in spec.router.pools:
+        pool_spec = children.pool_spec(spec, pool)
+        groups.append(_Group(pool.name, pool_spec, children.spec_hash(owner, pool_spec, auth_hash)))
+    return groups
+
+
 class _WorkerPlan:
     """The worker actions of one reconcile pass, with what they mean for the conditions."""
 
-    def __init__(self, owner: Owner, spec: InferenceServiceSpec, observed: Observed, current_hash: str) -> None:
-        self.owner, self.spec, self.observed, self.current_hash = owner, spec, observed, current_hash
-        self.pods = sorted(observed.pods, key=lambda p: p.index)
+    def __init__(self, owner: Owner, spec: InferenceServiceSpec, observed: Observed, groups: list[_Group]) -> None:
+        self.owner, self.spec, self.observed, self.groups = owner, spec, observed, groups
+        self.pods = sorted(observed.pods, key=lambda p: (p.pool, p.index))
         self.actions: list[Action] = []
         self.degraded: list[tuple[str, str]] = []
         self.progress: tuple[str, str] | None = None
-        self._taken = {p.index for p in self.pods}
+        self._taken: dict[str, set[int]] = {}
+        for pod in self.pods:
+            self._taken.setdefault(pod.pool, set()).add(pod.index)
 
-    def create(self, reason: str, message: str) -> None:
-        index = next(i for i in range(len(self._taken) + 1) if i not in self._taken)
-        self._taken.add(index)
-        manifest = children.worker_pod(self.owner, self.spec, index, self.current_hash)
+    def create(self, group: _Group, reason: str, message: str) -> None:
+        taken = self._taken.setdefault(group.pool, set())
+        index = next(i for i in range(len(taken) + 1) if i not in taken)
+        taken.add(index)
+        manifest = children.worker_pod(self.owner, group.spec, index, group.hash, self.observed.auth_hash, group.pool)
         name = manifest["metadata"]["name"]
         self.actions.append(Action("create", "Pod", name, reason, message.format(name=name), manifest))
 
@@ -274,32 +339,48 @@ class _WorkerPlan:
         return active
 
     def scale_and_roll(self, active: list[WorkerPod]) -> None:
-        """Create or remove workers toward spec.replicas, rolling older specs one at a time."""
-        new = [p for p in active if p.spec_hash == self.current_hash]
-        old = [p for p in active if p.spec_hash != self.current_hash]
-        draining = any(p.draining_since is not None and not p.terminating for p in self.pods)
-        wanted, total = self.spec.replicas, len(active)
+        """Bring each pool to its replicas; then retire the workers of pools no longer defined."""
+        for group in self.groups:
+            progress = self._scale_group(group, [p for p in active if p.pool == group.pool])
+            self.progress = self.progress or progress
+        pools = {g.pool for g in self.groups}
+        orphans = [p for p in active if p.pool not in pools]
+        if not orphans:
+            return
+        # They keep serving until every pool has all its workers ready.
+        settled = self.progress is None and all(p.ready for p in active if p.pool in pools)
+        if settled:
+            for pod in orphans:
+                self.remove(pod, "PoolRemoved", f"worker {pod.name} of pool {pod.pool}, no longer defined")
+        self.progress = self.progress or ("PoolRemoved", f"retiring {len(orphans)} worker(s) of undefined pools")
+
+    def _scale_group(self, group: _Group, active: list[WorkerPod]) -> tuple[str, str] | None:
+        """Create or remove one pool's workers toward its replicas, rolling older specs one at a time."""
+        where = "" if group.pool == children.DEFAULT_POOL else f" in pool {group.pool}"
+        new = [p for p in active if p.spec_hash == group.hash]
+        old = [p for p in active if p.spec_hash != group.hash]
+        draining = any(p.draining_since is not None and not p.terminating for p in self.pods if p.pool == group.pool)
+        wanted, total = group.spec.replicas, len(active)
         if total < wanted:
             for _ in range(wanted - total):
-                self.create("ScaledUp", "Created worker {name}" + f" ({total} of {wanted} replicas existed)")
-            self.progress = ("ScalingUp", f"creating {wanted - total} worker(s) to reach {wanted} replicas")
-        elif old:
+                self.create(group, "ScaledUp", "Created worker {name}" + f" ({total} of {wanted} replicas existed{where})")
+            return ("ScalingUp", f"creating {wanted - total} worker(s) to reach {wanted} replicas{where}")
+        if old:
             new_ready = all(p.ready for p in new)
             allowed = wanted if new_ready else wanted + 1  # the surge worker stays while it comes up
             if total > allowed:
                 for pod in self.removal_order(old)[: total - allowed]:
                     self.remove(pod, "RollingUpdate", f"worker {pod.name} of an older spec")
             elif new_ready and not draining:
-                self.create("RollingUpdate", "Created worker {name} of the new spec" + f" ({len(old)} older left)")
-            self.progress = (
-                "RollingUpdate", f"{len(new)} of {wanted} workers run spec {self.current_hash}; {len(old)} older left"
-            )
-        elif total > wanted:
+                self.create(group, "RollingUpdate", "Created worker {name} of the new spec" + f" ({len(old)} older left)")
+            return ("RollingUpdate", f"{len(new)} of {wanted} workers{where} run spec {group.hash}; {len(old)} older left")
+        if total > wanted:
             for pod in self.removal_order(new)[: total - wanted]:
-                self.remove(pod, "ScaledDown", f"worker {pod.name} to scale down to {wanted} replicas")
-            self.progress = ("ScalingDown", f"removing {total - wanted} worker(s) to reach {wanted} replicas")
-        elif draining:
-            self.progress = ("Draining", "waiting for drained workers to finish their requests")
+                self.remove(pod, "ScaledDown", f"worker {pod.name} to scale down to {wanted} replicas{where}")
+            return ("ScalingDown", f"removing {total - wanted} worker(s) to reach {wanted} replicas{where}")
+        if draining:
+            return ("Draining", "waiting for drained workers to finish their requests")
+        return None
 
 
 def reconcile(
@@ -310,28 +391,34 @@ def reconcile(
     generation: int | None = None,
 ) -> Plan:
     """The actions that turn the observed children into the desired ones, and the new status."""
-    current_hash = children.spec_hash(owner, spec)
-    workers = _WorkerPlan(owner, spec, observed, current_hash)
+    groups = _groups(owner, spec, observed.auth_hash)
+    hashes = {g.pool: g.hash for g in groups}
+    # One hash for the whole service: the single pool's, or one over every pool's.
+    current_hash = groups[0].hash if len(groups) == 1 else hashlib.sha256(
+        ",".join(f"{g.pool}={g.hash}" for g in groups).encode()).hexdigest()[:12]
+    workers = _WorkerPlan(owner, spec, observed, groups)
     active = workers.settle_leaving(now)
     workers.scale_and_roll(active)
 
     leaving = {a.name for a in workers.actions if a.verb in ("drain", "delete")}
     staying = [p for p in active if p.name not in leaving]
     ready = sum(p.ready for p in staying)
-    wanted = spec.replicas
+    wanted = sum(g.spec.replicas for g in groups)
     progress = workers.progress
     if progress is None and ready < len(staying):
         progress = ("WaitingForReady", f"{ready} of {len(staying)} workers ready")
-    degraded = workers.degraded
+    router_actions, router_ready, router_problem = _sync_router(owner, spec, observed)
+    degraded = workers.degraded + ([("RouterFailed", router_problem)] if router_problem else [])
 
     def condition(kind: str, status: bool, reason: str, message: str) -> Condition:
         return _condition(kind, status, reason, message, observed.conditions, now, generation)
 
     conditions = [
         condition(
-            "Ready", ready >= wanted,
-            "ScaledToZero" if wanted == 0 else "AllReplicasReady" if ready >= wanted else "ReplicasNotReady",
-            f"{ready} of {wanted} replicas ready",
+            "Ready", ready >= wanted and router_ready,
+            "ReplicasNotReady" if ready < wanted else "RouterNotReady" if not router_ready
+            else "ScaledToZero" if wanted == 0 else "AllReplicasReady",
+            f"{ready} of {wanted} replicas ready" + ("" if router_ready else "; the router is not ready"),
         ),
         condition(
             "Progressing", progress is not None, progress[0] if progress else "Stable",
@@ -345,21 +432,21 @@ def reconcile(
     status = InferenceServiceStatus(
         replicas=len(staying),
         readyReplicas=ready,
-        updatedReplicas=sum(p.spec_hash == current_hash for p in staying),
+        updatedReplicas=sum(p.spec_hash == hashes.get(p.pool) for p in staying),
         selector=children.selector_string(owner),
         url=children.service_url(owner, spec, observed.objects.get(("Service", owner.name))),
         model=children.served_model_name(owner, spec),
         specHash=current_hash,
         observedGeneration=generation,
         workers=[
-            _worker_status(p, observed.probes.get(p.name), current_hash) for p in workers.pods if not p.terminating
+            _worker_status(p, observed.probes.get(p.name), hashes.get(p.pool)) for p in workers.pods if not p.terminating
         ],
         conditions=conditions,
     )
-    return Plan(_sync_objects(owner, spec, observed) + workers.actions, status)
+    return Plan(_sync_objects(owner, spec, observed) + router_actions + workers.actions, status)
 
 
-def _worker_status(pod: WorkerPod, probe: Probe | None, current_hash: str) -> WorkerStatus:
+def _worker_status(pod: WorkerPod, probe: Probe | None, current_hash: str | None) -> WorkerStatus:
     return WorkerStatus(
         name=pod.name,
         phase=pod.phase,
@@ -390,9 +477,11 @@ def plan_deletion(observed: Observed) -> list[Action]:
 
 
 def invalid_spec_status(
-    previous: InferenceServiceStatus, message: str, now: datetime.datetime, generation: int | None
+    previous: InferenceServiceStatus, message: str, now: datetime.datetime, generation: int | None,
+    reason: str = "InvalidSpec",
 ) -> InferenceServiceStatus:
-    """The status of a service whose spec the operator cannot act on: Degraded, nothing else changed."""
+    """The status of a service whose spec the operator cannot act on (an invalid spec, or a
+    Secret it names that is missing): Degraded with `reason`, nothing else changed."""
     conditions = [c for c in previous.conditions if c.type != "Degraded"]
-    conditions.append(_condition("Degraded", True, "InvalidSpec", message, previous.conditions, now, generation))
+    conditions.append(_condition("Degraded", True, reason, message, previous.conditions, now, generation))
     return previous.model_copy(update={"conditions": conditions, "observedGeneration": generation})

@@ -1,4 +1,5 @@
-"""The operator's calls to a worker's HTTP endpoints (kvfleet.worker.server): /ready, /metrics, /admin/drain.
+"""The operator's calls to a worker's HTTP endpoints (kvfleet.worker.server): /ready, /metrics, /admin/drain
+(the latter with the service's admin token when it has auth).
 
 A worker is reached at its pod's IP and the container's `http` port. Where pods do not get
 their own IP (the local cluster's process kubelet), the kubelet writes the address into the
@@ -17,6 +18,7 @@ from typing import Any
 
 from kvfleet.operator.children import ANNOTATION_ENDPOINT, WORKER_PORT
 from kvfleet.operator.reconcile import Probe
+from kvfleet.worker.auth import bearer_header
 
 # The worker's Prometheus metrics that the operator reads (kvfleet.worker.metrics exports them).
 METRIC_RUNNING = "kvfleet_requests_running"
@@ -24,6 +26,12 @@ METRIC_WAITING = "kvfleet_requests_waiting"
 METRIC_KV_USED = "kvfleet_kv_blocks_used"
 METRIC_KV_TOTAL = "kvfleet_kv_blocks_total"
 
+# kvfleet.worker.metrics' TTFT histogram, and the router's held requests (kvfleet.worker.router.metrics).
+METRIC_TTFT = "kvfleet_time_to_first_token_seconds"
+METRIC_HELD = "kvfleet_router_held_requests"
+
+_BUCKET = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)_bucket\{[^}]*le="(?P<le>[^"]+)"[^}]*\}\s+(?P<value>\S+)',
+                     re.MULTILINE)
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(?P<value>\S+)")
 
 
@@ -51,16 +59,22 @@ def parse_metrics(text: str) -> dict[str, float]:
     return totals
 
 
-def _get(url: str, timeout: float) -> tuple[int, str]:
+def _headers(admin_token: bytes | None) -> dict[str, str]:
+    return {"Authorization": bearer_header(admin_token)} if admin_token else {}
+
+
+def _get(url: str, timeout: float, admin_token: bytes | None = None) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=_headers(admin_token)),
+                                    timeout=timeout) as response:
             return response.status, response.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         return exc.code, ""
 
 
-def probe(url: str, timeout: float, draining: bool = False) -> Probe:
-    """Read /ready and /metrics once (and GET /admin/drain of a draining worker).
+def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes | None = None) -> Probe:
+    """Read /ready and /metrics once (and GET /admin/drain of a draining worker, with the
+    admin token where the service has auth).
 
     A failure is recorded in the probe, never raised.
     """
@@ -68,7 +82,7 @@ def probe(url: str, timeout: float, draining: bool = False) -> Probe:
     try:
         ready_code, _ = _get(f"{url}/ready", timeout)
         metrics_code, text = _get(f"{url}/metrics", timeout)
-        drain_code, drain_text = _get(f"{url}/admin/drain", timeout) if draining else (0, "")
+        drain_code, drain_text = _get(f"{url}/admin/drain", timeout, admin_token) if draining else (0, "")
     except (OSError, ValueError) as exc:
         return Probe(at=now, error=f"{url} unreachable: {exc}")
     metrics = parse_metrics(text) if metrics_code == 200 else {}
@@ -84,7 +98,30 @@ def probe(url: str, timeout: float, draining: bool = False) -> Probe:
         kv_usage=round(used / total, 4) if used is not None and total else None,
         drained=_drained(drain_text) if drain_code == 200 else None,
         error=None if metrics_code == 200 else f"/metrics answered {metrics_code}",
+        ttft_buckets=parse_buckets(text, METRIC_TTFT) if metrics_code == 200 else (),
     )
+
+
+def parse_buckets(text: str, histogram: str) -> tuple[tuple[float, float], ...]:
+    """A Prometheus histogram's cumulative buckets as (upper bound, count), by bound."""
+    buckets = []
+    for match in _BUCKET.finditer(text):
+        if match["name"] == histogram:
+            try:
+                buckets.append((float(match["le"]), float(match["value"])))
+            except ValueError:
+                continue
+    return tuple(sorted(buckets))
+
+
+def read_held(url: str, timeout: float) -> int | None:
+    """The requests a router holds while no replica can take them (None: it did not say)."""
+    try:
+        code, text = _get(f"{url}/metrics", timeout)
+    except (OSError, ValueError):
+        return None
+    held = parse_metrics(text).get(METRIC_HELD) if code == 200 else None
+    return int(held) if held is not None else None
 
 
 def _drained(text: str) -> bool | None:
@@ -96,9 +133,9 @@ def _drained(text: str) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def request_drain(url: str, timeout: float) -> str | None:
+def request_drain(url: str, timeout: float, admin_token: bytes | None = None) -> str | None:
     """Ask a worker to stop taking requests; returns why that failed, or None."""
-    request = urllib.request.Request(f"{url}/admin/drain", method="POST", data=b"")
+    request = urllib.request.Request(f"{url}/admin/drain", method="POST", data=b"", headers=_headers(admin_token))
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             return None

@@ -19,8 +19,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+if TYPE_CHECKING:  # types only: the operator imports bearer_header without starlette installed
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 API_KEY_FILE_ENV = "KVFLEET_API_KEY_FILE"
 ADMIN_TOKEN_FILE_ENV = "KVFLEET_ADMIN_TOKEN_FILE"

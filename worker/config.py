@@ -100,6 +100,13 @@ class EngineConfig(BaseModel):
 
     model: str = Field(description="HF folder, .gguf file, folder with one .gguf, or 'demo'")
     load_format: Literal["auto", "hf", "gguf", "dummy"] = "auto"
+    quantization: Literal["gptq", "int8", "int4"] | None = Field(
+        None,
+        description="weight-only quantization of the linear layers. None: as the checkpoint is (GPTQ when its "
+        "config.json has a gptq quantization_config); gptq: require a GPTQ checkpoint; int8 (per channel) / "
+        "int4 (groups of 128): quantize an unquantized checkpoint at load, round-to-nearest (random packed "
+        "weights with load_format dummy)",
+    )
     tokenizer: str | None = Field(None, description="tokenizer folder; defaults to the model's")
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
@@ -113,7 +120,14 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step (prefill chunk budget)")
     block_size: int = Field(16, ge=1, le=256)
     num_kv_blocks: int | None = Field(None, ge=2, description="KV blocks; default from kv_cache_memory_gib")
-    kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV cache size when num_kv_blocks is unset")
+    kv_cache_memory_gib: float | None = Field(
+        None, gt=0, description="KV cache size when num_kv_blocks is unset; default: 1 GiB on CPU, on CUDA "
+        "what gpu_memory_utilization leaves after the weights and a profiled forward pass"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1.0, description="share of the GPU's memory for weights, activations and KV cache"
+    )
+    enforce_eager: bool = Field(False, description="run decode steps eagerly instead of replaying CUDA graphs")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="auto: the model's dtype; fp8: float8 e4m3 with per-layer K/V scales (half of bf16)"
     )
@@ -121,6 +135,27 @@ class EngineConfig(BaseModel):
     kv_offload_cpu_gib: float = Field(0.0, ge=0, description="CPU memory for KV blocks evicted from the GPU pool")
     kv_offload_disk_gib: float = Field(0.0, ge=0, description="disk space for KV blocks evicted from the CPU tier")
     kv_offload_disk_path: str | None = Field(None, description="folder of the disk KV tier (kept across restarts)")
+    speculative_method: Literal["ngram", "draft"] | None = Field(
+        None, description="speculative decoding: ngram (prompt lookup) or draft (a small model); None: off"
+    )
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="tokens drafted per step and sequence")
+    prompt_lookup_min: int = Field(2, ge=1, le=16, description="ngram: shortest suffix matched")
+    prompt_lookup_max: int = Field(4, ge=1, le=16, description="ngram: longest suffix matched (tried first)")
+    draft_model: str | None = Field(
+        None, description="draft: the small model (HF folder or .gguf) with the target's vocabulary"
+    )
+
+    @model_validator(mode="after")
+    def _check_speculative(self) -> "EngineConfig":
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min: {self.prompt_lookup_min} exceeds prompt_lookup_max="
+                             f"{self.prompt_lookup_max}")
+        if self.speculative_method == "draft" and not self.draft_model:
+            raise ValueError("draft_model: required when speculative_method='draft'")
+        if self.draft_model and self.speculative_method != "draft":
+            raise ValueError(f"draft_model: set, but speculative_method is {self.speculative_method!r}; "
+                             "set speculative_method='draft' to use it")
+        return self
 
     @model_validator(mode="after")
     def _offload_needs_prefix_caching(self) -> "EngineConfig":

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from kvfleet.worker.attention import select_attention_backend
+from kvfleet.worker.attention import AttentionMetadata, select_attention_backend
 from kvfleet.worker.config import EngineConfig, ModelConfig, SamplingParams
+from kvfleet.worker.cuda_graphs import capture_batch_sizes
 from kvfleet.worker.kv.block_pool import BlockPool
 from kvfleet.worker.kv.disk import DiskBlockStore
 from kvfleet.worker.kv.tiers import OffloadTiers
@@ -27,9 +28,13 @@ from kvfleet.worker.runner import allocate_kv_cache, kv_bytes_per_block
 from kvfleet.worker.sampler import Sampler
 from kvfleet.worker.scheduler import Scheduler
 from kvfleet.worker.sequence import Sequence, TokenLogprobs
+from kvfleet.worker.spec_decode.speculator import load_draft_model, make_speculator
 from kvfleet.worker.tp import make_runner
 
 log = logging.getLogger(__name__)
+
+_CPU_KV_CACHE_BYTES = 2**30
+_TP_ACTIVATION_MARGIN_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -65,9 +70,11 @@ class _Request:
 
 class LLMEngine:
     """`loaded` lets several engines (e.g. with other scheduling limits) share one model load;
-    its dtype and device win over the config's."""
+    its dtype and device win over the config's. `draft` does the same for the draft model of
+    speculative decoding."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
+                 draft: LoadedModel | None = None) -> None:
         started = time.perf_counter()
         self.config = config
         self.loaded = loaded or load(config, select_attention_backend(config.torch_device()))
@@ -76,6 +83,8 @@ class LLMEngine:
         self.model_config: ModelConfig = self.loaded.config
         self.tokenizer: Any = self.loaded.tokenizer
         self.max_model_len = self._max_model_len(config, self.model_config)
+        # Loaded before the KV cache is sized: its weights and its own KV cache take their share.
+        self.draft = load_draft_model(config, self.loaded, self.max_model_len, draft)
         num_blocks = self._num_blocks(config)
 
         eos = set(self.model_config.eos_token_ids)
@@ -90,7 +99,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_prefix_caching, self.tiers)
         self.runner = make_runner(self.loaded, kv_cache, config.block_size)
+        if self._use_cuda_graphs(config):
+            self.runner.capture_decode_graphs(self.max_model_len, capture_batch_sizes(config.max_num_seqs))
         self.sampler = Sampler(self.eos_token_ids, self.device, config.seed)
+        self.speculator = make_speculator(config, num_blocks, self.sampler, self.draft)
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         log.info(
@@ -98,6 +110,13 @@ class LLMEngine:
             time.perf_counter() - started, config.model, self.device, self.dtype, num_blocks,
             config.block_size, self.max_model_len,
         )
+
+    def _use_cuda_graphs(self, config: EngineConfig) -> bool:
+        """On CUDA with the Triton kernels and one rank (graph capture would need every rank of
+        a tensor-parallel replica to capture in step)."""
+        backend = self.loaded.model.model.layers[0].self_attn.backend
+        return (self.device.type == "cuda" and not config.enforce_eager and self.loaded.replica is None
+                and backend.triton_pointwise)
 
     @staticmethod
     def _max_model_len(config: EngineConfig, cfg: ModelConfig) -> int:
@@ -120,15 +139,67 @@ class LLMEngine:
                 )
             return config.num_kv_blocks
         per_block = kv_bytes_per_block(self.model_config, config.block_size, self.kv_dtype, self.loaded.tp_size)
+        if self.draft is not None:  # the draft model's pool has as many blocks
+            per_block += kv_bytes_per_block(self.draft.config, config.block_size, self.draft.dtype)
         # Never more than every running sequence at full length can use.
         useful = config.max_num_seqs * (needed - 1) + 1
-        blocks = min(int(config.kv_cache_memory_gib * 2**30) // per_block, useful)
+        if config.kv_cache_memory_gib is not None:
+            field, kv_bytes = "kv_cache_memory_gib", int(config.kv_cache_memory_gib * 2**30)
+        elif self.device.type == "cuda":
+            field, kv_bytes = "gpu_memory_utilization", self._profile_kv_bytes(config)
+        else:
+            field, kv_bytes = "kv_cache_memory_gib", _CPU_KV_CACHE_BYTES
+        blocks = min(kv_bytes // per_block, useful)
         if blocks < needed:
             raise ValueError(
-                f"kv_cache_memory_gib: {config.kv_cache_memory_gib} GiB holds {blocks} blocks, fewer than the "
+                f"{field}: leaves {kv_bytes / 2**30:.2f} GiB for the KV cache, {blocks} blocks, fewer than the "
                 f"{needed} that one sequence of max_model_len={self.max_model_len} needs"
             )
         return blocks
+
+    def _profile_kv_bytes(self, config: EngineConfig) -> int:
+        """GPU memory left for the KV cache: gpu_memory_utilization of the device, less what is
+        in use now (weights, CUDA context, other processes) and the peak of the largest step,
+        measured by running one (a prefill of max_num_batched_tokens tokens and the sampler's
+        sort over every row that can sample at once). The decode CUDA graphs' pool is covered
+        by the same margin once more."""
+        device = self.device
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        if self.loaded.replica is None:
+            self._profile_step(config)
+            activations = torch.cuda.max_memory_allocated(device) - before
+        else:  # the other ranks would have to join the forward pass; assume a generous margin
+            activations = _TP_ACTIVATION_MARGIN_BYTES
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        kv_bytes = int(total * config.gpu_memory_utilization) - (total - free) - 2 * activations
+        log.info("GPU memory: %.1f GiB total, %.1f GiB in use, %.2f GiB peak of a step; %.1f GiB for the KV cache "
+                 "at gpu_memory_utilization=%.2f", total / 2**30, (total - free) / 2**30, activations / 2**30,
+                 max(kv_bytes, 0) / 2**30, config.gpu_memory_utilization)
+        return max(kv_bytes, 0)
+
+    @torch.inference_mode()
+    def _profile_step(self, config: EngineConfig) -> None:
+        tokens = min(config.max_num_batched_tokens, self.max_model_len)
+        # Rows that sample: one per sequence, 1 + k for a sequence verifying k drafts.
+        per_seq = 1 + config.num_speculative_tokens if config.speculative_method else 1
+        rows = min(config.max_num_seqs * per_seq, tokens)
+        kv_cache = allocate_kv_cache(self.model_config, 1, config.block_size, self.kv_dtype, self.device)
+        meta = AttentionMetadata(  # one sequence; nothing written (slot -1), every read from block 0
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
+            block_tables=torch.zeros((1, -(-tokens // config.block_size)), dtype=torch.int32, device=self.device),
+            context_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
+            is_decode=tokens == 1,
+        )
+        model = self.loaded.model
+        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+        hidden = model(ids, torch.arange(tokens, device=self.device), kv_cache, meta)
+        logits = model.logits(hidden[-rows:])
+        logits.sort(dim=-1, descending=True)
+        torch.cuda.synchronize(self.device)
 
     def _offload_tiers(self, config: EngineConfig, kv_cache: torch.Tensor) -> OffloadTiers | None:
         """The CPU and disk tiers below the KV cache, sized in blocks from the config's GiB."""
@@ -201,7 +272,7 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._finish(seq)
 
     def warm_up(self) -> None:
         """Run one tiny request through every stage, so the first user request pays no
@@ -221,10 +292,12 @@ class LLMEngine:
     # -- the step loop ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
-        sampling = [item.seq for item in batch.scheduled if item.samples]
+        sampling = [item for item in batch.scheduled if item.samples]
         if self.tiers is not None:
             self.tiers.before_forward()
         started = time.perf_counter()
@@ -232,20 +305,31 @@ class LLMEngine:
         if self.tiers is not None and batch.num_tokens > len(batch.scheduled):
             self.tiers.observe_prefill(batch.num_tokens, time.perf_counter() - started)
         self.scheduler.on_step_done(batch)
-        results = self.sampler(logits, sampling) if sampling else []
+        if not sampling:
+            emitted = []
+        elif self.speculator is not None:
+            emitted = self.speculator.sample(logits, sampling)
+        else:
+            emitted = [[result] for result in self.sampler(logits, [item.seq for item in sampling])]
 
         progressed: dict[str, _Request] = {}
-        for seq, result in zip(sampling, results):
+        for item, results in zip(sampling, emitted):
+            seq = item.seq
             try:
-                seq.append_token(result.token_id)
-                if result.logprobs is not None:
-                    seq.logprobs.append(result.logprobs)
-                self._update_text_and_stop(seq)
+                for result in results:  # several after verified drafts; a stop drops the rest
+                    seq.append_token(result.token_id)
+                    if result.logprobs is not None:
+                        seq.logprobs.append(result.logprobs)
+                    self._update_text_and_stop(seq)
+                    if seq.finish_reason is not None:
+                        break
             except Exception:
                 log.exception("request %s failed while finishing its step", seq.request_id)
                 seq.finish_reason = "error"
             if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
+                self._finish(seq)
+            elif item.num_draft_tokens:
+                self.scheduler.on_draft_verified(seq, len(results) - 1)
             progressed[seq.request_id] = self._requests[seq.request_id]
 
         outputs = [self._output(r) for r in progressed.values()]
@@ -253,6 +337,11 @@ class LLMEngine:
             if out.finished:
                 del self._requests[out.request_id]
         return outputs
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def _update_text_and_stop(self, seq: Sequence) -> None:
         p, token = seq.params, seq.output_token_ids[-1]

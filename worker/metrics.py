@@ -30,6 +30,19 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("kvfleet_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                   value=scheduler.prefix_hit_tokens)
         yield GaugeMetricFamily("kvfleet_kv_blocks_cached", "KV blocks holding a known prefix", value=pool.num_cached)
+        if self.engine.speculator is not None:
+            spec = self.engine.speculator.stats
+            yield CounterMetricFamily("kvfleet_spec_decode_draft_tokens", "Tokens drafted for speculative decoding",
+                                      value=spec.num_drafted_tokens)
+            yield CounterMetricFamily("kvfleet_spec_decode_accepted_tokens", "Drafted tokens the model accepted",
+                                      value=spec.num_accepted_tokens)
+            yield CounterMetricFamily("kvfleet_spec_decode_verifications", "Sequence steps that verified drafts",
+                                      value=spec.num_verifications)
+            yield GaugeMetricFamily("kvfleet_spec_decode_acceptance_rate", "Accepted over drafted tokens, since start",
+                                    value=spec.acceptance_rate)
+            yield GaugeMetricFamily("kvfleet_spec_decode_tokens_per_step",
+                                    "Tokens a sequence gains per step that verifies drafts, since start",
+                                    value=spec.tokens_per_step)
 
 
 class WorkerMetrics:

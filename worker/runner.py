@@ -12,6 +12,7 @@ import torch
 
 from kvfleet.worker.attention import AttentionMetadata
 from kvfleet.worker.config import ModelConfig
+from kvfleet.worker.cuda_graphs import DecodeGraphs
 from kvfleet.worker.model.llama import LlamaForCausalLM
 from kvfleet.worker.model.parallel import kv_heads_per_rank
 from kvfleet.worker.scheduler import SchedulerOutput
@@ -69,16 +70,16 @@ def pack_step(batch: SchedulerOutput, block_size: int) -> tuple[StepShape, torch
     sample_rows: list[int] = []
     bs = block_size
     for item in batch.scheduled:
-        seq, start = item.seq, item.seq.num_computed_tokens
+        seq, start, drafts = item.seq, item.seq.num_computed_tokens, item.num_draft_tokens
         end = start + item.num_new_tokens
-        input_ids.extend(seq.token_ids[start:end])
+        input_ids.extend(seq.token_ids[start:end - drafts] + seq.draft_token_ids[:drafts])
         positions.extend(range(start, end))
         table = seq.block_table
         slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
         cu_seqlens.append(cu_seqlens[-1] + item.num_new_tokens)
         context_lens.append(end)
-        if item.samples:
-            sample_rows.append(cu_seqlens[-1] - 1)
+        if item.samples:  # a sequence verifying drafts samples after each of them too
+            sample_rows.extend(range(cu_seqlens[-1] - 1 - drafts, cu_seqlens[-1]))
 
     max_blocks = max(len(item.seq.block_table) for item in batch.scheduled)
     tables: list[int] = []
@@ -111,9 +112,15 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_model_len: int, batch_sizes: list[int]) -> None:
+        """From now on, decode steps of up to max(batch_sizes) sequences replay CUDA graphs."""
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, batch_sizes)
 
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Logits [num_sampling_sequences, vocab] in the order of `batch.scheduled`."""
+        """Logits [num_sampling_rows, vocab] in the order of `batch.scheduled`: one row per
+        sampling sequence, 1 + num_draft_tokens for one that verifies drafts."""
         shape, packed = pack_step(batch, self.block_size)
         logits = self.run(unpack_step(shape, packed.to(self.device)))
         assert logits is not None, "only tensor-parallel rank 0 executes scheduled batches"
@@ -122,5 +129,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
         """The forward pass; logits on tensor-parallel rank 0, None on the other ranks."""
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        meta, graphs = inputs.meta, self.decode_graphs
+        if graphs is not None and meta.is_decode and graphs.fits(len(inputs.input_ids), meta.block_tables.shape[1]):
+            hidden = graphs.run(inputs.input_ids, inputs.positions, meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, meta)
         return self.model.logits(hidden[inputs.sample_rows])

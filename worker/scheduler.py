@@ -10,6 +10,12 @@ plain list handed to the runner; the scheduler never touches tensors.
 With prefix caching, a sequence that starts (or restarts) first takes the cached blocks of
 its longest known prefix and skips computing them; every block it completes is registered,
 so later sequences can share it.
+
+With speculative decoding a decoding sequence may carry drafted tokens: the step then computes
+its last token and the drafts together (budget and blocks counted), as far as the budget and
+spare blocks allow (speculation never preempts anyone). Only the accepted drafts count as
+computed afterwards (`on_draft_verified`); blocks that held nothing but rejected drafts go back
+to the pool, and no block is registered for prefix caching before its tokens are accepted.
 """
 
 from collections import deque
@@ -25,11 +31,13 @@ from kvfleet.worker.sequence import Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
+    num_draft_tokens: int = 0  # of num_new_tokens, the drafts that follow the sequence's tokens
 
     @property
     def samples(self) -> bool:
-        """True when this step reaches the sequence's last token, so a new one is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        """True when this step reaches the sequence's last token (and its drafts), so a new one
+        is sampled (or the drafts verified)."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens + self.num_draft_tokens
 
 
 @dataclass
@@ -72,10 +80,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._reserve(seq, n, preempted):
+            k = self._fit_draft(seq, n, budget, len(self.running) - i - 1) if seq.draft_token_ids else 0
+            if not self._reserve(seq, n + k, preempted):
                 break  # seq itself was the newest and got preempted
-            scheduled.append(ScheduledSequence(seq, n))
-            budget -= n
+            scheduled.append(ScheduledSequence(seq, n + k, k))
+            budget -= n + k
             i += 1
 
         # Admitting new work right after a preemption would only thrash the pool.
@@ -97,6 +106,22 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
         return SchedulerOutput(scheduled, preempted)
+
+    def _fit_draft(self, seq: Sequence, n: int, budget: int, num_behind: int) -> int:
+        """Cut the sequence's draft to what this step can verify: only right after its last
+        token, within the budget, and leaving a block for each running sequence behind it.
+        Returns the drafts kept."""
+        k = min(len(seq.draft_token_ids), budget - n)
+        if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
+            k = 0
+        if k > 0 and self._blocks_needed(seq, n + k) + num_behind > self.pool.num_free:
+            k = 0
+        if k == 0:
+            seq.clear_draft()
+        elif k < len(seq.draft_token_ids):
+            seq.draft_token_ids = seq.draft_token_ids[:k]
+            seq.draft_probs = None if seq.draft_probs is None else seq.draft_probs[:k]
+        return k
 
     def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
@@ -151,17 +176,30 @@ class Scheduler:
     def on_step_done(self, batch: SchedulerOutput) -> None:
         """Record the tokens the model has just computed; register blocks they completed."""
         for item in batch.scheduled:
-            seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            if not self.enable_prefix_caching:
-                continue
-            full = seq.num_computed_tokens // self.block_size
-            if full > seq.num_cached_blocks:
-                seq.block_hashes = hash_blocks(seq.token_ids[: full * self.block_size], self.block_size,
-                                               seq.block_hashes)
-                for i in range(seq.num_cached_blocks, full):
-                    self.pool.cache(seq.block_table[i], seq.block_hashes[i])
-                seq.num_cached_blocks = full
+            item.seq.num_computed_tokens += item.num_new_tokens - item.num_draft_tokens
+            self._register_full_blocks(item.seq)
+
+    def on_draft_verified(self, seq: Sequence, num_accepted: int) -> None:
+        """After the accepted drafts (and the target's token after them) were appended: count
+        their KV as computed, register the blocks they completed, and give back the blocks
+        beyond the sequence's tokens, which only rejected drafts used."""
+        seq.num_computed_tokens += num_accepted
+        self._register_full_blocks(seq)
+        needed = -(-seq.num_tokens // self.block_size)
+        if len(seq.block_table) > needed:
+            self.pool.free(seq.block_table[needed:][::-1])
+            del seq.block_table[needed:]
+        seq.clear_draft()
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        if full > seq.num_cached_blocks:
+            seq.block_hashes = hash_blocks(seq.token_ids[: full * self.block_size], self.block_size, seq.block_hashes)
+            for i in range(seq.num_cached_blocks, full):
+                self.pool.cache(seq.block_table[i], seq.block_hashes[i])
+            seq.num_cached_blocks = full
 
     def _release(self, seq: Sequence) -> None:
         """Give back a sequence's blocks, tail first, and forget what was computed."""
@@ -169,6 +207,7 @@ class Scheduler:
         seq.block_table = []
         seq.num_cached_blocks = 0
         seq.num_computed_tokens = 0
+        seq.clear_draft()
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)

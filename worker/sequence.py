@@ -48,6 +48,10 @@ class Sequence:
     output_text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_preemptions: int = 0
+    # Speculative decoding: tokens proposed to follow token_ids, checked by the next step;
+    # the drafter's distribution at each of them ([len, vocab]), None for a point mass.
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)
@@ -63,3 +67,7 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
+
+    def clear_draft(self) -> None:
+        self.draft_token_ids = []
+        self.draft_probs = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ import openai
 import pytest
 
 from .conftest import REPO, Cluster, wait_for
+from .load import SteadyLoad
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -71,35 +71,6 @@ def _chat(client: openai.OpenAI, prompt: str = QUESTION, max_tokens: int = 24) -
     return reply.choices[0].message.content or ""
 
 
-class _Load:
-    """Chat requests sent one after another from a few threads until stopped; counts failures."""
-
-    def __init__(self, client: openai.OpenAI, threads: int = 2) -> None:
-        self.client = client
-        self.done = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                _chat(self.client, "Name one color.", max_tokens=16)
-                self.done += 1
-            except Exception as exc:  # every failure counts, whatever its kind
-                self.failures.append(repr(exc))
-
-    def __enter__(self) -> _Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=90)
-
-
 def test_applied_smollm2_becomes_ready_and_answers_through_the_router(cluster: Cluster) -> None:
     cluster.kubectl("apply", "-f", str(REPO / "examples" / "smollm2-demo.yaml"))
     started = time.monotonic()
@@ -123,7 +94,8 @@ def test_scale_to_three_then_back_to_one_drains_the_removed_workers(cluster: Clu
     client = _client(cluster)
     assert all("Paris" in _chat(client) for _ in range(3))
 
-    with _Load(client) as load:
+    url = cluster.get("infsvc", SERVICE)["status"]["url"]
+    with SteadyLoad(url, clients=2, max_tokens=16) as load:
         wait_for(lambda: load.done >= 2, 60, "requests under way")
         cluster.kubectl("scale", f"infsvc/{SERVICE}", "--replicas", "1")
         wait_for(lambda: len(cluster.workers(SERVICE)) == 1, 120, "scale down to 1 worker")

@@ -207,7 +207,7 @@ def test_network_policy_admits_only_routers_and_the_operator_to_the_workers(
 ) -> None:
     assert of_kind(render(), "NetworkPolicy") == []  # off by default
     manifests = render(sets=["networkPolicy.enabled=true"])
-    policy = one(manifests, "NetworkPolicy")
+    policy = one(manifests, "NetworkPolicy", component="workers")
     kubernetes_validate.validate(policy, version, strict=True)
     operator_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
     spec = policy["spec"]

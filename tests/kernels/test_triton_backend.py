@@ -101,7 +101,7 @@ def test_tiny_llama_greedy_decoding_matches_torch_backend_in_bf16(gpu):
                 p.normal_(0.0, 0.25 / p.shape[1] ** 0.25)
     models["triton"].load_state_dict(models["torch"].state_dict())
     for model in models.values():  # as the loader does: one gate/up matmul for silu_and_mul
-        model.fuse_gate_up()
+        model.fuse_projections()
 
     prompts = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 84, 19], [7, 1, 8]]
     tokens, logits = {}, {}

@@ -74,7 +74,9 @@ class FakeWorkers:
 
     def __init__(self) -> None:
         self.busy: dict[str, int] = {}  # requests in flight per pod (default 0)
+        self.held: dict[str, int] = {}  # requests a router pod holds (reported when set)
         self.drained: list[str] = []  # pods that got POST /admin/drain, in order
+        self.drain_authorization: list[str | None] = []  # the Authorization header of each
         workers = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -91,8 +93,9 @@ class FakeWorkers:
                     self._reply(503 if pod in workers.drained else 200)
                 elif path == "metrics":
                     running = workers.busy.get(pod, 0)
+                    held = f"kvfleet_router_held_requests {workers.held[pod]}\n" if pod in workers.held else ""
                     self._reply(200, f"kvfleet_requests_running {running}\nkvfleet_requests_waiting 0\n"
-                                     "kvfleet_kv_blocks_used 10\nkvfleet_kv_blocks_total 40\n")
+                                     f"kvfleet_kv_blocks_used 10\nkvfleet_kv_blocks_total 40\n{held}")
                 elif path == "admin/drain":
                     draining, running = pod in workers.drained, workers.busy.get(pod, 0)
                     self._reply(200, json.dumps({"draining": draining, "in_flight": running,
@@ -104,6 +107,7 @@ class FakeWorkers:
                 pod, _, path = self.path.strip("/").partition("/")
                 if path == "admin/drain":
                     workers.drained.append(pod)
+                    workers.drain_authorization.append(self.headers.get("Authorization"))
                     self._reply(200, "{}")
                 else:
                     self._reply(404)

@@ -49,8 +49,8 @@ def test_operator_command_serves_a_cluster_from_a_kubeconfig(
                 "spec": {"resources": {"gpusPerReplica": 0}}}
         custom.create_namespaced_custom_object("kvfleet.dev", "v1alpha1", "default", "inferenceservices", body)
         core = kubernetes.client.CoreV1Api(api_client)
-        wait_for(lambda: [p.metadata.name for p in core.list_namespaced_pod("default").items] == ["cli-w-0"],
-                 timeout=30, what="the operator process to create the worker")
+        wait_for(lambda: sorted(p.metadata.name for p in core.list_namespaced_pod("default").items)
+                 == ["cli-router", "cli-w-0"], timeout=30, what="the operator process to create the worker and router")
         assert httpx.get(f"http://127.0.0.1:{health_port}/healthz", timeout=10).status_code == 200
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         assert 'kvfleet_operator_actions_total{kind="Pod",verb="create"}' in scraped

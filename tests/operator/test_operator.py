@@ -77,8 +77,9 @@ class Cluster:
         return [e.message for e in self.core.list_namespaced_event(NS).items if e.reason == reason]
 
     def run_pods(self, name: str) -> bool:
-        """The kubelet: start every pod of the service that is not running yet."""
-        for pod_name, pod in self.pods(name).items():
+        """The kubelet: start every pod of the service (workers and router) that is not running yet."""
+        every_pod = self.core.list_namespaced_pod(NS, label_selector=f"kvfleet.dev/service={name}").items
+        for pod_name, pod in {p.metadata.name: p for p in every_pod}.items():
             if pod.status and pod.status.phase == "Running":
                 continue
             endpoint = {"kvfleet.dev/endpoint": f"{self.workers.url}/{pod_name}"}
@@ -143,7 +144,8 @@ def test_scale_subresource_adds_and_drains_workers(cluster: Cluster) -> None:
     scale = cluster.custom.get_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "chat")
     assert (scale["spec"]["replicas"], scale["status"]["replicas"]) == (3, 3)
 
-    cluster.workers.busy["chat-w-2"] = 1  # a request in flight holds the drained worker
+    # A request in flight on every worker (equal loads: the highest index goes) holds the drained one.
+    cluster.workers.busy.update({"chat-w-0": 1, "chat-w-1": 1, "chat-w-2": 1})
     cluster.custom.patch_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "chat", {"spec": {"replicas": 2}},
                                                         _content_type=MERGE)
     wait_for(lambda: "chat-w-2" in cluster.workers.drained, what="the drain call")

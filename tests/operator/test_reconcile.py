@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import datetime
-import json
 from typing import Any
 
-from kvfleet.operator import children
+from kvfleet.operator import children, router_children
 from kvfleet.operator.children import Owner
 from kvfleet.operator.crd import InferenceServiceSpec, InferenceServiceStatus
 from kvfleet.operator.reconcile import (
@@ -41,12 +40,18 @@ def pod(index: int, s: InferenceServiceSpec | None = None, *, ready: bool = True
 
 
 def settled_objects(s: InferenceServiceSpec) -> dict[tuple[str, str], dict[str, Any]]:
-    """The Services, ConfigMap and PDB exactly as the spec wants them."""
+    """The Services, ConfigMap, PDB and the ready router exactly as the spec wants them."""
+    router = router_children.router_pod(OWNER, s)
+    router["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
     manifests = [
         children.engine_configmap(OWNER, s),
         children.workers_service(OWNER),
         children.entry_service(OWNER, s),
         children.disruption_budget(OWNER),
+        router_children.router_service_account(OWNER),
+        router_children.router_role(OWNER),
+        router_children.router_role_binding(OWNER),
+        router,
     ]
     return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
 
@@ -68,10 +73,12 @@ def condition(plan: Plan, kind: str) -> tuple[str, str]:
 def test_create_makes_workers_services_configmap_and_budget() -> None:
     s = spec(replicas=2)
     plan = run(s, [], objects={})
-    assert verbs(plan) == [("create", "chat-w-0"), ("create", "chat-w-1")]
+    assert verbs(plan) == [("create", "chat-router"), ("create", "chat-w-0"), ("create", "chat-w-1")]
     kinds = sorted((a.kind, a.name) for a in plan.actions if a.kind != "Pod")
     assert kinds == [
-        ("ConfigMap", "chat-engine"), ("PodDisruptionBudget", "chat"), ("Service", "chat"), ("Service", "chat-workers"),
+        ("ConfigMap", "chat-engine"), ("PodDisruptionBudget", "chat"), ("Role", "chat-router"),
+        ("RoleBinding", "chat-router"), ("Service", "chat"), ("Service", "chat-workers"),
+        ("ServiceAccount", "chat-router"),
     ]
     for action in plan.actions:
         assert action.manifest is not None
@@ -101,50 +108,6 @@ def test_worker_pod_runs_kvfleet_serve_with_the_engine_settings() -> None:
     assert command[command.index("--max-model-len") + 1] == "4096"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
-
-
-# The value a Secret would hold: the operator never reads it, so no manifest may contain it.
-API_KEY = "sk-kvfleet-0123456789abcdef"
-AUTH = {"apiKeySecretRef": {"name": "chat-keys", "key": "keys"}}
-
-
-def test_auth_mounts_the_secret_as_a_file_and_passes_its_path_never_the_key() -> None:
-    s = spec(replicas=2, auth=AUTH)
-    plan = run(s, [], objects={})
-    pods = [a.manifest for a in plan.actions if a.kind == "Pod"]
-    assert len(pods) == 2
-    for manifest in pods:
-        assert manifest is not None
-        pod_spec = manifest["spec"]
-        container = pod_spec["containers"][0]
-        volume = next(v for v in pod_spec["volumes"] if "secret" in v)
-        assert volume["secret"] == {"secretName": "chat-keys", "items": [{"key": "keys", "path": "api-keys"}]}
-        mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
-        assert mount == {"name": volume["name"], "mountPath": "/etc/kvfleet-auth", "readOnly": True}
-        command = container["command"]
-        assert command[command.index("--api-key-file") + 1] == "/etc/kvfleet-auth/api-keys"
-    rendered = json.dumps([a.manifest for a in plan.actions])
-    assert API_KEY not in rendered and "secretKeyRef" not in rendered
-
-
-def test_without_auth_workers_get_no_secret_and_no_key_file() -> None:
-    manifest = run(spec(replicas=1), [], objects={}).actions[-1].manifest
-    assert manifest is not None
-    assert not any("secret" in v for v in manifest["spec"]["volumes"])
-    assert "--api-key-file" not in manifest["spec"]["containers"][0]["command"]
-
-
-def test_changed_secret_reference_rolls_the_workers() -> None:
-    old = spec(replicas=1, auth=AUTH)
-    hashes = {
-        current_hash(spec(replicas=1)),
-        current_hash(old),
-        current_hash(spec(replicas=1, auth={"apiKeySecretRef": {"name": "chat-keys-2", "key": "keys"}})),
-        current_hash(spec(replicas=1, auth={"apiKeySecretRef": {"name": "chat-keys", "key": "rotated"}})),
-    }
-    assert len(hashes) == 4
-    new = spec(replicas=1, auth={"apiKeySecretRef": {"name": "chat-keys-2", "key": "keys"}})
-    assert verbs(run(new, [pod(0, old)])) == [("create", "chat-w-1")]
 
 
 def test_settled_service_needs_nothing_and_is_ready() -> None:
@@ -312,6 +275,10 @@ def test_deletion_deletes_every_child() -> None:
         ("delete", "Service", "chat-workers"),
         ("delete", "Service", "chat"),
         ("delete", "PodDisruptionBudget", "chat"),
+        ("delete", "ServiceAccount", "chat-router"),
+        ("delete", "Role", "chat-router"),
+        ("delete", "RoleBinding", "chat-router"),
+        ("delete", "Pod", "chat-router"),
     ]
 
 

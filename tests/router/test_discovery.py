@@ -72,8 +72,8 @@ def core() -> Iterator[kubernetes.client.CoreV1Api]:
 
 def test_the_router_follows_the_services_pods_and_configmap(core, start_worker):
     short, long = start_worker().url, start_worker().url
-    router_json = {"policy": "prefix-aware", "pools": [{"name": "short", "maxPromptTokens": 64},
-                                                       {"name": "long", "minPromptTokens": 64}]}
+    router_json = {"policy": "prefix-aware", "holdTimeoutSeconds": 0,  # refuse at once: no replica to wait for
+                   "pools": [{"name": "short", "maxPromptTokens": 64}, {"name": "long", "minPromptTokens": 64}]}
     core.create_namespaced_config_map(NAMESPACE, {"metadata": {"name": "svc-engine"},
                                                   "data": {"router.json": json.dumps(router_json),
                                                            "engine.json": json.dumps({"kvCache": {"blockSize": 16}})}})

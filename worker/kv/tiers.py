@@ -21,6 +21,10 @@ from kvfleet.worker.kv.disk import DiskBlockStore
 
 log = logging.getLogger(__name__)
 
+# 64 MiB of Llama-3-8B KV: pieces large enough for the link's full rate (2 MiB and up), small
+# enough that copies up can start while later copies down are still running.
+_COPY_CHUNK_BLOCKS = 32
+
 
 def coalesce(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """(src, dst) index pairs as (src start, dst start, length) runs that advance together."""
@@ -98,16 +102,23 @@ class OffloadTiers:
             self.disk.write(victim, _as_bytes(self.cpu_cache[slot]))
         return slot
 
-    def _flush(self) -> None:
-        """Issue the queued GPU->CPU copies (after the work that produced those blocks)."""
+    def _flush(self) -> dict[int, torch.cuda.Event]:
+        """Issue the queued GPU->CPU copies (after the work that produced those blocks), in
+        chunks; returns, on CUDA, the event after which each copied GPU block may be reused."""
+        copied: dict[int, torch.cuda.Event] = {}
         if not self._pending:
-            return
+            return copied
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.gpu_cache.device))
         with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-            for block, slot, n in coalesce(self._pending):
+            for block, slot, n in _chunks(coalesce(self._pending)):
                 self.cpu_cache[slot : slot + n].copy_(self.gpu_cache[block : block + n], non_blocking=True)
+                if self._stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+                    copied.update(dict.fromkeys(range(block, block + n), event))
         self._pending.clear()
+        return copied
 
     # -- up: CPU or disk -> GPU --------------------------------------------------------
 
@@ -118,18 +129,30 @@ class OffloadTiers:
 
     def restore(self, block_hashes: list[int], gpu_blocks: list[int]) -> int:
         """Copy the blocks of `block_hashes` back into `gpu_blocks`, in order; returns how
-        many were restored (the rest are no longer intact in a lower tier: recompute them)."""
-        self.before_forward()
+        many were restored (the rest are no longer intact in a lower tier: recompute them).
+
+        The GPU blocks to fill were mostly just evicted, so their old content is still on its
+        way down to the CPU pool. Each chunk copied up waits only for the chunks copied down
+        that it overwrites: the two directions of the link run at once instead of one after
+        the other."""
+        copied_down = self._flush()
+        compute = torch.cuda.current_stream(self.gpu_cache.device) if self._stream is not None else None
         done, from_cpu = 0, []
         for block_hash, gpu_block in zip(block_hashes, gpu_blocks):
             slot = self._slot_of.get(block_hash)
             if slot is not None:
                 from_cpu.append((slot, gpu_block))
                 self._slot_of.move_to_end(block_hash)
-            elif not self._restore_from_disk(block_hash, gpu_block):
-                break
+            else:
+                if compute is not None and gpu_block in copied_down:
+                    compute.wait_event(copied_down[gpu_block])
+                if not self._restore_from_disk(block_hash, gpu_block):
+                    break
             done += 1
-        for slot, block, n in coalesce(from_cpu):
+        for slot, block, n in _chunks(coalesce(from_cpu)):
+            if compute is not None:
+                for event in {copied_down[b] for b in range(block, block + n) if b in copied_down}:
+                    compute.wait_event(event)
             self.gpu_cache[block : block + n].copy_(self.cpu_cache[slot : slot + n], non_blocking=True)
         self.restored_blocks["cpu"] += len(from_cpu)
         self._pinned.clear()
@@ -161,6 +184,12 @@ class OffloadTiers:
     def _sync(self) -> None:
         if self._stream is not None:
             self._stream.synchronize()
+
+
+def _chunks(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Runs cut into pieces of at most _COPY_CHUNK_BLOCKS blocks."""
+    return [(src + i, dst + i, min(_COPY_CHUNK_BLOCKS, n - i)) for src, dst, n in runs
+            for i in range(0, n, _COPY_CHUNK_BLOCKS)]
 
 
 def _as_bytes(block: torch.Tensor) -> bytes:

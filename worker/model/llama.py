@@ -7,6 +7,9 @@ positions and the attention metadata that says where their KV lives. Under tenso
 MLP and the vocabulary (kvfleet.worker.model.parallel).
 """
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +27,7 @@ from kvfleet.worker.model.parallel import (
     TPGroup,
     VocabParallelEmbedding,
 )
+from kvfleet.worker.model.quant import QuantizedLinear
 from kvfleet.worker.model.rope import RotaryEmbedding
 
 
@@ -70,6 +74,25 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.qkv_bias, *kv)
         self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.qkv_bias, *kv)
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_bias, group, *q)
+        self._qkv: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._qkv_sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+
+    def fuse_qkv(self) -> None:
+        """One matmul for q, k and v (as MLP.fuse_gate_up): at decode batch sizes three small
+        matmuls leave the memory bus idle between them."""
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        if isinstance(self.q_proj, QuantizedLinear):
+            if self.q_proj.bias is None:
+                self._qkv = QuantizedLinear.fuse(projections).forward
+            return
+        weight = torch.cat([p.weight.data for p in projections])
+        bias = torch.cat([p.bias.data for p in projections]) if self.q_proj.bias is not None else None
+        for p, w in zip(projections, weight.split(self._qkv_sizes)):
+            p.weight.data = w
+        if bias is not None:
+            for p, b in zip(projections, bias.split(self._qkv_sizes)):
+                p.bias.data = b
+        self._qkv = partial(F.linear, weight=weight, bias=bias)
 
     def forward(
         self,
@@ -80,9 +103,13 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.backend.triton_pointwise and self._qkv is not None:  # the kernels take strided q, k, v
+            q, k, v = self._qkv(x).split(self._qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k, triton=self.backend.triton_pointwise)
         out = self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
@@ -92,7 +119,9 @@ class MLP(nn.Module):
     """SwiGLU over this rank's share of the intermediate features.
 
     `fuse_gate_up` makes the gate and up weights two halves of one buffer (the parameters stay,
-    as views), so that one matmul yields `[gate | up]` for the fused silu_and_mul kernel.
+    as views), so that one matmul yields `[gate | up]` for the fused silu_and_mul kernel. The
+    same holds for quantized projections: their packed tensors are concatenated along the
+    output features, which carry their own scales and zero points.
     """
 
     def __init__(self, cfg: ModelConfig, group: TPGroup, triton: bool) -> None:
@@ -103,19 +132,22 @@ class MLP(nn.Module):
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, *part)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, group, *part)
         self.triton = triton
-        self._gate_up: torch.Tensor | None = None
+        self._gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def fuse_gate_up(self) -> None:
         if self.gate_proj.bias is not None:
             return  # biased MLPs keep two matmuls
+        if isinstance(self.gate_proj, QuantizedLinear):
+            self._gate_up = QuantizedLinear.fuse([self.gate_proj, self.up_proj]).forward
+            return
         fused = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
         rows = self.gate_proj.weight.shape[0]
         self.gate_proj.weight.data, self.up_proj.weight.data = fused[:rows], fused[rows:]
-        self._gate_up = fused
+        self._gate_up = partial(F.linear, weight=fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.triton and self._gate_up is not None:
-            return self.down_proj(silu_and_mul(F.linear(x, self._gate_up)))
+            return self.down_proj(silu_and_mul(self._gate_up(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -194,9 +226,11 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_cache, meta)
 
-    def fuse_gate_up(self) -> None:
-        """Once the weights are loaded: one gate/up matmul per layer (see MLP)."""
+    def fuse_projections(self) -> None:
+        """Once the weights are loaded: one q/k/v and one gate/up matmul per layer (see
+        Attention.fuse_qkv and MLP.fuse_gate_up); used on the Triton path."""
         for layer in self.model.layers:
+            layer.self_attn.fuse_qkv()
             layer.mlp.fuse_gate_up()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

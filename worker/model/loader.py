@@ -22,6 +22,14 @@ from kvfleet.worker.config import EngineConfig, ModelConfig
 from kvfleet.worker.model import gguf_file
 from kvfleet.worker.model.llama import LlamaForCausalLM
 from kvfleet.worker.model.parallel import SINGLE_RANK, Shard, TPGroup, check_tp_size
+from kvfleet.worker.model.quant import (
+    RTN_SPECS,
+    QuantizedLinear,
+    QuantSpec,
+    drop_trivial_g_idx,
+    read_gptq_config,
+    replace_linears,
+)
 
 if TYPE_CHECKING:
     from kvfleet.worker.tp import Replica
@@ -63,6 +71,7 @@ class LoadedModel:
     device: torch.device
     # Rank 0 of a tensor-parallel replica: the other ranks' processes (kvfleet.worker.tp).
     replica: "Replica | None" = None
+    quantization: QuantSpec | None = None  # the linear layers' weights, when quantized
 
     @property
     def tp_size(self) -> int:
@@ -85,10 +94,11 @@ def load(config: EngineConfig, backend: AttentionBackend, group: TPGroup | None 
     source = resolve_model(config.model, config.load_format)
     model_config = read_model_config(source)
     check_tp_size(model_config, group.world_size)
+    quantization = resolve_quantization(config.quantization, source)
     tokenizer = load_tokenizer(source, config.tokenizer) if source.format != "dummy" and group.rank == 0 else None
     dtype, device = config.torch_dtype(), config.torch_device()
-    model = load_model(source, model_config, dtype, device, backend, config.seed, group)
-    return LoadedModel(source, model_config, model, tokenizer, dtype, device)
+    model = load_model(source, model_config, dtype, device, backend, config.seed, group, quantization)
+    return LoadedModel(source, model_config, model, tokenizer, dtype, device, quantization=quantization)
 
 
 def demo_model_path() -> Path:
@@ -126,14 +136,44 @@ def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
     return ModelSource("hf", path)
 
 
+def _read_hf_config(source: ModelSource) -> dict[str, Any]:
+    config_path = source.path / "config.json"
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+
+
+def read_checkpoint_quantization(source: ModelSource) -> QuantSpec | None:
+    """How the checkpoint's weights are quantized (GPTQ), None for plain weights."""
+    if source.format != "hf":
+        return None
+    return read_gptq_config(_read_hf_config(source), str(source.path / "config.json"))
+
+
+def resolve_quantization(requested: str | None, source: ModelSource) -> QuantSpec | None:
+    """The quantization the model runs with: the checkpoint's, or `requested` (EngineConfig's
+    `quantization`) where it agrees with the checkpoint."""
+    stored = read_checkpoint_quantization(source)
+    if requested is None:
+        return stored
+    if requested == "gptq":
+        if stored is None:
+            raise ValueError(f"quantization: 'gptq' needs a GPTQ checkpoint (config.json with a gptq "
+                             f"quantization_config); {source.path} has none. Quantize it with `kvfleet quantize`, "
+                             f"or use int8/int4 to quantize at load")
+        return stored
+    if stored is not None:
+        raise ValueError(f"quantization: {requested!r} quantizes plain weights at load, but {source.path} is "
+                         f"already quantized ({stored.label}); leave quantization unset or use 'gptq'")
+    return RTN_SPECS[requested]
+
+
 def read_model_config(source: ModelSource) -> ModelConfig:
     if source.format == "gguf":
         return gguf_file.read_config(source.gguf_reader, source.gguf_path)
     config_path = source.path / "config.json"
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+    hf = _read_hf_config(source)
     try:
         return ModelConfig.from_hf(hf)
     except KeyError as exc:
@@ -148,12 +188,18 @@ def load_model(
     backend: AttentionBackend,
     seed: int = 0,
     group: TPGroup = SINGLE_RANK,
+    quantization: QuantSpec | None = None,
 ) -> LlamaForCausalLM:
     """Build `group`'s rank of the model on `device` and fill its weights from `source`
-    (random for dummy)."""
+    (random for dummy). With `quantization`, the decoder's projections are QuantizedLinear
+    layers: read packed from a GPTQ checkpoint, random for dummy, else quantized once loaded."""
     start = time.perf_counter()
+    packed = quantization is not None and (source.format == "dummy" or read_checkpoint_quantization(source) is not None)
     with torch.device("meta"):  # no memory and no random init until the real weights arrive
         model = LlamaForCausalLM(cfg, backend, group).to(dtype)
+        if packed:
+            assert quantization is not None
+            replace_linears(model, quantization, backend.triton_pointwise)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -172,11 +218,17 @@ def load_model(
             )
         else:
             tensors = _iter_safetensors(source.path, shards)
+            if packed:
+                assert quantization is not None
+                tensors = drop_trivial_g_idx(tensors, quantization, str(source.path))
         _load_weights(model, tensors, str(source.gguf_path if source.gguf_name else source.path), shards)
-    model.fuse_gate_up()
+        if quantization is not None and not packed:
+            replace_linears(model, quantization, backend.triton_pointwise, quantize=True)
+    model.fuse_projections()
     log.info(
-        "loaded %s weights (rank %d of %d) from %s in %.2fs",
-        source.format, group.rank, group.world_size, source.path, time.perf_counter() - start,
+        "loaded %s weights%s (rank %d of %d) from %s in %.2fs",
+        source.format, f", {quantization.label}" if quantization else "", group.rank, group.world_size,
+        source.path, time.perf_counter() - start,
     )
     return model.eval()
 
@@ -225,6 +277,12 @@ def _load_weights(
         raise ValueError(f"{where}: missing tensors {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
+def read_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a HF folder (one file or a sharded index), whole, one at a time."""
+    for name, _, tensor in _iter_safetensors(folder, {}):
+        yield name, tensor
+
+
 def _iter_safetensors(folder: Path, shards: dict[str, Shard]) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
     """(name, checkpoint shape, the part `shards` names) of every tensor, reading only that part."""
     from safetensors import safe_open
@@ -258,8 +316,14 @@ def _iter_safetensors(folder: Path, shards: dict[str, Shard]) -> Iterator[tuple[
 
 def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
     """Random weights with a realistic scale, so activations stay finite in any dtype."""
+    quantized = [(f"{name}.", m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for _, module in quantized:
+        module.fill_random(torch.Generator(device=module.qweight.device).manual_seed(seed))
+        seed += 1
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if any(name.startswith(prefix) for prefix, _ in quantized):
+                continue
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:

@@ -1,7 +1,8 @@
 """The router's HTTP app: the OpenAI API in front of the workers, plus its own probes and metrics.
 
 /v1/completions and /v1/chat/completions are routed by the prompt (`policy`), /v1/models goes
-to any ready replica; /health says the router runs, /ready that some replica can serve, and
+to any ready replica; /health says the router runs, /ready that it takes requests (some replica
+can serve, or it holds requests until one can: `hold_seconds`), and
 /metrics is the router's own (`kvfleet_router_*`); `access` (worker/auth.py) decides which
 need a key, and `internal_token` is what the router shows the workers instead. Discovery, polling and routing settings
 all live on the app's event loop, started and stopped with it.
@@ -66,6 +67,7 @@ class RouterOptions:
     load_slack: int = DEFAULT_LOAD_SLACK
     access: AccessPolicy = AccessPolicy()
     internal_token: bytes | None = None  # sent to workers in place of the client's Authorization
+    hold_seconds: float | None = None  # None: the settings' hold timeout (router.holdTimeoutSeconds)
 
 
 @dataclass
@@ -90,8 +92,9 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
     # worker is closing (that would look like a replica dying).
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=4.0)
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0), limits=limits)
+    hold = settings.hold_seconds if options.hold_seconds is None else options.hold_seconds
     state = RouterState(fleet, router, reader, metrics, Proxy(fleet, router, metrics, client, options.max_attempts, clock,
-                                                                  options.internal_token))
+                                                                  options.internal_token, hold))
 
     def apply_settings(new: RouterSettings) -> None:
         router.pools = new.pools
@@ -99,6 +102,8 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
             router.policy = new.policy
         if options.block_size is None:
             reader.block_size = new.block_size
+        if options.hold_seconds is None:
+            state.proxy.hold_seconds = new.hold_seconds
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -122,8 +127,9 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
 
     @app.get("/ready")
     async def ready() -> Response:
+        """Whether it takes requests: some replica serves, or it holds requests until one does."""
         serving = sum(1 for view in fleet.views(clock()) if view.serving)
-        if serving == 0:
+        if serving == 0 and state.proxy.hold_seconds <= 0:
             return JSONResponse({"ready": False, "reason": "no replica is ready"}, status_code=503)
         return JSONResponse({"ready": True, "replicas": serving})
 

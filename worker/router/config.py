@@ -1,4 +1,4 @@
-"""The router's settings: policy, pools and block size, from the InferenceService.
+"""The router's settings: policy, pools, block size and hold timeout, from the InferenceService.
 
 The operator writes them into the `<name>-engine` ConfigMap: `router.json` is the spec's
 `router` section (validated here by the CRD's own model, so a bad file fails naming the
@@ -27,6 +27,7 @@ class RouterSettings:
     policy: Policy = "prefix-aware"
     pools: tuple[Pool, ...] = ()
     block_size: int = DEFAULT_BLOCK_SIZE
+    hold_seconds: float = 0.0  # how long a request waits while no replica can take it
 
 
 def settings_from_json(router_json: str, engine_json: str | None = None, where: str = "router.json") -> RouterSettings:
@@ -40,7 +41,8 @@ def settings_from_json(router_json: str, engine_json: str | None = None, where: 
     if engine_json:
         engine: Any = json.loads(engine_json)
         block_size = int(engine.get("kvCache", {}).get("blockSize", DEFAULT_BLOCK_SIZE))
-    return RouterSettings(policy=spec.policy, pools=pools, block_size=block_size)
+    return RouterSettings(policy=spec.policy, pools=pools, block_size=block_size,
+                          hold_seconds=float(spec.holdTimeoutSeconds))
 
 
 def settings_from_configmap(data: Mapping[str, str] | None) -> RouterSettings:

@@ -1,6 +1,6 @@
 """The router's Prometheus metrics (prefix `kvfleet_router_`): requests per replica, retries,
-routing decisions by reason, requests it refused itself, and, read from the fleet at scrape
-time, each replica's state and requests in flight.
+routing decisions by reason, requests it refused itself, requests it holds while no replica can
+take them, and, read from the fleet at scrape time, each replica's state and requests in flight.
 
 `prefix_blocks` / `prompt_blocks` is the router's estimate of the fleet's prefix-cache hit rate
 (blocks the chosen replica was believed to hold, over all leading blocks hashed), counted
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -56,6 +56,11 @@ class RouterMetrics:
         self.prompt_blocks = Counter("kvfleet_router_prompt_blocks", "Leading prompt blocks hashed", registry=r)
         self.prefix_blocks = Counter("kvfleet_router_prefix_blocks",
                                      "Leading prompt blocks the chosen replica was believed to hold", registry=r)
+        # The autoscaler reads `held` to scale up from zero replicas (kvfleet.operator.workers).
+        self.held = Gauge("kvfleet_router_held_requests", "Requests waiting for a replica that can take them",
+                          registry=r)
+        self.hold_timeouts = Counter("kvfleet_router_hold_timeouts",
+                                     "Held requests answered 503 because no replica became ready in time", registry=r)
         self.ttfb = Histogram("kvfleet_router_time_to_first_byte_seconds", "Arrival to the first byte relayed",
                               buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_FleetCollector(fleet, clock))

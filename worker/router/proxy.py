@@ -9,6 +9,10 @@ dies before answering costs a retry, not an error. Once a byte has been relayed 
 the replica's: a failure after that cuts the client's connection (a retry would duplicate
 output). Answers are relayed byte for byte, SSE included. With an internal token, the client's
 Authorization header is replaced by the router's own, so user keys never reach the workers.
+
+While no replica of the request's pool is ready (scaled to zero, all starting), a request is
+held for up to `hold_seconds` instead of refused: the autoscaler sees the held count in the
+router's metrics and adds a replica; the request goes on once one is ready, or gets 503.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 from kvfleet.worker.auth import bearer_header
 from kvfleet.worker.router.fleet import Fleet, Replica
 from kvfleet.worker.router.metrics import RouterMetrics
-from kvfleet.worker.router.policy import Refusal, RequestFeatures, Router
+from kvfleet.worker.router.policy import Refusal, RequestFeatures, Router, pool_members
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 MAX_SATURATION_SECONDS = 1.0
 # How often a request waiting for its replica's first byte checks whether the client left.
 _DISCONNECT_CHECK_SECONDS = 0.5
+# How often a held request looks for a replica that can take it.
+_HOLD_CHECK_SECONDS = 0.1
 
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                          "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
@@ -82,11 +88,13 @@ class _RelayResponse(StreamingResponse):
 class Proxy:
     def __init__(self, fleet: Fleet, router: Router, metrics: RouterMetrics, client: httpx.AsyncClient,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock: Callable[[], float] = time.monotonic,
-                 internal_token: bytes | None = None) -> None:
+                 internal_token: bytes | None = None, hold_seconds: float = 0.0) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts: must be >= 1, got {max_attempts}")
+        if hold_seconds < 0:
+            raise ValueError(f"hold_seconds: must be >= 0, got {hold_seconds}")
         self.fleet, self.router, self.metrics, self.client = fleet, router, metrics, client
-        self.max_attempts, self.clock = max_attempts, clock
+        self.max_attempts, self.clock, self.hold_seconds = max_attempts, clock, hold_seconds
         self._upstream_auth = bearer_header(internal_token) if internal_token is not None else None
 
     async def forward(self, request: Request, path: str, body: bytes, features: RequestFeatures) -> Response:
@@ -95,6 +103,13 @@ class Proxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         if self._upstream_auth is not None:
             headers["authorization"] = self._upstream_auth
+        if self.hold_seconds > 0 and not self._can_serve(features):
+            waited = await self._hold(request, features)
+            if waited is None:  # the client left while held
+                return Response(status_code=499)
+            if not waited:
+                self.metrics.hold_timeouts.inc()
+                return self._refuse(503, f"no replica became ready within {self.hold_seconds:g} s")
         tried: set[str] = set()
         saw_full_queue = False
         for _ in range(self.max_attempts):
@@ -126,6 +141,27 @@ class Proxy:
         if saw_full_queue:
             return self._refuse(429, "every replica tried has a full queue; retry later")
         return self._refuse(503, f"no replica answered after {self.max_attempts} attempts")
+
+    def _can_serve(self, features: RequestFeatures) -> bool:
+        """Whether some replica of the request's pool is ready and not draining."""
+        _, members = pool_members(self.router.pools, features.prompt_tokens, self.fleet.views(self.clock()))
+        return any(r.serving for r in members)
+
+    async def _hold(self, request: Request, features: RequestFeatures) -> bool | None:
+        """Wait until a replica can take the request: True once one can, False when the hold
+        timeout passed first, None when the client left."""
+        deadline = self.clock() + self.hold_seconds
+        self.metrics.held.inc()
+        try:
+            while not self._can_serve(features):
+                if self.clock() >= deadline:
+                    return False
+                if await request.is_disconnected():
+                    return None
+                await asyncio.sleep(_HOLD_CHECK_SECONDS)
+            return True
+        finally:
+            self.metrics.held.dec()
 
     def _refuse(self, status: int, message: str) -> JSONResponse:
         self.metrics.refused.labels(status=str(status)).inc()

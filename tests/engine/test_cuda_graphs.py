@@ -1,0 +1,72 @@
+"""Decode steps replayed from CUDA graphs give the tokens of eager steps; GPU memory sizing
+from gpu_memory_utilization stays within its share."""
+
+import json
+
+import pytest
+import torch
+
+from kvfleet.worker.config import EngineConfig, SamplingParams
+from kvfleet.worker.cuda_graphs import capture_batch_sizes
+from kvfleet.worker.engine import LLMEngine
+
+
+def test_capture_batch_sizes_cover_every_batch_up_to_the_limit():
+    assert capture_batch_sizes(1) == [1]
+    assert capture_batch_sizes(6) == [1, 2, 4, 6]
+    assert capture_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    sizes = capture_batch_sizes(1000)
+    assert sizes[-1] == 256 and all(b - a <= 8 for a, b in zip(sizes, sizes[1:]))
+
+
+def test_cpu_engine_captures_no_graphs(tiny_engine):
+    assert tiny_engine().runner.decode_graphs is None
+
+
+@pytest.fixture
+def dummy_model(tmp_path):
+    """A small Llama the Triton kernels accept (head_dim 64), with dummy weights."""
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+@pytest.mark.gpu
+def test_graph_decoding_matches_eager_decoding(dummy_model):
+    """Five sequences of different lengths finish at different steps, so decode batches of 5,
+    4, ... 1 replay padded graphs (8, 4, 4, 2, 1). float32 keeps the two paths' different
+    split-K orders (the graphs' block tables are max_model_len wide) far below any logit gap."""
+    base = dict(model=dummy_model, load_format="dummy", dtype="float32", device="cuda", max_model_len=256,
+                max_num_seqs=8, num_kv_blocks=64, seed=0)
+    graphs = LLMEngine(EngineConfig(**base))
+    eager = LLMEngine(EngineConfig(**base, enforce_eager=True), loaded=graphs.loaded)
+    assert graphs.runner.decode_graphs is not None and eager.runner.decode_graphs is None
+    prompts = [list(range(3 + 7 * i, 10 + 13 * i)) for i in range(5)]
+    outputs = {}
+    for name, engine in (("graphs", graphs), ("eager", eager)):
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=8 + 6 * i, ignore_eos=True))
+        finished = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out.outputs[0].token_ids
+        outputs[name] = [finished[str(i)] for i in range(len(prompts))]
+    assert outputs["graphs"] == outputs["eager"]
+
+
+@pytest.mark.gpu
+def test_kv_cache_fills_what_gpu_memory_utilization_leaves(dummy_model):
+    free, total = torch.cuda.mem_get_info()
+    share = (total - free) / total + 0.05  # 5% of the GPU above what is in use now
+    engine = LLMEngine(EngineConfig(model=dummy_model, load_format="dummy", device="cuda", max_model_len=256,
+                                    max_num_seqs=2048, gpu_memory_utilization=share))
+    used = total - torch.cuda.mem_get_info()[0]
+    assert engine.pool.num_blocks > 1000
+    assert used <= share * total
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLMEngine(EngineConfig(model=dummy_model, load_format="dummy", device="cuda", max_model_len=256,
+                               gpu_memory_utilization=0.001), loaded=engine.loaded)

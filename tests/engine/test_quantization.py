@@ -1,0 +1,250 @@
+"""Weight-only quantization end to end on CPU: `kvfleet quantize` writes a GPTQ checkpoint, the
+loader reads it back bit-exactly into QuantizedLinear layers, and the quantized model generates
+exactly what a float32 model holding the dequantized weights generates. Bad inputs are refused
+naming the field."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kvfleet.cli import main as cli
+from kvfleet.kernels.quant_matmul import dequantize
+from kvfleet.worker.attention import TorchAttentionBackend
+from kvfleet.worker.config import EngineConfig, SamplingParams
+from kvfleet.worker.llm import LLM
+from kvfleet.worker.model.loader import load
+from kvfleet.worker.model.parallel import TPGroup
+from kvfleet.worker.model.quant import QUANTIZED_PROJECTIONS, QuantizedLinear, QuantSpec, quantize_rtn
+from kvfleet.worker.model.quantize_checkpoint import quantize_checkpoint
+from tests.tiny_models import VOCAB
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PROMPTS = [[1, 2, 3, 4], [200, 17, 9], [5] * 20]
+
+
+@pytest.fixture(scope="module")
+def llama128(tmp_path_factory) -> Path:
+    """A tiny random Llama whose projections have 128 or 256 input features: int4 in groups
+    of 128 applies as on real models."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.2)
+    path = tmp_path_factory.mktemp("llama128") / "plain"
+    model.save_pretrained(path)
+    (path / "special_tokens_map.json").write_text("{}")  # stands for the tokenizer files to be copied
+    return path
+
+
+@pytest.fixture(scope="module")
+def quantized(llama128, tmp_path_factory) -> dict[str, Path]:
+    """The same checkpoint as int4 (groups of 128) and int8 (per channel), via the CLI, and as
+    int4 in groups of 32 (which two ranks can split: o_proj has 64 input features per rank)."""
+    root = tmp_path_factory.mktemp("quantized")
+    paths = {}
+    for bits in (4, 8):
+        paths[f"int{bits}"] = root / f"int{bits}"
+        assert cli(["quantize", "--model", str(llama128), "--bits", str(bits), "--out", str(paths[f"int{bits}"])]) == 0
+    paths["int4-g32"] = root / "int4-g32"
+    quantize_checkpoint(llama128, paths["int4-g32"], 4, 32, progress=lambda _: None)
+    return paths
+
+
+def projections(model: torch.nn.Module):
+    for i, layer in enumerate(model.model.layers):
+        for path in QUANTIZED_PROJECTIONS:
+            parent, name = path.split(".")
+            yield f"model.layers.{i}.{path}", getattr(getattr(layer, parent), name)
+
+
+def token_ids(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+@pytest.mark.parametrize("fmt,spec", [("int4", QuantSpec(4, 128)), ("int8", QuantSpec(8, -1))])
+def test_a_quantized_checkpoint_loads_back_bit_exactly(llama128, quantized, fmt, spec):
+    plain = load_file(llama128 / "model.safetensors")
+    loaded = load(EngineConfig(model=str(quantized[fmt]), device="cpu"), TorchAttentionBackend())
+    assert loaded.quantization == spec
+    for name, module in projections(loaded.model):
+        assert isinstance(module, QuantizedLinear)
+        expected = quantize_rtn(plain[f"{name}.weight"], spec)
+        for field in ("qweight", "scales", "qzeros"):
+            assert torch.equal(getattr(module, field), getattr(expected, field)), (name, field)
+        assert torch.equal(module.weight.dequantize(spec), expected.dequantize(spec))
+
+
+def test_the_checkpoint_is_gptq_format_with_the_tokenizer_files(quantized, llama128):
+    folder = quantized["int4"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "gptq", "bits": 4, "group_size": 128,
+                                             "desc_act": False, "sym": False, "checkpoint_format": "gptq"}
+    tensors = load_file(folder / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj"
+    assert tensors[f"{q}.qweight"].shape == (128 // 8, 128) and tensors[f"{q}.qweight"].dtype == torch.int32
+    assert tensors[f"{q}.qzeros"].shape == (1, 128 // 8) and tensors[f"{q}.scales"].dtype == torch.float16
+    assert torch.equal(tensors["model.layers.0.mlp.down_proj.g_idx"], torch.arange(256, dtype=torch.int32) // 128)
+    assert f"{q}.weight" not in tensors
+    assert torch.equal(tensors["model.embed_tokens.weight"], load_file(llama128 / "model.safetensors")["model.embed_tokens.weight"])
+    assert (folder / "special_tokens_map.json").exists() and (folder / "generation_config.json").exists()
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_generation_equals_a_float32_model_of_the_dequantized_weights(llama128, quantized, fmt):
+    llm = LLM(str(quantized[fmt]), dtype="float32", device="cpu")
+    reference = LLM(str(llama128), dtype="float32", device="cpu")
+    spec = llm.engine.loaded.quantization
+    quant_modules = dict(projections(llm.engine.loaded.model))
+    with torch.no_grad():
+        for name, module in projections(reference.engine.loaded.model):
+            module.weight.copy_(quant_modules[name].weight.dequantize(spec))
+    assert token_ids(llm) == token_ids(reference)
+
+
+def test_quantizing_at_load_equals_loading_the_quantized_checkpoint(llama128, quantized):
+    at_load = LLM(str(llama128), dtype="float32", device="cpu", quantization="int4")
+    assert at_load.engine.loaded.quantization == QuantSpec(4, 128)
+    assert token_ids(at_load) == token_ids(LLM(str(quantized["int4"]), dtype="float32", device="cpu"))
+
+
+@pytest.mark.parametrize("fmt,bits", [("int4", 4), ("int8", 8)])
+def test_dummy_quantized_weights_have_the_models_shapes_and_generate(llama128, fmt, bits):
+    llm = LLM(str(llama128), load_format="dummy", quantization=fmt, dtype="float32", device="cpu")
+    gate = llm.engine.loaded.model.model.layers[1].mlp.gate_proj
+    assert isinstance(gate, QuantizedLinear) and gate.spec.bits == bits
+    assert gate.qweight.shape == (128 * bits // 32, 256)
+    w = gate.weight.dequantize(gate.spec)
+    assert 0.01 < w.std().item() < 0.04 and w.mean().abs().item() < 0.01
+    assert all(len(t) == GREEDY.max_tokens for t in token_ids(llm))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_tensor_parallel_rank_loads_its_slice_of_the_packed_weights(quantized, rank):
+    full = load_file(quantized["int4-g32"] / "model.safetensors")
+    config = EngineConfig(model=str(quantized["int4-g32"]), device="cpu", tensor_parallel_size=2)
+    model = load(config, TorchAttentionBackend(), TPGroup(rank, 2)).model
+    layer = model.model.layers[0]
+    q, down = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"
+    # column-parallel q_proj: half of the 128 output features; packed zeros 8 per int32
+    assert torch.equal(layer.self_attn.q_proj.qweight, full[f"{q}.qweight"][:, rank * 64 : (rank + 1) * 64])
+    assert torch.equal(layer.self_attn.q_proj.qzeros, full[f"{q}.qzeros"][:, rank * 8 : (rank + 1) * 8])
+    # row-parallel down_proj: half of the 256 input features, 4 groups of 32 each
+    assert torch.equal(layer.mlp.down_proj.qweight, full[f"{down}.qweight"][rank * 16 : (rank + 1) * 16])
+    assert torch.equal(layer.mlp.down_proj.scales, full[f"{down}.scales"][rank * 4 : (rank + 1) * 4])
+    assert torch.equal(layer.mlp.down_proj.qzeros, full[f"{down}.qzeros"][rank * 4 : (rank + 1) * 4])
+
+
+@pytest.mark.timeout(120)
+def test_tensor_parallel_generation_equals_one_rank(quantized):
+    """Row-parallel ranks each multiply their groups and sum: equal to one rank up to float
+    rounding, which random logits this far apart do not feel."""
+    reference = token_ids(LLM(str(quantized["int4-g32"]), dtype="float32", device="cpu"))
+    llm = LLM(str(quantized["int4-g32"]), dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        assert token_ids(llm) == reference
+    finally:
+        llm.engine.loaded.replica.shutdown()
+
+
+def test_quantization_gptq_on_a_plain_checkpoint_is_refused(llama128):
+    with pytest.raises(ValueError, match="quantization: 'gptq' needs a GPTQ checkpoint"):
+        LLM(str(llama128), device="cpu", quantization="gptq")
+
+
+def test_quantizing_an_already_quantized_checkpoint_at_load_is_refused(quantized):
+    with pytest.raises(ValueError, match="quantization: 'int8'.*already quantized"):
+        LLM(str(quantized["int4"]), device="cpu", quantization="int8")
+
+
+def test_an_unknown_quantization_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(model="demo", quantization="awq")
+
+
+def test_int4_at_load_refuses_layers_that_groups_of_128_do_not_divide(tiny_models):
+    with pytest.raises(ValueError, match="quantization: model.layers.0.self_attn.q_proj has 64 input and 64 output features"):
+        LLM(str(tiny_models["llama"]), device="cpu", quantization="int4")
+
+
+def test_act_order_checkpoints_are_refused(quantized, tmp_path):
+    folder = tmp_path / "act-order"
+    folder.mkdir()
+    config = json.loads((quantized["int8"] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(quantized["int8"] / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.g_idx"] = torch.randperm(128).to(torch.int32) % 2
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="up_proj.g_idx reorders input features"):
+        load(EngineConfig(model=str(folder), device="cpu"), TorchAttentionBackend())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {**config["quantization_config"], "desc_act": True}}))
+    with pytest.raises(ValueError, match="desc_act"):
+        load(EngineConfig(model=str(folder), device="cpu"), TorchAttentionBackend())
+
+
+def test_quantize_cli_refuses_bad_inputs_clearly(llama128, quantized, tiny_models, tmp_path, capsys):
+    def error(*args: str) -> str:
+        assert cli(["quantize", *args]) == 2
+        return capsys.readouterr().err
+
+    assert "is not a folder" in error("--model", str(tmp_path / "missing"), "--bits", "4", "--out", str(tmp_path / "a"))
+    assert "already quantized" in error("--model", str(quantized["int4"]), "--bits", "8", "--out", str(tmp_path / "b"))
+    assert "group_size: q_proj has 64 input features, not a multiple of 128" in error(
+        "--model", str(tiny_models["llama"]), "--bits", "4", "--out", str(tmp_path / "c"))
+    assert "already exists" in error("--model", str(llama128), "--bits", "8", "--out", str(quantized["int8"]))
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_sharded_output_has_an_index_the_loader_reads(llama128, tmp_path):
+    out = tmp_path / "sharded"
+    quantize_checkpoint(llama128, out, 8, shard_bytes=64 << 10, progress=lambda _: None)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = load(EngineConfig(model=str(out), device="cpu"), TorchAttentionBackend())
+    q = loaded.model.model.layers[1].self_attn.q_proj
+    plain = load_file(llama128 / "model.safetensors")["model.layers.1.self_attn.q_proj.weight"]
+    assert torch.equal(q.weight.dequantize(q.spec), quantize_rtn(plain, QuantSpec(8, -1)).dequantize(q.spec))
+
+
+def test_round_to_nearest_error_is_at_most_half_a_step():
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[3, :128] = w[3, :128].abs()  # a group without negative values (zero point 1 in GPTQ v1)
+    spec = QuantSpec(4, 128)
+    packed = quantize_rtn(w, spec)
+    step = packed.scales.float().repeat_interleave(128, 0).t()
+    assert ((packed.dequantize(spec) - w).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(dequantize(packed.qweight, packed.scales, packed.qzeros, 4, 128).t(), packed.dequantize(spec))
+
+
+def test_a_fused_projection_multiplies_like_its_parts():
+    """[gate | up] and [q | k | v] run as one kernel call over the parts' concatenated packed
+    tensors; the parts keep working on column views of them (Triton's interpreter on CPU)."""
+    pytest.importorskip("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(0)
+    parts = []
+    for width in (64, 32, 32):
+        layer = QuantizedLinear(128, width, False, QuantSpec(4, 32), triton=True)
+        layer.set_weight(quantize_rtn(torch.randn(width, 128, generator=gen) * 0.05, layer.spec))
+        parts.append(layer.to(device))
+    x = torch.randn(3, 128, generator=gen).to(device)
+    separate = torch.cat([p(x) for p in parts], dim=-1)
+    fused = QuantizedLinear.fuse(parts)
+    torch.testing.assert_close(fused(x), separate, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), separate)
+
+
+@pytest.mark.gpu
+def test_the_triton_path_generates_what_the_cpu_reference_path_does(quantized):
+    for fmt in ("int4", "int8"):
+        cpu = token_ids(LLM(str(quantized[fmt]), dtype="float32", device="cpu"))
+        assert token_ids(LLM(str(quantized[fmt]), dtype="float32", device="cuda")) == cpu

@@ -1,0 +1,67 @@
+"""While no replica can take a request (scaled to zero, all starting), the router holds it,
+counts it in its metrics for the autoscaler, and sends it on once a replica is ready, or
+answers 503 with an OpenAI error body when the hold timeout passes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from kvfleet.worker.router.app import create_app
+from kvfleet.worker.router.config import RouterSettings
+from kvfleet.worker.router.fleet import Endpoint, Fleet
+from tests.server.conftest import free_port, running_server
+
+from .conftest import MODEL, metric, token_prompt, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class LateDiscovery:
+    """Discovery whose workers appear when the test says so (a scale-up from zero)."""
+
+    def __init__(self) -> None:
+        self.endpoints: list[Endpoint] = []
+
+    async def run(self, fleet: Fleet, on_settings: Callable[[RouterSettings], None]) -> None:
+        while True:
+            fleet.update(list(self.endpoints))
+            await asyncio.sleep(0.05)
+
+
+def complete(url: str, timeout: float = 60) -> httpx.Response:
+    body = {"model": MODEL, "prompt": token_prompt(1, 1), "max_tokens": 2}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
+
+
+def test_a_request_is_held_until_a_replica_is_ready_and_counted_meanwhile(start_worker):
+    discovery = LateDiscovery()
+    app = create_app(discovery, RouterSettings(hold_seconds=60))
+    with running_server(app, free_port()) as url:
+        assert httpx.get(f"{url}/ready").status_code == 200, "a router that holds requests takes them"
+        answers: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: answers.append(complete(url)))
+        sender.start()
+        wait_for(lambda: metric(url, "kvfleet_router_held_requests") == 1, what="the request to be held")
+
+        worker = start_worker()
+        discovery.endpoints = [Endpoint(id="w-0", url=worker.url)]
+        sender.join(timeout=60)
+        assert answers and answers[0].status_code == 200, answers
+        assert answers[0].headers["x-kvfleet-replica"] == "w-0"
+        assert metric(url, "kvfleet_router_held_requests") == 0
+
+
+def test_a_held_request_gets_503_with_an_openai_error_when_no_replica_comes():
+    app = create_app(LateDiscovery(), RouterSettings(hold_seconds=0.5))
+    with running_server(app, free_port()) as url:
+        refused = complete(url)
+        assert refused.status_code == 503
+        error = refused.json()["error"]
+        assert error["type"] == "service_unavailable" and "within 0.5 s" in error["message"]
+        assert metric(url, "kvfleet_router_hold_timeouts_total") == 1
+        assert metric(url, "kvfleet_router_held_requests") == 0
