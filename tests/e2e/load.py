@@ -54,9 +54,10 @@ class SteadyLoad:
     `with` block runs."""
 
     def __init__(self, url: str, clients: int = 4, prompt: Callable[[int], Messages] = short_question,
-                 max_tokens: int = 8) -> None:
-        self.client = client_for(url)
-        self.prompt, self.max_tokens = prompt, max_tokens
+                 max_tokens: int = 8, send: Callable[[int], Answer] | None = None) -> None:
+        """`send` replaces the chat request (the n-th request's call); it raises on a failure."""
+        client = client_for(url)
+        self.send = send or (lambda n: chat(client, prompt(n), max_tokens))
         self.answers: list[Answer] = []
         self.failures: list[Failure] = []
         self._count = 0
@@ -72,7 +73,7 @@ class SteadyLoad:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                answer = chat(self.client, self.prompt(self._next()), self.max_tokens)
+                answer = self.send(self._next())
             except Exception as exc:  # every failure counts, whatever its kind
                 self.failures.append(Failure(time.monotonic(), repr(exc)))
             else:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from .conftest import Cluster, wait_for
+from .load import Answer, SteadyLoad
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -83,33 +84,12 @@ def test_short_and_long_prompts_land_in_their_pools(cluster: Cluster, tiny_model
     cluster.kubectl("delete", "infsvc", "pooled", "--timeout=60s")
 
 
-class _Load:
-    """Client threads sending completions back to back until stopped."""
-
-    def __init__(self, url: str, threads: int) -> None:
-        self.url, self.failures, self.done = url, [], 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                answer = _complete(self.url, 32, max_tokens=48)
-                if answer.status_code != 200:
-                    self.failures.append(f"{answer.status_code}: {answer.text}")
-                self.done += 1
-            except httpx.HTTPError as exc:
-                self.failures.append(repr(exc))
-
-    def __enter__(self) -> _Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
+def _completion(url: str) -> Answer:
+    """One completion of the autoscaler test's load; raises on anything but 200."""
+    answer = _complete(url, 32, max_tokens=48)
+    if answer.status_code != 200:
+        raise AssertionError(f"{answer.status_code}: {answer.text}")
+    return Answer(time.monotonic(), answer.headers.get("x-kvfleet-replica", ""))
 
 
 def _direction_changes(trace: list[int]) -> int:
@@ -138,7 +118,7 @@ def test_autoscaler_rises_to_max_under_load_and_returns_to_min_without_flapping(
     recorder = threading.Thread(target=record, daemon=True)
     recorder.start()
     try:
-        with _Load(url, threads=6) as load:
+        with SteadyLoad(url, clients=6, send=lambda _: _completion(url)) as load:
             started = time.monotonic()
             wait_for(lambda: trace and trace[-1] == 3, 120, "the autoscaler to reach maxReplicas", interval=0.5)
             print(f"\nautoscaler: 1 -> 3 replicas {time.monotonic() - started:.1f}s into the load")
