@@ -95,3 +95,23 @@ def test_unsupported_architecture_is_named(plain_llama, tmp_path):
     config.write_text(config.read_text().replace("LlamaForCausalLM", "GPT2LMHeadModel"))
     with pytest.raises(ValueError, match="architectures"):
         LLM(str(tmp_path / "m"))
+
+
+def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """A restarted worker reads the converted tokenizer back instead of converting the GGUF
+    vocabulary again; the copy tokenizes and templates exactly like the conversion."""
+    from kvfleet.worker.model.loader import load_tokenizer, resolve_model, tokenizer_cache_dir
+
+    monkeypatch.setenv("KVFLEET_CACHE_DIR", str(tmp_path))
+    source = resolve_model("demo")
+    converted = load_tokenizer(source)
+    [entry] = list(tokenizer_cache_dir().iterdir())
+    assert (entry / "tokenizer_config.json").exists()
+    cached = load_tokenizer(source)
+    text = "Hello wörld, 2 + 2 = 4!"
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert cached.encode(text) == converted.encode(text)
+    assert cached.apply_chat_template(chat, add_generation_prompt=True) == converted.apply_chat_template(
+        chat, add_generation_prompt=True)
+    assert cached.eos_token_id == converted.eos_token_id
+    assert list(tokenizer_cache_dir().iterdir()) == [entry]
