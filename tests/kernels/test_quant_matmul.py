@@ -77,6 +77,15 @@ def test_int4_grouped_matches_reference(device, m, dtype):
     assert_matches_reference(x, packed, 4, 32)
 
 
+@pytest.mark.parametrize("m", [1, 17])
+def test_int4_in_groups_of_128_matches_reference(device, m):
+    """Groups of 128: the layout of Llama-sized layers, a whole k tile per group."""
+    k, n = 384, 40
+    packed = random_quantized(k, n, 4, 128, device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(device)
+    assert_matches_reference(x, packed, 4, 128)
+
+
 @pytest.mark.parametrize("m", [1, 5, 33])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_int8_per_channel_matches_reference(device, m, dtype):
