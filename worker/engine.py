@@ -100,7 +100,9 @@ class LLMEngine:
                                    config.enable_prefix_caching, self.tiers)
         self.runner = make_runner(self.loaded, kv_cache, config.block_size)
         if self._use_cuda_graphs(config):
-            self.runner.capture_decode_graphs(self.max_model_len, capture_batch_sizes(config.max_num_seqs))
+            verify_tokens = 1 + config.num_speculative_tokens if config.speculative_method else None
+            self.runner.capture_decode_graphs(self.max_model_len, capture_batch_sizes(config.max_num_seqs),
+                                              verify_tokens)
         self.sampler = Sampler(self.eos_token_ids, self.device, config.seed)
         self.speculator = make_speculator(config, num_blocks, self.sampler, self.draft)
         self._requests: dict[str, _Request] = {}

@@ -57,6 +57,7 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     sample_rows: torch.Tensor
+    tokens_per_seq: int | None = None  # when every sequence has this many new tokens
 
 
 def pack_step(batch: SchedulerOutput, block_size: int) -> tuple[StepShape, torch.Tensor]:
@@ -113,24 +114,36 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.decode_graphs: DecodeGraphs | None = None
+        self.verify_graphs: DecodeGraphs | None = None
 
-    def capture_decode_graphs(self, max_model_len: int, batch_sizes: list[int]) -> None:
-        """From now on, decode steps of up to max(batch_sizes) sequences replay CUDA graphs."""
+    def capture_decode_graphs(self, max_model_len: int, batch_sizes: list[int], verify_tokens: int | None = None) -> None:
+        """From now on, decode steps of up to max(batch_sizes) sequences replay CUDA graphs, and
+        so do steps in which every sequence verifies drafts, `verify_tokens` tokens each."""
         self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, batch_sizes)
+        if verify_tokens is not None:
+            self.verify_graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, batch_sizes,
+                                              tokens_per_seq=verify_tokens)
 
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
         """Logits [num_sampling_rows, vocab] in the order of `batch.scheduled`: one row per
         sampling sequence, 1 + num_draft_tokens for one that verifies drafts."""
         shape, packed = pack_step(batch, self.block_size)
-        logits = self.run(unpack_step(shape, packed.to(self.device)))
+        inputs = unpack_step(shape, packed.to(self.device))
+        first = batch.scheduled[0].num_new_tokens
+        if all(item.num_new_tokens == first for item in batch.scheduled):
+            inputs.tokens_per_seq = first
+        logits = self.run(inputs)
         assert logits is not None, "only tensor-parallel rank 0 executes scheduled batches"
         return logits
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
         """The forward pass; logits on tensor-parallel rank 0, None on the other ranks."""
-        meta, graphs = inputs.meta, self.decode_graphs
-        if graphs is not None and meta.is_decode and graphs.fits(len(inputs.input_ids), meta.block_tables.shape[1]):
+        meta = inputs.meta
+        graphs = next((g for g in (self.decode_graphs, self.verify_graphs) if g is not None
+                       and g.tokens_per_seq == inputs.tokens_per_seq
+                       and g.fits(meta.context_lens.shape[0], meta.block_tables.shape[1])), None)
+        if graphs is not None:
             hidden = graphs.run(inputs.input_ids, inputs.positions, meta)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, meta)

@@ -59,6 +59,36 @@ def test_graph_decoding_matches_eager_decoding(dummy_model):
 
 
 @pytest.mark.gpu
+def test_verify_steps_replayed_from_graphs_keep_greedy_output(dummy_model):
+    """A model drafting for itself proposes k tokens for every sequence each step, so verify
+    steps are uniform and replay the verify graphs; the output stays the plain eager one."""
+    base = dict(model=dummy_model, load_format="dummy", dtype="float32", device="cuda", max_model_len=256,
+                max_num_seqs=8, num_kv_blocks=64, seed=0)
+    eager = LLMEngine(EngineConfig(**base, enforce_eager=True))
+    spec = LLMEngine(EngineConfig(**base, speculative_method="draft", draft_model=dummy_model,
+                                  num_speculative_tokens=3), loaded=eager.loaded, draft=eager.loaded)
+    graphs = spec.runner.verify_graphs
+    assert graphs is not None and graphs.tokens_per_seq == 4
+    replays = []
+    run = graphs.run
+    graphs.run = lambda *args: replays.append(1) or run(*args)
+    prompts = [list(range(3 + 7 * i, 10 + 13 * i)) for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outputs = {}
+    for name, engine in (("eager", eager), ("spec", spec)):
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        finished = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out.outputs[0].token_ids
+        outputs[name] = [finished[str(i)] for i in range(len(prompts))]
+    assert outputs["spec"] == outputs["eager"]
+    assert replays, "no verify step replayed a graph"
+
+
+@pytest.mark.gpu
 def test_kv_cache_fills_what_gpu_memory_utilization_leaves(dummy_model):
     free, total = torch.cuda.mem_get_info()
     share = (total - free) / total + 0.05  # 5% of the GPU above what is in use now
