@@ -86,7 +86,7 @@ def test_short_and_long_prompts_land_in_their_pools(cluster: Cluster, tiny_model
 
 def _completion(url: str) -> Answer:
     """One completion of the autoscaler test's load; raises on anything but 200."""
-    answer = _complete(url, 32, max_tokens=48)
+    answer = _complete(url, 32, max_tokens=96)
     if answer.status_code != 200:
         raise AssertionError(f"{answer.status_code}: {answer.text}")
     return Answer(time.monotonic(), answer.headers.get("x-kvfleet-replica", ""))
@@ -100,7 +100,7 @@ def _direction_changes(trace: list[int]) -> int:
 def test_autoscaler_rises_to_max_under_load_and_returns_to_min_without_flapping(
         cluster: Cluster, tiny_models: dict[str, Path]) -> None:
     scaling = {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "metric": "queueDepth", "target": 1,
-               "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 8}
+               "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 20}
     _apply(cluster, "elastic", _tiny_spec(tiny_models["llama"], replicas=1, autoscaling=scaling))
     wait_for(lambda: _ready(cluster, "elastic"), 180, "the elastic service to be Ready")
     url = _status(cluster, "elastic")["url"]
