@@ -113,8 +113,12 @@ def test_a_crashing_container_backs_off_with_its_error_in_the_message(core: Any)
     container = wait_for(backing_off, 20, what="CrashLoopBackOff")
     assert "no such model: /x" in container["state"]["waiting"]["message"]
     assert container["lastState"]["terminated"]["exitCode"] == 3
-    events = api.list_namespaced_event("default", field_selector="involvedObject.name=crash").items
-    assert any(e.reason == "BackOff" and "no such model" in e.message for e in events)
+
+    def back_off_event() -> bool:  # posted after the status that shows the back-off
+        events = api.list_namespaced_event("default", field_selector="involvedObject.name=crash").items
+        return any(e.reason == "BackOff" and "no such model" in e.message for e in events)
+
+    wait_for(back_off_event, 10, what="a BackOff Event with the container's error")
 
 
 def test_a_pod_that_never_restarts_ends_failed(core: Any) -> None:
