@@ -9,6 +9,7 @@ import torch
 from kvfleet.worker.config import EngineConfig, SamplingParams
 from kvfleet.worker.cuda_graphs import capture_batch_sizes
 from kvfleet.worker.engine import LLMEngine
+from kvfleet.worker.llm import LLM
 
 
 def test_capture_batch_sizes_cover_every_batch_up_to_the_limit():
@@ -21,6 +22,11 @@ def test_capture_batch_sizes_cover_every_batch_up_to_the_limit():
 
 def test_cpu_engine_captures_no_graphs(tiny_engine):
     assert tiny_engine().runner.decode_graphs is None
+
+
+def _greedy_tokens(engine: LLMEngine, prompts: list[list[int]],
+                   params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in LLM.from_engine(engine).generate(prompts, params)]
 
 
 @pytest.fixture
@@ -45,17 +51,8 @@ def test_graph_decoding_matches_eager_decoding(dummy_model):
     eager = LLMEngine(EngineConfig(**base, enforce_eager=True), loaded=graphs.loaded)
     assert graphs.runner.decode_graphs is not None and eager.runner.decode_graphs is None
     prompts = [list(range(3 + 7 * i, 10 + 13 * i)) for i in range(5)]
-    outputs = {}
-    for name, engine in (("graphs", graphs), ("eager", eager)):
-        for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=8 + 6 * i, ignore_eos=True))
-        finished = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = out.outputs[0].token_ids
-        outputs[name] = [finished[str(i)] for i in range(len(prompts))]
-    assert outputs["graphs"] == outputs["eager"]
+    params = [SamplingParams(temperature=0.0, max_tokens=8 + 6 * i, ignore_eos=True) for i in range(5)]
+    assert _greedy_tokens(graphs, prompts, params) == _greedy_tokens(eager, prompts, params)
 
 
 @pytest.mark.gpu
@@ -74,17 +71,7 @@ def test_verify_steps_replayed_from_graphs_keep_greedy_output(dummy_model):
     graphs.run = lambda *args: replays.append(1) or run(*args)
     prompts = [list(range(3 + 7 * i, 10 + 13 * i)) for i in range(3)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    outputs = {}
-    for name, engine in (("eager", eager), ("spec", spec)):
-        for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), prompt, params)
-        finished = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = out.outputs[0].token_ids
-        outputs[name] = [finished[str(i)] for i in range(len(prompts))]
-    assert outputs["spec"] == outputs["eager"]
+    assert _greedy_tokens(spec, prompts, params) == _greedy_tokens(eager, prompts, params)
     assert replays, "no verify step replayed a graph"
 
 
