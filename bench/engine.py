@@ -31,24 +31,8 @@ from kvfleet.worker.attention import AttentionMetadata
 from kvfleet.worker.config import EngineConfig, SamplingParams
 from kvfleet.worker.engine import LLMEngine
 from kvfleet.worker.llm import LLM
+from kernels import copy_bandwidth  # bench/kernels.py
 from tp import SHAPES
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy, counting bytes read plus written (as bench/kernels.py)."""
-    src = torch.randn(1 << 29, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e6
 
 
 def random_prompts(n: int, lengths: list[int], vocab: int, seed: int) -> list[list[int]]:

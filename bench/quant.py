@@ -36,6 +36,7 @@ from kvfleet.worker.model.quant import QUANTIZED_PROJECTIONS, RTN_SPECS, QuantSp
 from kvfleet.worker.runner import allocate_kv_cache
 
 sys.path.insert(0, str(Path(__file__).parent))
+from kernels import copy_bandwidth  # noqa: E402  (bench/kernels.py)
 from offline import make_conversations  # noqa: E402
 
 LLAMA3_8B = ModelConfig(
@@ -49,16 +50,6 @@ TINY = ModelConfig(
 )
 FORMATS: dict[str, QuantSpec | None] = {"bf16": None, "int8": RTN_SPECS["int8"], "int4": RTN_SPECS["int4"]}
 BLOCK_SIZE = 16
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy, counting bytes read plus written."""
-    import triton.testing
-
-    src = torch.randn(1 << 29, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
 def graph_ms(fn, replays: int = 30) -> float:
