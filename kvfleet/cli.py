@@ -165,6 +165,9 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--kv-offload-disk-gib", type=float, default=0.0, help="disk space for KV blocks evicted from CPU")
     p.add_argument("--kv-offload-disk-path", default=None, help="folder of the disk KV tier (kept across restarts)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step while the previous one runs on the device (default: on with CUDA, one "
+                   "rank and no speculative decoding)")
     _add_speculative_options(p)
     p.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; more get 429")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
@@ -202,7 +205,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=args.enable_prefix_caching, kv_offload_cpu_gib=args.kv_offload_cpu_gib,
         kv_offload_disk_gib=args.kv_offload_disk_gib, kv_offload_disk_path=args.kv_offload_disk_path,
-        enforce_eager=args.enforce_eager, **_speculative_settings(args),
+        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **_speculative_settings(args),
     )
 
     def load() -> AsyncEngine:

@@ -1,6 +1,7 @@
 """Shared test fixtures: the SmolLM2 demo model loaded once per session, and tiny random
 Llama-family checkpoints written by transformers."""
 
+import json
 import os
 from pathlib import Path
 
@@ -73,3 +74,14 @@ def tiny_engine(tiny_llama):
         return LLMEngine(EngineConfig(model=str(tiny_llama.source.path), **overrides), loaded=tiny_llama)
 
     return make
+
+
+@pytest.fixture
+def dummy_model(tmp_path):
+    """A small Llama the Triton kernels accept (head_dim 64), for load_format="dummy"."""
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)

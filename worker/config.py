@@ -128,6 +128,10 @@ class EngineConfig(BaseModel):
         0.9, gt=0, le=1.0, description="share of the GPU's memory for weights, activations and KV cache"
     )
     enforce_eager: bool = Field(False, description="run decode steps eagerly instead of replaying CUDA graphs")
+    async_scheduling: bool | None = Field(
+        None, description="schedule and launch each step while the previous one runs on the device, its sampled "
+        "tokens fed to the next step there; None: on with CUDA, one rank and no speculative decoding",
+    )
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="auto: the model's dtype; fp8: float8 e4m3 with per-layer K/V scales (half of bf16)"
     )
@@ -155,6 +159,9 @@ class EngineConfig(BaseModel):
         if self.draft_model and self.speculative_method != "draft":
             raise ValueError(f"draft_model: set, but speculative_method is {self.speculative_method!r}; "
                              "set speculative_method='draft' to use it")
+        if self.async_scheduling and (self.speculative_method or self.tensor_parallel_size > 1):
+            raise ValueError("async_scheduling: not supported with speculative decoding or tensor_parallel_size > 1 "
+                             "(drafting and the other ranks need each step's tokens on the host)")
         return self
 
     @model_validator(mode="after")
@@ -230,3 +237,8 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Penalties read the tokens generated so far, so each step needs the last one's value."""
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)

@@ -5,6 +5,14 @@ conditions and reports every request that made progress. Bad requests are refuse
 `add_request` with a ValueError naming the field; a failure while finishing one request's
 step (e.g. its detokenization) ends that request with finish_reason "error" and leaves the
 others running.
+
+With async scheduling a step is launched (scheduled, queued on the device, sampled there)
+and completed (its tokens read, stop conditions applied) one call later: each `step()`
+launches step n+1 before it completes step n, so the host's work for both runs while the
+device computes step n, and the device never waits for the host. Step n+1 reads the tokens
+of step n on the device (placeholders, kvfleet.worker.sequence). A sequence that step n
+finishes has one more token computed by step n+1, which is dropped. Penalties need every
+token on the host, so a step that samples with them is completed before the next is launched.
 """
 
 import hashlib
@@ -25,8 +33,8 @@ from kvfleet.worker.kv.disk import DiskBlockStore
 from kvfleet.worker.kv.tiers import OffloadTiers
 from kvfleet.worker.model.loader import LoadedModel, load
 from kvfleet.worker.runner import allocate_kv_cache, kv_bytes_per_block
-from kvfleet.worker.sampler import Sampler
-from kvfleet.worker.scheduler import Scheduler
+from kvfleet.worker.sampler import SampledTokens, Sampler, SampleResult
+from kvfleet.worker.scheduler import ScheduledSequence, Scheduler
 from kvfleet.worker.sequence import Sequence, TokenLogprobs
 from kvfleet.worker.spec_decode.speculator import load_draft_model, make_speculator
 from kvfleet.worker.tp import make_runner
@@ -68,6 +76,22 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
 
+@dataclass
+class _LaunchedStep:
+    """A step queued on the device: the sequences that sample in it and their tokens (on the
+    device, or already on the host with speculative decoding)."""
+
+    sampling: list[ScheduledSequence]
+    sampled: SampledTokens | None = None
+    emitted: list[list[SampleResult]] | None = None
+
+    @property
+    def next_may_launch_first(self) -> bool:
+        """Whether the next step may be launched before this one's tokens reach the host."""
+        on_device = self.sampled is not None or not self.sampling
+        return on_device and not any(item.seq.params.has_penalties for item in self.sampling)
+
+
 class LLMEngine:
     """`loaded` lets several engines (e.g. with other scheduling limits) share one model load;
     its dtype and device win over the config's. `draft` does the same for the draft model of
@@ -107,6 +131,8 @@ class LLMEngine:
         self.speculator = make_speculator(config, num_blocks, self.sampler, self.draft)
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+        self.async_scheduling = self._use_async_scheduling(config)
+        self._in_flight: _LaunchedStep | None = None
         log.info(
             "engine ready in %.2fs: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
             time.perf_counter() - started, config.model, self.device, self.dtype, num_blocks,
@@ -119,6 +145,11 @@ class LLMEngine:
         backend = self.loaded.model.model.layers[0].self_attn.backend
         return (self.device.type == "cuda" and not config.enforce_eager and self.loaded.replica is None
                 and backend.triton_pointwise)
+
+    def _use_async_scheduling(self, config: EngineConfig) -> bool:
+        if config.async_scheduling is not None:
+            return config.async_scheduling
+        return self.device.type == "cuda" and self.loaded.replica is None and self.speculator is None
 
     @staticmethod
     def _max_model_len(config: EngineConfig, cfg: ModelConfig) -> int:
@@ -294,29 +325,59 @@ class LLMEngine:
     # -- the step loop ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Advance by one model step and report the requests that made progress. With async
+        scheduling the report is of the step launched by the previous call."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and not previous.next_may_launch_first:
+            return self._complete(previous)
+        current = self._launch(previous)
+        outputs = self._complete(previous) if previous is not None else []
+        if current is not None:
+            if self.async_scheduling:
+                self._in_flight = current
+            else:
+                outputs = self._complete(current)
+        return outputs
+
+    def _launch(self, previous: _LaunchedStep | None) -> _LaunchedStep | None:
+        """Schedule a step and queue it on the device, sampling included."""
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch.scheduled:
-            return []
+            return None
         sampling = [item for item in batch.scheduled if item.samples]
         if self.tiers is not None:
             self.tiers.before_forward()
+        pending = None
+        if previous is not None and previous.sampled is not None and any(
+                item.seq.num_pending_tokens for item in batch.scheduled):
+            pending = previous.sampled.token_ids
         started = time.perf_counter()
-        logits = self.runner.execute(batch)
+        logits = self.runner.execute(batch, pending)
         if self.tiers is not None and batch.num_tokens > len(batch.scheduled):
             self.tiers.observe_prefill(batch.num_tokens, time.perf_counter() - started)
         self.scheduler.on_step_done(batch)
+        step = _LaunchedStep(sampling)
         if not sampling:
-            emitted = []
+            step.emitted = []
         elif self.speculator is not None:
-            emitted = self.speculator.sample(logits, sampling)
+            step.emitted = self.speculator.sample(logits, sampling)
         else:
-            emitted = [[result] for result in self.sampler(logits, [item.seq for item in sampling])]
+            step.sampled = self.sampler.sample(logits, [item.seq for item in sampling])
+            for row, item in enumerate(sampling):
+                item.seq.append_pending(row)
+        return step
 
+    def _complete(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Read the step's tokens, append them, apply stop conditions; the requests that
+        progressed."""
+        emitted = step.emitted if step.sampled is None else [[result] for result in step.sampled.results()]
         progressed: dict[str, _Request] = {}
-        for item, results in zip(sampling, emitted):
+        for item, results in zip(step.sampling, emitted):
             seq = item.seq
+            if seq.is_finished:  # aborted, or ended by the step before while this one ran
+                continue
             try:
                 for result in results:  # several after verified drafts; a stop drops the rest
                     seq.append_token(result.token_id)
@@ -341,6 +402,7 @@ class LLMEngine:
         return outputs
 
     def _finish(self, seq: Sequence) -> None:
+        seq.drop_pending()
         self.scheduler.finish(seq)
         if self.speculator is not None:
             self.speculator.release(seq)
@@ -362,7 +424,8 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        elif (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+        elif ((p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens)
+              or seq.num_known_tokens >= self.max_model_len):
             seq.finish_reason = "length"
 
     def _output(self, request: _Request) -> RequestOutput:

@@ -4,6 +4,10 @@ runs the forward pass, returns the logits of the sequences that sample this step
 
 The packed form is what tensor-parallel rank 0 broadcasts to the other ranks each step
 (kvfleet.worker.tp): a handful of integers per token, never Python objects.
+
+With async scheduling an input id may be a placeholder for a token the previous step sampled
+(kvfleet.worker.sequence); the runner reads its value from that step's sampled tokens on the
+device, so the step can be queued before the host has seen them.
 """
 
 from dataclasses import dataclass
@@ -16,6 +20,7 @@ from kvfleet.worker.cuda_graphs import DecodeGraphs
 from kvfleet.worker.model.llama import LlamaForCausalLM
 from kvfleet.worker.model.parallel import kv_heads_per_rank
 from kvfleet.worker.scheduler import SchedulerOutput
+from kvfleet.worker.transfer import to_device
 
 
 def allocate_kv_cache(
@@ -107,6 +112,12 @@ def unpack_step(shape: StepShape, packed: torch.Tensor) -> StepInputs:
     return StepInputs(input_ids, positions, meta, sample_rows)
 
 
+def fill_pending(input_ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """Input ids with each placeholder (-1 - row) replaced by `sampled[row]`."""
+    rows = (-1 - input_ids).clamp(min=0)
+    return torch.where(input_ids < 0, sampled[rows], input_ids)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int) -> None:
         self.model = model
@@ -124,11 +135,14 @@ class ModelRunner:
             self.verify_graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, batch_sizes,
                                               tokens_per_seq=verify_tokens)
 
-    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
+    def execute(self, batch: SchedulerOutput, pending: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [num_sampling_rows, vocab] in the order of `batch.scheduled`: one row per
-        sampling sequence, 1 + num_draft_tokens for one that verifies drafts."""
+        sampling sequence, 1 + num_draft_tokens for one that verifies drafts. `pending`: the
+        previous step's sampled tokens, which the batch's placeholders stand for."""
         shape, packed = pack_step(batch, self.block_size)
-        inputs = unpack_step(shape, packed.to(self.device))
+        inputs = unpack_step(shape, to_device(packed, self.device))
+        if pending is not None:
+            inputs.input_ids = fill_pending(inputs.input_ids, pending)
         first = batch.scheduled[0].num_new_tokens
         if all(item.num_new_tokens == first for item in batch.scheduled):
             inputs.tokens_per_seq = first

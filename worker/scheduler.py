@@ -16,6 +16,12 @@ its last token and the drafts together (budget and blocks counted), as far as th
 spare blocks allow (speculation never preempts anyone). Only the accepted drafts count as
 computed afterwards (`on_draft_verified`); blocks that held nothing but rejected drafts go back
 to the pool, and no block is registered for prefix caching before its tokens are accepted.
+
+With async scheduling a sequence's last token may still be pending (sampled on the device,
+its value unknown here, see kvfleet.worker.sequence): it counts like any token, except that
+no block is registered before its value is known, and a sequence whose pending tokens end it
+(max_tokens) is not scheduled again. A sequence preempted with a pending token waits at least
+one schedule, by which time its value has arrived, before it is prefilled again.
 """
 
 from collections import deque
@@ -79,6 +85,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.awaits_only_pending:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             k = self._fit_draft(seq, n, budget, len(self.running) - i - 1) if seq.draft_token_ids else 0
             if not self._reserve(seq, n + k, preempted):
@@ -194,7 +203,7 @@ class Scheduler:
     def _register_full_blocks(self, seq: Sequence) -> None:
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         if full > seq.num_cached_blocks:
             seq.block_hashes = hash_blocks(seq.token_ids[: full * self.block_size], self.block_size, seq.block_hashes)
             for i in range(seq.num_cached_blocks, full):

@@ -2,6 +2,11 @@
 
 A request with `n` completions owns `n` sequences. The scheduler moves sequences between
 waiting and running; the engine appends sampled tokens and decides when one is finished.
+
+With async scheduling a sequence is scheduled again before the host knows the token its last
+step sampled: that token is pending, and `token_ids` ends with a placeholder for it (a
+negative number that tells the runner which row of that step's sampled tokens, still on the
+device, to read). `append_token` fills the oldest placeholder once the value arrives.
 """
 
 import enum
@@ -52,6 +57,7 @@ class Sequence:
     # the drafter's distribution at each of them ([len, vocab]), None for a point mass.
     draft_token_ids: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
+    num_pending_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)
@@ -61,12 +67,44 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values the host knows: all but the pending ones."""
+        return len(self.token_ids) - self.num_pending_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated so far, pending ones included."""
+        return len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    @property
+    def awaits_only_pending(self) -> bool:
+        """Its pending tokens reach max_tokens: once they arrive it is finished, so scheduling
+        it again would compute a token nobody reads."""
+        return (self.num_pending_tokens > 0 and self.params.max_tokens is not None
+                and self.num_output_tokens >= self.params.max_tokens)
+
     def append_token(self, token_id: int) -> None:
+        """The next token's value: it replaces the oldest placeholder, if any."""
         self.output_token_ids.append(token_id)
-        self.token_ids.append(token_id)
+        if self.num_pending_tokens:
+            self.token_ids[self.num_known_tokens] = token_id
+            self.num_pending_tokens -= 1
+        else:
+            self.token_ids.append(token_id)
+
+    def append_pending(self, row: int) -> None:
+        """A token sampled into `row` of a step's sampled tokens, its value still on the device."""
+        self.token_ids.append(-1 - row)
+        self.num_pending_tokens += 1
+
+    def drop_pending(self) -> None:
+        """Forget the pending tokens (the sequence finished before they arrived)."""
+        del self.token_ids[self.num_known_tokens:]
+        self.num_pending_tokens = 0
 
     def clear_draft(self) -> None:
         self.draft_token_ids = []

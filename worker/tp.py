@@ -129,7 +129,8 @@ class TPModelRunner(ModelRunner):
         self.replica = replica
         replica.allocate_kv_cache(kv_cache.shape[0], block_size)
 
-    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
+    def execute(self, batch: SchedulerOutput, pending: torch.Tensor | None = None) -> torch.Tensor:
+        assert pending is None, "the other ranks cannot read tokens pending on rank 0 (no async scheduling)"
         shape, packed = pack_step(batch, self.block_size)
         try:
             self.replica.broadcast_step(shape, packed)

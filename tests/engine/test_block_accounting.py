@@ -8,10 +8,12 @@ from kvfleet.worker.config import SamplingParams
 from tests.tiny_models import VOCAB
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_every_block_returns_after_finish_abort_and_preemption(tiny_engine, seed):
+def test_every_block_returns_after_finish_abort_and_preemption(tiny_engine, seed, async_scheduling):
     rng = random.Random(seed)
-    engine = tiny_engine(max_model_len=96, block_size=4, num_kv_blocks=30, max_num_batched_tokens=24)
+    engine = tiny_engine(max_model_len=96, block_size=4, num_kv_blocks=30, max_num_batched_tokens=24,
+                         async_scheduling=async_scheduling)
     live: set[str] = set()
     for step in range(400):
         if step < 60 and rng.random() < 0.4:

