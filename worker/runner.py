@@ -20,7 +20,6 @@ from kvfleet.worker.cuda_graphs import DecodeGraphs
 from kvfleet.worker.model.llama import LlamaForCausalLM
 from kvfleet.worker.model.parallel import kv_heads_per_rank
 from kvfleet.worker.scheduler import SchedulerOutput
-from kvfleet.worker.transfer import to_device
 
 
 def allocate_kv_cache(
@@ -65,9 +64,10 @@ class StepInputs:
     tokens_per_seq: int | None = None  # when every sequence has this many new tokens
 
 
-def pack_step(batch: SchedulerOutput, block_size: int) -> tuple[StepShape, torch.Tensor]:
+def pack_step(batch: SchedulerOutput, block_size: int, pin_memory: bool = False) -> tuple[StepShape, torch.Tensor]:
     """The step as one int64 CPU tensor: input ids, positions, slot mapping (per token),
-    context lengths, cu_seqlens, the rows that sample, then the block tables row by row."""
+    context lengths, cu_seqlens, the rows that sample, then the block tables row by row.
+    `pin_memory` puts it in pinned memory, so its copy to the GPU can be queued."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -93,7 +93,7 @@ def pack_step(batch: SchedulerOutput, block_size: int) -> tuple[StepShape, torch
         tables += item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))
     shape = StepShape(len(input_ids), len(batch.scheduled), len(sample_rows), max_blocks)
     fields = input_ids + positions + slots + context_lens + cu_seqlens + sample_rows + tables
-    return shape, torch.tensor(fields, dtype=torch.int64)
+    return shape, torch.tensor(fields, dtype=torch.int64, pin_memory=pin_memory)
 
 
 def unpack_step(shape: StepShape, packed: torch.Tensor) -> StepInputs:
@@ -139,8 +139,8 @@ class ModelRunner:
         """Logits [num_sampling_rows, vocab] in the order of `batch.scheduled`: one row per
         sampling sequence, 1 + num_draft_tokens for one that verifies drafts. `pending`: the
         previous step's sampled tokens, which the batch's placeholders stand for."""
-        shape, packed = pack_step(batch, self.block_size)
-        inputs = unpack_step(shape, to_device(packed, self.device))
+        shape, packed = pack_step(batch, self.block_size, pin_memory=self.device.type == "cuda")
+        inputs = unpack_step(shape, packed.to(self.device, non_blocking=True))
         if pending is not None:
             inputs.input_ids = fill_pending(inputs.input_ids, pending)
         first = batch.scheduled[0].num_new_tokens

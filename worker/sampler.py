@@ -25,7 +25,7 @@ class SampleResult:
 
 
 def _ids(values: list[int], device: torch.device) -> torch.Tensor:
-    return to_device(torch.tensor(values, dtype=torch.int64), device)
+    return to_device(values, torch.int64, device)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -121,8 +121,8 @@ class Sampler:
         if sampled_rows:
             rows = _ids(sampled_rows, logits.device)
             params = [seqs[i].params for i in sampled_rows]
-            settings = to_device(torch.tensor([[p.temperature, p.top_k, p.top_p, p.min_p] for p in params],
-                                              dtype=torch.float32), logits.device)
+            settings = to_device([[p.temperature, p.top_k, p.top_p, p.min_p] for p in params], torch.float32,
+                                 logits.device)
             filtered = top_k_top_p_min_p(
                 logits[rows] / settings[:, 0].unsqueeze(-1),
                 settings[:, 1].to(torch.int64), settings[:, 2], settings[:, 3],

@@ -10,11 +10,12 @@ allocator keeps a freed buffer until the copies that read it have run.
 import torch
 
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` on `device`, the copy queued on the current stream."""
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` as a tensor on `device`, the copy queued on the current stream. The host tensor
+    is made in pinned memory directly (`pin_memory()` of a pageable one costs ~40 us more)."""
     if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 class HostCopy:

@@ -74,3 +74,17 @@ def test_kv_cache_fills_what_gpu_memory_utilization_leaves(dummy_model):
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLMEngine(EngineConfig(model=dummy_model, load_format="dummy", device="cuda", max_model_len=256,
                                gpu_memory_utilization=0.001), loaded=engine.loaded)
+
+
+@pytest.mark.gpu
+def test_cuda_weights_are_stored_input_major_and_read_the_same(dummy_model):
+    engine = LLMEngine(EngineConfig(model=dummy_model, load_format="dummy", dtype="float32", device="cuda",
+                                    max_model_len=128, num_kv_blocks=16, enforce_eager=True))
+    model = engine.loaded.model
+    layer = model.model.layers[0]
+    for weight in (layer.self_attn.o_proj.weight, layer.mlp.gate_proj.weight, layer.mlp.down_proj.weight,
+                   model.lm_head.weight):
+        assert weight.stride(0) == 1, "stored [in, out]"
+    assert layer.self_attn.q_proj.weight.is_contiguous()
+    x = torch.randn(3, model.config.hidden_size, device="cuda")
+    torch.testing.assert_close(model.lm_head(x), x @ model.lm_head.weight.contiguous().t())

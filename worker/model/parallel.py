@@ -122,6 +122,11 @@ class HeadSplit:
         return cls(q_start, num_q, kv_start, kv_heads_per_rank(cfg, group.world_size))
 
 
+def input_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same [out, in] matrix, stored with the input features outermost."""
+    return weight.t().contiguous().t()
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b for this rank's output features [start, start + size) of the layer."""
 
