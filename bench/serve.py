@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date
 from urllib.parse import urlparse
@@ -29,6 +30,7 @@ class Result:
     latency: float = 0.0
     itls: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    error: str = ""
 
 
 def require_loopback(url: str) -> None:
@@ -51,6 +53,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:120]!r}"
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -66,7 +69,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
                 else:
                     result.itls.append(now - last)
                 last = now
-    except httpx.HTTPError:
+    except httpx.HTTPError as exc:
+        result.error = repr(exc)
         return result
     result.ok, result.latency = True, time.perf_counter() - start
     return result
@@ -107,6 +111,8 @@ async def run_load(args: argparse.Namespace, url: str) -> None:
     print(f"serving load: {args.model} at {url}, {date.today()}")
     print(f"  arrivals: Poisson {args.qps}/s; prompt tokens U{tuple(args.prompt_len)}, output tokens U{tuple(args.output_len)}, seed {args.seed}")
     print(f"  requests: {len(ok)} ok, {len(results) - len(ok)} failed, {len(pending)} unfinished at the time limit")
+    for error, count in Counter(r.error for r in results if not r.ok).most_common(3):
+        print(f"  failed {count}x: {error}")
     print(f"  output throughput: {tokens / elapsed:.1f} tokens/s over {elapsed:.1f} s ({len(ok) / elapsed:.2f} requests/s)")
     print(f"  TTFT  p50 {percentile(ttfts, 0.5) * 1000:8.1f} ms   p99 {percentile(ttfts, 0.99) * 1000:8.1f} ms")
     print(f"  ITL   p50 {percentile(itls, 0.5) * 1000:8.1f} ms   p99 {percentile(itls, 0.99) * 1000:8.1f} ms")
