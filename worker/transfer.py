@@ -2,9 +2,9 @@
 
 A plain copy of a CPU tensor to the GPU (or back) synchronizes the stream: the CPU waits
 until every step already queued has run. With async scheduling the next step is prepared
-while the previous one runs, so such a wait would undo the overlap. Host tensors are pinned
-first, which lets the copy be queued behind the GPU's work like a kernel; PyTorch's pinned
-allocator keeps a freed buffer until the copies that read it have run.
+while the previous one runs, so such a wait would undo the overlap. Host tensors are made in
+pinned memory, which lets the copy be queued behind the GPU's work like a kernel; PyTorch's
+pinned allocator keeps a freed buffer until the copies that read it have run.
 """
 
 import torch
