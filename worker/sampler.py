@@ -82,8 +82,9 @@ class SampledTokens:
         self._num_top = [seqs[i].params.logprobs or 0 for i in self._logprob_rows]
         tensors = [token_ids]
         if raw_logprobs is not None and self._logprob_rows:
-            rows = raw_logprobs[_ids(self._logprob_rows, raw_logprobs.device)]
-            chosen = rows.gather(1, token_ids[_ids(self._logprob_rows, token_ids.device)].unsqueeze(1)).squeeze(1)
+            index = _ids(self._logprob_rows, token_ids.device)
+            rows = raw_logprobs[index]
+            chosen = rows.gather(1, token_ids[index].unsqueeze(1)).squeeze(1)
             top_values, top_ids = rows.topk(max(self._num_top))
             tensors += [chosen, top_values, top_ids]
         self._copy = HostCopy(*tensors)
