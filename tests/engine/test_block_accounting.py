@@ -5,6 +5,7 @@ import random
 import pytest
 
 from kvfleet.worker.config import SamplingParams
+from tests.engine.random_workload import run_random_workload
 from tests.tiny_models import VOCAB
 
 
@@ -14,23 +15,13 @@ def test_every_block_returns_after_finish_abort_and_preemption(tiny_engine, seed
     rng = random.Random(seed)
     engine = tiny_engine(max_model_len=96, block_size=4, num_kv_blocks=30, max_num_batched_tokens=24,
                          async_scheduling=async_scheduling)
-    live: set[str] = set()
-    for step in range(400):
-        if step < 60 and rng.random() < 0.4:
-            rid = f"r{step}"
-            prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))]
-            params = SamplingParams(temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 40), n=rng.choice([1, 1, 2]))
-            engine.add_request(rid, prompt, params)
-            live.add(rid)
-        if live and rng.random() < 0.1:
-            rid = rng.choice(sorted(live))
-            engine.abort_request(rid)
-            live.discard(rid)
-        for out in engine.step():
-            if out.finished:
-                live.discard(out.request_id)
-        if step >= 60 and not engine.has_unfinished_requests():
-            break
+
+    def new_request(rng: random.Random) -> tuple[list[int], SamplingParams]:
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))]
+        params = SamplingParams(temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 40), n=rng.choice([1, 1, 2]))
+        return prompt, params
+
+    run_random_workload(engine, rng, new_request, arrivals_until=60, arrival_rate=0.4, abort_rate=0.1, max_steps=400)
 
     assert not engine.has_unfinished_requests()
     assert engine.scheduler.num_preemptions > 0

@@ -15,13 +15,14 @@ import torch
 from kvfleet.worker.async_engine import AsyncEngine
 from kvfleet.worker.attention import TorchAttentionBackend
 from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine
+from kvfleet.worker.engine import LLMEngine, RequestOutput
 from kvfleet.worker.kv.hashing import hash_blocks
 from kvfleet.worker.llm import LLM
 from kvfleet.worker.model.loader import LoadedModel, load
 from kvfleet.worker.server import WorkerState, create_app
 from kvfleet.worker.spec_decode.drafters import NgramIndex
 from kvfleet.worker.spec_decode.verify import accept_greedy, accept_sampled
+from tests.engine.random_workload import run_random_workload
 from tests.server.conftest import free_port, metric, running_server
 from tests.tiny_models import VOCAB
 
@@ -265,26 +266,19 @@ def test_blocks_return_and_only_accepted_tokens_reach_the_prefix_cache(drafter, 
     else:
         engine = _engine(llama64, llama64, **limits)
     sequences: dict[tuple[str, int], list[int]] = {}
-    live: set[str] = set()
-    for step in range(300):
-        if step < 30 and rng.random() < 0.5:
-            rid = f"r{step}"
-            text = [rng.randrange(VOCAB) for _ in range(rng.randint(4, 20))]
-            params = SamplingParams(temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 30),
-                                    n=rng.choice([1, 1, 2]), ignore_eos=True)
-            engine.add_request(rid, text + text, params)
-            live.add(rid)
-        if live and rng.random() < 0.05:
-            rid = rng.choice(sorted(live))
-            engine.abort_request(rid)
-            live.discard(rid)
-        for out in engine.step():
-            for c in out.outputs:
-                sequences[(out.request_id, c.index)] = out.prompt_token_ids + c.token_ids
-            if out.finished:
-                live.discard(out.request_id)
-        if step >= 30 and not engine.has_unfinished_requests():
-            break
+
+    def new_request(rng: random.Random) -> tuple[list[int], SamplingParams]:
+        text = [rng.randrange(VOCAB) for _ in range(rng.randint(4, 20))]
+        params = SamplingParams(temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 30),
+                                n=rng.choice([1, 1, 2]), ignore_eos=True)
+        return text + text, params
+
+    def record(out: RequestOutput) -> None:
+        for c in out.outputs:
+            sequences[(out.request_id, c.index)] = out.prompt_token_ids + c.token_ids
+
+    run_random_workload(engine, rng, new_request, arrivals_until=30, arrival_rate=0.5, abort_rate=0.05,
+                        max_steps=300, on_output=record)
 
     assert not engine.has_unfinished_requests()
     stats = engine.speculator.stats
