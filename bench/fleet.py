@@ -2,7 +2,7 @@
 against round robin, on a shared-prefix workload (a few long system prompts, each followed by
 a distinct question), printed side by side.
 
-Everything runs on 127.0.0.1: two `kvfleet serve` processes, and one `kvfleet router` process
+Everything runs on 127.0.0.1: two `kvflock serve` processes, and one `kvflock router` process
 per policy in front of them. Each policy gets its own fresh system prompts, so neither finds
 the workers' prefix caches warmed by the other. The prefix-cache hit rate is the workers' own
 (their /metrics, hit tokens over looked-up tokens), beside the router's estimate. On CPU each
@@ -47,8 +47,8 @@ def free_port() -> int:
 
 @contextmanager
 def process(args: list[str], url: str, what: str, timeout: float, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run `kvfleet ARGS` until the block ends; yields `url` once its /ready answers 200."""
-    proc = subprocess.Popen([sys.executable, "-m", "kvfleet.cli", "--log-level", "warning", *args],
+    """Run `kvflock ARGS` until the block ends; yields `url` once its /ready answers 200."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvflock.cli", "--log-level", "warning", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + timeout
@@ -147,7 +147,7 @@ def split(url: str) -> str:
     per_replica: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
         for sample in family.samples:
-            if sample.name == "kvfleet_router_requests_total":
+            if sample.name == "kvflock_router_requests_total":
                 replica = sample.labels["replica"]
                 per_replica[replica] = per_replica.get(replica, 0.0) + sample.value
     return "/".join(f"{n:.0f}" for _, n in sorted(per_replica.items()))
@@ -156,9 +156,9 @@ def split(url: str) -> str:
 def worker_hit_rate(workers: list[str], before: list[dict[str, float]]) -> float:
     """Prompt tokens found in the workers' prefix caches over those looked up, since `before`."""
     after = [counters(w) for w in workers]
-    hits = sum(a.get("kvfleet_prefix_cache_hits_total", 0.0) - b.get("kvfleet_prefix_cache_hits_total", 0.0)
+    hits = sum(a.get("kvflock_prefix_cache_hits_total", 0.0) - b.get("kvflock_prefix_cache_hits_total", 0.0)
                for a, b in zip(after, before))
-    queries = sum(a.get("kvfleet_prefix_cache_queries_total", 0.0) - b.get("kvfleet_prefix_cache_queries_total", 0.0)
+    queries = sum(a.get("kvflock_prefix_cache_queries_total", 0.0) - b.get("kvflock_prefix_cache_queries_total", 0.0)
                   for a, b in zip(after, before))
     return hits / max(1.0, queries)
 
@@ -198,8 +198,8 @@ def main() -> None:
                 result = asyncio.run(run_load(url, "bench", prompts, args.concurrency, args.max_tokens,
                                               args.time_limit))
                 routed = counters(url)
-                result["est_hit"] = routed.get("kvfleet_router_prefix_blocks_total", 0.0) / max(
-                    1.0, routed.get("kvfleet_router_prompt_blocks_total", 0.0))
+                result["est_hit"] = routed.get("kvflock_router_prefix_blocks_total", 0.0) / max(
+                    1.0, routed.get("kvflock_router_prompt_blocks_total", 0.0))
                 result["hit"] = worker_hit_rate(workers, before)
                 spreads[policy] = split(url)
                 results[policy] = result

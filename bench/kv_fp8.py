@@ -10,12 +10,12 @@ from datetime import date
 
 import torch
 
-from kvfleet.worker.attention import select_attention_backend
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.llm import LLM
-from kvfleet.worker.model.loader import load
-from kvfleet.worker.runner import kv_bytes_per_block
+from kvflock.worker.attention import select_attention_backend
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.llm import LLM
+from kvflock.worker.model.loader import load
+from kvflock.worker.runner import kv_bytes_per_block
 from offline import make_conversations  # bench/offline.py: the same prompts as the throughput benchmark
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from kvfleet.worker.attention import select_attention_backend
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.model.loader import load
-from kvfleet.worker.runner import kv_bytes_per_block
+from kvflock.worker.attention import select_attention_backend
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.model.loader import load
+from kvflock.worker.runner import kv_bytes_per_block
 
 SHAPES = {
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

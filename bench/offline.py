@@ -15,8 +15,8 @@ from datetime import date
 
 import torch
 
-from kvfleet.worker.config import SamplingParams
-from kvfleet.worker.llm import LLM
+from kvflock.worker.config import SamplingParams
+from kvflock.worker.llm import LLM
 
 TOPICS = ["the sea", "a robot", "winter", "coffee", "a lighthouse", "the moon", "trains", "a library"]
 ASKS = ["Write a short poem about {}.", "Tell me three facts about {}.", "Describe {} to a child.",
@@ -78,9 +78,9 @@ def main() -> None:
     ours_rate, hf_rate = ours_tokens / ours_s, hf_tokens / hf_s
     print(f"offline throughput, {args.model}, {args.num_prompts} prompts x {args.max_tokens} tokens, {args.dtype}, {device}, {date.today()}")
     print(f"{'engine':<14}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}")
-    print(f"{'kvfleet':<14}{ours_tokens:>8}{ours_s:>10.2f}{ours_rate:>11.1f}")
+    print(f"{'kvflock':<14}{ours_tokens:>8}{ours_s:>10.2f}{ours_rate:>11.1f}")
     print(f"{'transformers':<14}{hf_tokens:>8}{hf_s:>10.2f}{hf_rate:>11.1f}")
-    print(f"ratio kvfleet / transformers: {ours_rate / hf_rate:.2f}x")
+    print(f"ratio kvflock / transformers: {ours_rate / hf_rate:.2f}x")
 
 
 if __name__ == "__main__":

@@ -21,23 +21,21 @@ import argparse
 import datetime
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from kvfleet.kernels import quant_matmul as qm
-from kvfleet.worker.attention import AttentionMetadata, select_attention_backend
-from kvfleet.worker.config import ModelConfig, SamplingParams
-from kvfleet.worker.llm import LLM
-from kvfleet.worker.model.loader import ModelSource, load_model
-from kvfleet.worker.model.quant import QUANTIZED_PROJECTIONS, RTN_SPECS, QuantSpec, quantize_rtn, replace_linears
-from kvfleet.worker.runner import allocate_kv_cache
+from kvflock.kernels import quant_matmul as qm
+from kvflock.worker.attention import AttentionMetadata, select_attention_backend
+from kvflock.worker.config import ModelConfig, SamplingParams
+from kvflock.worker.llm import LLM
+from kvflock.worker.model.loader import ModelSource, load_model
+from kvflock.worker.model.quant import QUANTIZED_PROJECTIONS, RTN_SPECS, QuantSpec, quantize_rtn, replace_linears
+from kvflock.worker.runner import allocate_kv_cache
 
-sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copy_bandwidth  # noqa: E402  (bench/kernels.py)
-from offline import make_conversations  # noqa: E402
+from kernel_bench import copy_bandwidth  # bench/kernel_bench.py
+from offline import make_conversations  # bench/offline.py
 
 LLAMA3_8B = ModelConfig(
     architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,

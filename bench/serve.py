@@ -2,7 +2,7 @@
 lengths drawn uniformly from stated ranges (seeded), bounded in request count and time, and
 aimed at loopback addresses only. Prints throughput, TTFT and inter-token latency p50/p99.
 
-    python bench/serve.py                                  # starts `kvfleet serve` on SmolLM2 itself
+    python bench/serve.py                                  # starts `kvflock serve` on SmolLM2 itself
     python bench/serve.py --url http://127.0.0.1:8000 --model demo --qps 4 --num-requests 64
 """
 
@@ -122,7 +122,7 @@ def start_server(model: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "kvfleet.cli", "--log-level", "warning", "serve", "--model", model,
+    proc = subprocess.Popen([sys.executable, "-m", "kvflock.cli", "--log-level", "warning", "serve", "--model", model,
                              "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048"])
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

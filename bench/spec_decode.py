@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from offline import make_conversations  # bench/offline.py: the open questions
 
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.llm import LLM
-from kvfleet.worker.sequence import Sequence
-from kvfleet.worker.spec_decode.drafters import Draft
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.llm import LLM
+from kvflock.worker.sequence import Sequence
+from kvflock.worker.spec_decode.drafters import Draft
 
 LLAMA_3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from kvfleet.worker.config import SamplingParams
-from kvfleet.worker.llm import LLM
+from kvflock.worker.config import SamplingParams
+from kvflock.worker.llm import LLM
 
 _LLAMA_3 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0, "max_position_embeddings": 8192, "num_key_value_heads": 8}

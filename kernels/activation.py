@@ -2,7 +2,7 @@
 
 import torch
 
-from kvfleet.kernels._triton import jit, tl
+from kvflock.kernels._triton import jit, tl
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ float32 and is rounded before the weight multiplies it.
 
 import torch
 
-from kvfleet.kernels._triton import jit, tl
+from kvflock.kernels._triton import jit, tl
 
 
 def rms_norm_ref(

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from kvfleet.kernels._triton import jit, tl
+from kvflock.kernels._triton import jit, tl
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kvfleet.kernels._triton import jit, tl
+from kvflock.kernels._triton import jit, tl
 
 SUPPORTED_BITS = (4, 8)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfleet.kernels._triton import jit, tl
+from kvflock.kernels._triton import jit, tl
 
 
 @dataclass(frozen=True)

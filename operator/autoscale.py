@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvfleet.operator.crd import AutoscalingSpec
+from kvflock.operator.crd import AutoscalingSpec
 
 # Within this share of the target, the current replicas are kept (HPA's default tolerance).
 TOLERANCE = 0.1

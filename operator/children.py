@@ -5,7 +5,7 @@ spec hash covers the pod template and the engine settings, so any change to eith
 workers (see `reconcile`). With `spec.auth`, the pods mount the user's API-key Secret and the
 operator's own `<name>-internal` Secret (internal and admin tokens) as files, never as values;
 a keyed hash of both Secrets' contents (`auth_hash`, computed by the operator) joins the spec
-hash and the pod's `kvfleet.dev/auth-hash` annotation, so a new key in the same Secret rolls
+hash and the pod's `kvflock.dev/auth-hash` annotation, so a new key in the same Secret rolls
 the pods just as a new Secret reference does.
 """
 
@@ -19,31 +19,31 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvfleet.operator.crd import API_VERSION, KIND, InferenceServiceSpec, KVCacheSpec, PoolSpec, SpeculativeSpec
+from kvflock.operator.crd import API_VERSION, KIND, InferenceServiceSpec, KVCacheSpec, PoolSpec, SpeculativeSpec
 
-LABEL_SERVICE = "kvfleet.dev/service"
-LABEL_ROLE = "kvfleet.dev/role"
-LABEL_REPLICA = "kvfleet.dev/replica"
-LABEL_POOL = "kvfleet.dev/pool"
-ANNOTATION_SPEC_HASH = "kvfleet.dev/spec-hash"
-ANNOTATION_DRAINING = "kvfleet.dev/draining-since"
+LABEL_SERVICE = "kvflock.dev/service"
+LABEL_ROLE = "kvflock.dev/role"
+LABEL_REPLICA = "kvflock.dev/replica"
+LABEL_POOL = "kvflock.dev/pool"
+ANNOTATION_SPEC_HASH = "kvflock.dev/spec-hash"
+ANNOTATION_DRAINING = "kvflock.dev/draining-since"
 # A worker Pod's or the entry Service's address where it has no IP of its own: the local
-# cluster (kvfleet.kubelet, kvfleet.loadbalancer) writes it, and it wins over the IP.
-ANNOTATION_ENDPOINT = "kvfleet.dev/endpoint"
+# cluster (kvflock.kubelet, kvflock.loadbalancer) writes it, and it wins over the IP.
+ANNOTATION_ENDPOINT = "kvflock.dev/endpoint"
 
 WORKER_PORT = 8000
 DEFAULT_POOL = "default"
-ENGINE_CONFIG_DIR = "/etc/kvfleet"
+ENGINE_CONFIG_DIR = "/etc/kvflock"
 MODELS_DIR = "/models"
 # The API keys' Secret is mounted beside, not inside, ENGINE_CONFIG_DIR: a mount point nested in
 # a (read-only) ConfigMap volume cannot be created by the container runtime.
-AUTH_DIR = "/etc/kvfleet-auth"
+AUTH_DIR = "/etc/kvflock-auth"
 API_KEY_FILE = "api-keys"
 # The operator's per-service Secret: the router's token for the workers, the operator's for /admin/*.
-INTERNAL_DIR = "/etc/kvfleet-internal"
+INTERNAL_DIR = "/etc/kvflock-internal"
 INTERNAL_TOKEN_KEY = "internal-token"
 ADMIN_TOKEN_KEY = "admin-token"
-ANNOTATION_AUTH_HASH = "kvfleet.dev/auth-hash"
+ANNOTATION_AUTH_HASH = "kvflock.dev/auth-hash"
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def _model_argument(spec: InferenceServiceSpec) -> str:
 def _serve_args(owner: Owner, spec: InferenceServiceSpec) -> list[str]:
     engine = spec.engine
     args = [
-        "kvfleet", "serve",
+        "kvflock", "serve",
         "--model", _model_argument(spec),
         "--served-model-name", served_model_name(owner, spec),
         "--host", "0.0.0.0",
@@ -274,7 +274,7 @@ def worker_template(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
     """The pod spec shared by all workers of the current spec."""
     volumes, mounts = _volumes(owner, spec)
     env = [
-        {"name": "KVFLEET_ENGINE_CONFIG", "value": f"{ENGINE_CONFIG_DIR}/engine.json"},
+        {"name": "KVFLOCK_ENGINE_CONFIG", "value": f"{ENGINE_CONFIG_DIR}/engine.json"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         *(var.model_dump(exclude_none=True) for var in spec.env),
     ]

@@ -1,7 +1,7 @@
 """The InferenceService custom resource: pydantic models of its spec and status.
 
 These models are the single source of the CRD: `render_crd` turns them into the
-CustomResourceDefinition that `kvfleet crds` writes to crds/inferenceservice.yaml, and the
+CustomResourceDefinition that `kvflock crds` writes to crds/inferenceservice.yaml, and the
 operator parses every object with them, so a spec that slips past the API server's schema
 (an old CRD, a cluster without CEL) still fails here, naming the field.
 Cross-field rules exist twice on purpose: as CEL (`x-kubernetes-validations`) for the API
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-GROUP = "kvfleet.dev"
+GROUP = "kvflock.dev"
 VERSION = "v1alpha1"
 KIND = "InferenceService"
 PLURAL = "inferenceservices"
@@ -23,7 +23,7 @@ SINGULAR = "inferenceservice"
 SHORT_NAMES = ["infsvc"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
-DEFAULT_IMAGE = "ghcr.io/kvfleet/worker:0.1.0"
+DEFAULT_IMAGE = "ghcr.io/kvflock/worker:0.1.0"
 # Children are named <name>-w-<n>, <name>-workers, ...: the longest suffix must still fit
 # in a 63-character DNS label.
 MAX_NAME_LENGTH = 50
@@ -106,7 +106,7 @@ class KVCacheSpec(_Model):
     )
     cpuOffloadGiB: float = Field(0, ge=0, le=4096, description="Pinned CPU memory for evicted KV blocks (0: off).")
     diskOffloadGiB: float = Field(0, ge=0, le=65536, description="Disk space for evicted KV blocks (0: off).")
-    diskPath: str = Field("/var/cache/kvfleet/kv", pattern=r"^/", description="Folder of the disk KV tier.")
+    diskPath: str = Field("/var/cache/kvflock/kv", pattern=r"^/", description="Folder of the disk KV tier.")
 
 
 class SpeculativeSpec(_Model):
@@ -362,10 +362,10 @@ class AuthSpec(_Model):
 
 
 class InferenceServiceSpec(_Model):
-    """A model served by replicas of the kvfleet engine behind one OpenAI-compatible endpoint."""
+    """A model served by replicas of the kvflock engine behind one OpenAI-compatible endpoint."""
 
     model: ModelSpec = Field(default_factory=ModelSpec)
-    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Worker image (its entrypoint: kvfleet).")
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="Worker image (its entrypoint: kvflock).")
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
     replicas: int = Field(1, ge=0, le=1000, description="Worker replicas (the scale subresource).")
     engine: EngineSpec = Field(default_factory=EngineSpec)
@@ -598,7 +598,7 @@ def render_crd() -> dict[str, Any]:
                 "plural": PLURAL,
                 "singular": SINGULAR,
                 "shortNames": SHORT_NAMES,
-                "categories": ["kvfleet"],
+                "categories": ["kvflock"],
             },
             "scope": "Namespaced",
             "versions": [
@@ -610,7 +610,7 @@ def render_crd() -> dict[str, Any]:
                         "openAPIV3Schema": {
                             "type": "object",
                             "description": "An InferenceService runs a language model on replicas of the"
-                            " kvfleet engine behind one OpenAI-compatible endpoint.",
+                            " kvflock engine behind one OpenAI-compatible endpoint.",
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

@@ -2,7 +2,7 @@
 internal Secret, turned into what the pods' rollout needs, never into copies of the keys.
 
 The operator reads the user's Secret only to notice a change: `auth_hash` is an HMAC of the
-key file keyed by the service's internal tokens, so the `kvfleet.dev/auth-hash` annotation
+key file keyed by the service's internal tokens, so the `kvflock.dev/auth-hash` annotation
 that rolls the pods tells nobody who can read Pods anything about a key, not even a weak one
 tried by brute force. The internal tokens are made once per service with `secrets`.
 """
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvfleet.operator.children import ADMIN_TOKEN_KEY, INTERNAL_TOKEN_KEY
+from kvflock.operator.children import ADMIN_TOKEN_KEY, INTERNAL_TOKEN_KEY
 
 _TOKEN_BYTES = 32
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-from kvfleet.operator import children, credentials, metrics, scaling, workers
-from kvfleet.operator.children import Owner
-from kvfleet.operator.crd import (
+from kvflock.operator import children, credentials, metrics, scaling, workers
+from kvflock.operator.children import Owner
+from kvflock.operator.crd import (
     GROUP,
     KIND,
     PLURAL,
@@ -31,8 +31,8 @@ from kvfleet.operator.crd import (
     check_name,
     format_errors,
 )
-from kvfleet.operator.kube import Cluster
-from kvfleet.operator.reconcile import (
+from kvflock.operator.kube import Cluster
+from kvflock.operator.reconcile import (
     Action,
     Observed,
     Probe,
@@ -141,7 +141,7 @@ class Runtime:
         plan = reconcile(owner, spec, observed, now, generation)
         for action in plan.actions:
             self._apply(owner, action, pods_by_name.get(action.name), body)
-        # status.autoscaler is the autoscaler's to write (kvfleet.operator.scaling); keep it.
+        # status.autoscaler is the autoscaler's to write (kvflock.operator.scaling); keep it.
         status = plan.status.model_copy(update={"autoscaler": previous.autoscaler}).model_dump(mode="json")
         if status != previous.model_dump(mode="json"):
             self.cluster.patch_service_status(namespace, name, status)

@@ -12,9 +12,9 @@ from typing import Any, cast
 
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
-from kvfleet.operator import children, router_children
-from kvfleet.operator.children import Owner
-from kvfleet.operator.crd import GROUP, PLURAL, VERSION
+from kvflock.operator import children, router_children
+from kvflock.operator.children import Owner
+from kvflock.operator.crd import GROUP, PLURAL, VERSION
 
 # (apiGroup, resource, verbs): what the operator's code calls, and what kopf needs.
 RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [

@@ -7,7 +7,7 @@ the status to record. Its rules, in the order they apply:
 - A failed worker (phase Failed or Succeeded) is deleted and a new one created at once.
 - Missing workers are created, each named <name>-w-<n> with the lowest free n.
 - With `router.pools`, each pool is its own group of workers (<name>-<pool>-w-<n>, label
-  kvfleet.dev/pool=<pool>) with the pool's replicas, resources and engine settings, and every
+  kvflock.dev/pool=<pool>) with the pool's replicas, resources and engine settings, and every
   rule here applies to each pool on its own. A pool without `replicas` has spec.replicas
   workers (what kubectl scale and the autoscaler write). Workers of a pool no longer defined
   are drained once every defined pool has all its workers ready.
@@ -32,9 +32,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvfleet.operator import children, router_children
-from kvfleet.operator.children import Owner
-from kvfleet.operator.crd import Condition, InferenceServiceSpec, InferenceServiceStatus, WorkerStatus
+from kvflock.operator import children, router_children
+from kvflock.operator.children import Owner
+from kvflock.operator.crd import Condition, InferenceServiceSpec, InferenceServiceStatus, WorkerStatus
 
 # Container waiting reasons that mean a worker will not come up without help.
 _STUCK_REASONS = frozenset(
@@ -142,7 +142,7 @@ class Observed:
     objects: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
     probes: Mapping[str, Probe] = field(default_factory=dict)
     conditions: Sequence[Condition] = ()
-    auth_hash: str | None = None  # of the Secrets the pods mount (kvfleet.operator.credentials)
+    auth_hash: str | None = None  # of the Secrets the pods mount (kvflock.operator.credentials)
 
 
 @dataclass(frozen=True)

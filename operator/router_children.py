@@ -1,7 +1,7 @@
 """Manifests of an InferenceService's router: its Pod, and the ServiceAccount, Role and
 RoleBinding that let it find the workers through the API server.
 
-The router pod runs `kvfleet router --service <name>`: it lists and watches the service's
+The router pod runs `kvflock router --service <name>`: it lists and watches the service's
 worker Pods and reads the `<name>-engine` ConfigMap (pools, policy, hold timeout), exactly what
 its Role grants. The entry Service selects it (`children.entry_service`), so clients reach the
 workers through it. It mounts the same access-control files as the workers (`children.auth_volumes`)
@@ -14,15 +14,15 @@ import hashlib
 import json
 from typing import Any
 
-from kvfleet.operator import children
-from kvfleet.operator.children import ANNOTATION_SPEC_HASH, LABEL_ROLE, LABEL_SERVICE, Owner
-from kvfleet.operator.crd import InferenceServiceSpec
+from kvflock.operator import children
+from kvflock.operator.children import ANNOTATION_SPEC_HASH, LABEL_ROLE, LABEL_SERVICE, Owner
+from kvflock.operator.crd import InferenceServiceSpec
 
 ROUTER_PORT = 8000
 ROLE_ROUTER = "router"
 RBAC_GROUP = "rbac.authorization.k8s.io"
 
-# (apiGroup, resource, verbs) the router's own calls need: kvfleet.worker.router.discovery lists
+# (apiGroup, resource, verbs) the router's own calls need: kvflock.worker.router.discovery lists
 # and watches the worker pods and reads the engine ConfigMap. The operator must hold these
 # verbs itself to grant them (Kubernetes refuses to let a Role escalate its creator's rights).
 ROUTER_RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
@@ -51,7 +51,7 @@ def _metadata(owner: Owner, name: str) -> dict[str, Any]:
 
 def _router_args(owner: Owner, spec: InferenceServiceSpec) -> list[str]:
     return [
-        "kvfleet", "router",
+        "kvflock", "router",
         "--service", owner.name,
         "--namespace", owner.namespace,
         "--host", "0.0.0.0",

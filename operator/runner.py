@@ -2,7 +2,7 @@
 
 The same connection (a kubernetes client Configuration) serves kopf's own watches and the
 handlers' calls, whether it came from a kubeconfig, the pod's service account, or the local
-cluster (`kvfleet up`), which calls `run_operator` inside its own event loop.
+cluster (`kvflock up`), which calls `run_operator` inside its own event loop.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import kopf
 import kubernetes.client
 import kubernetes.config
-from kvfleet.operator.handlers import OperatorOptions, Runtime, register
-from kvfleet.operator.kube import Cluster
+from kvflock.operator.handlers import OperatorOptions, Runtime, register
+from kvflock.operator.kube import Cluster
 
-FINALIZER = "kvfleet.dev/finalizer"
+FINALIZER = "kvflock.dev/finalizer"
 
 
 def load_configuration(kubeconfig: str | None = None, context: str | None = None) -> kubernetes.client.Configuration:
@@ -53,9 +53,9 @@ def _connection(configuration: kubernetes.client.Configuration) -> kopf.Connecti
 def _settings(options: OperatorOptions) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvfleet.dev")
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kvflock.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kvfleet.dev", key="last-handled-configuration"
+        prefix="kvflock.dev", key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300

@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
-from kvfleet.operator import autoscale, children, router_children, workers
-from kvfleet.operator.children import Owner
-from kvfleet.operator.crd import AutoscalerStatus, InferenceServiceSpec
-from kvfleet.operator.kube import Cluster
-from kvfleet.operator.reconcile import Probe, format_time
+from kvflock.operator import autoscale, children, router_children, workers
+from kvflock.operator.children import Owner
+from kvflock.operator.crd import AutoscalerStatus, InferenceServiceSpec
+from kvflock.operator.kube import Cluster
+from kvflock.operator.reconcile import Probe, format_time
 
 
 def elastic_pools(spec: InferenceServiceSpec) -> set[str]:

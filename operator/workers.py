@@ -1,9 +1,9 @@
-"""The operator's calls to a worker's HTTP endpoints (kvfleet.worker.server): /ready, /metrics, /admin/drain
+"""The operator's calls to a worker's HTTP endpoints (kvflock.worker.server): /ready, /metrics, /admin/drain
 (the latter with the service's admin token when it has auth).
 
 A worker is reached at its pod's IP and the container's `http` port. Where pods do not get
 their own IP (the local cluster's process kubelet), the kubelet writes the address into the
-pod's `kvfleet.dev/endpoint` annotation and that wins.
+pod's `kvflock.dev/endpoint` annotation and that wins.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from kvfleet.operator.children import ANNOTATION_ENDPOINT, WORKER_PORT
-from kvfleet.operator.reconcile import Probe
-from kvfleet.worker.auth import bearer_header
+from kvflock.operator.children import ANNOTATION_ENDPOINT, WORKER_PORT
+from kvflock.operator.reconcile import Probe
+from kvflock.worker.auth import bearer_header
 
-# The worker's Prometheus metrics that the operator reads (kvfleet.worker.metrics exports them).
-METRIC_RUNNING = "kvfleet_requests_running"
-METRIC_WAITING = "kvfleet_requests_waiting"
-METRIC_KV_USED = "kvfleet_kv_blocks_used"
-METRIC_KV_TOTAL = "kvfleet_kv_blocks_total"
+# The worker's Prometheus metrics that the operator reads (kvflock.worker.metrics exports them).
+METRIC_RUNNING = "kvflock_requests_running"
+METRIC_WAITING = "kvflock_requests_waiting"
+METRIC_KV_USED = "kvflock_kv_blocks_used"
+METRIC_KV_TOTAL = "kvflock_kv_blocks_total"
 
-# kvfleet.worker.metrics' TTFT histogram, and the router's held requests (kvfleet.worker.router.metrics).
-METRIC_TTFT = "kvfleet_time_to_first_token_seconds"
-METRIC_HELD = "kvfleet_router_held_requests"
+# kvflock.worker.metrics' TTFT histogram, and the router's held requests (kvflock.worker.router.metrics).
+METRIC_TTFT = "kvflock_time_to_first_token_seconds"
+METRIC_HELD = "kvflock_router_held_requests"
 
 _BUCKET = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)_bucket\{[^}]*le="(?P<le>[^"]+)"[^}]*\}\s+(?P<value>\S+)',
                      re.MULTILINE)

@@ -14,6 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The processes the tests start (`python -m kvflock.cli`, `python -c`) run in the repository
+# root, which Python would otherwise put first on their sys.path (see tests/test_install.py).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
@@ -27,9 +31,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def smollm2():
     """The demo model's weights and tokenizer, read once and shared by every engine in the session."""
-    from kvfleet.worker.attention import TorchAttentionBackend
-    from kvfleet.worker.config import EngineConfig
-    from kvfleet.worker.model.loader import load
+    from kvflock.worker.attention import TorchAttentionBackend
+    from kvflock.worker.config import EngineConfig
+    from kvflock.worker.model.loader import load
 
     return load(EngineConfig(model="demo", device="cpu", dtype="float32"), TorchAttentionBackend())
 
@@ -39,7 +43,7 @@ def smollm2_hf():
     """transformers' own reading of the same GGUF file: the reference for greedy outputs."""
     from transformers import AutoModelForCausalLM
 
-    from kvfleet.worker.model.loader import demo_model_path
+    from kvflock.worker.model.loader import demo_model_path
 
     path = demo_model_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -57,9 +61,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models):
     """The tiny random Llama, loaded once (float32) for engines with different limits."""
-    from kvfleet.worker.attention import TorchAttentionBackend
-    from kvfleet.worker.config import EngineConfig
-    from kvfleet.worker.model.loader import load
+    from kvflock.worker.attention import TorchAttentionBackend
+    from kvflock.worker.config import EngineConfig
+    from kvflock.worker.model.loader import load
 
     return load(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", device="cpu"), TorchAttentionBackend())
 
@@ -67,8 +71,8 @@ def tiny_llama(tiny_models):
 @pytest.fixture
 def tiny_engine(tiny_llama):
     """Build an engine over the tiny Llama with the given EngineConfig overrides."""
-    from kvfleet.worker.config import EngineConfig
-    from kvfleet.worker.engine import LLMEngine
+    from kvflock.worker.config import EngineConfig
+    from kvflock.worker.engine import LLMEngine
 
     def make(**overrides):
         return LLMEngine(EngineConfig(model=str(tiny_llama.source.path), **overrides), loaded=tiny_llama)

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvfleet.worker.config import SamplingParams
-from kvfleet.worker.engine import LLMEngine, RequestOutput
+from kvflock.worker.config import SamplingParams
+from kvflock.worker.engine import LLMEngine, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class AsyncEngine:
         self._in_flight = 0
         self.last_step_at = time.monotonic()
         self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
-        self._thread = threading.Thread(target=self._run, name="kvfleet-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kvflock-engine", daemon=True)
         self._thread.start()
 
     @property

@@ -1,7 +1,7 @@
 """The attention backend interface: how a layer's attention reads and writes the paged KV cache.
 
 The model calls `backend.forward` once per layer; the runner builds one `AttentionMetadata`
-per step. The torch backend runs the plain-torch references of kvfleet.kernels; the Triton
+per step. The torch backend runs the plain-torch references of kvflock.kernels; the Triton
 backend runs their kernels, and `select_attention_backend` picks it on CUDA.
 """
 
@@ -10,9 +10,9 @@ from typing import Protocol
 
 import torch
 
-from kvfleet.kernels import paged_attention
-from kvfleet.kernels._triton import HAS_TRITON
-from kvfleet.kernels.paged_attention import (
+from kvflock.kernels import paged_attention
+from kvflock.kernels._triton import HAS_TRITON
+from kvflock.kernels.paged_attention import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     write_kv_ref,
@@ -86,9 +86,9 @@ class TorchAttentionBackend:
 
 
 class TritonAttentionBackend:
-    """The Triton kernels of kvfleet.kernels.paged_attention: the engine's path on CUDA.
+    """The Triton kernels of kvflock.kernels.paged_attention: the engine's path on CUDA.
 
-    With it the model also runs kvfleet.kernels' rms_norm (fused residual add), rotary and
+    With it the model also runs kvflock.kernels' rms_norm (fused residual add), rotary and
     silu_and_mul kernels (`triton_pointwise`).
 
     The kernels are looked up on their module at each call (not bound at import), so a test

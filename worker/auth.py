@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # types only: the operator imports bearer_header without starlette installed
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-API_KEY_FILE_ENV = "KVFLEET_API_KEY_FILE"
-ADMIN_TOKEN_FILE_ENV = "KVFLEET_ADMIN_TOKEN_FILE"
-INTERNAL_TOKEN_FILE_ENV = "KVFLEET_INTERNAL_TOKEN_FILE"
+API_KEY_FILE_ENV = "KVFLOCK_API_KEY_FILE"
+ADMIN_TOKEN_FILE_ENV = "KVFLOCK_ADMIN_TOKEN_FILE"
+INTERNAL_TOKEN_FILE_ENV = "KVFLOCK_INTERNAL_TOKEN_FILE"
 
 
 def read_keys(path: str | Path) -> tuple[bytes, ...]:

@@ -51,7 +51,7 @@ class ModelConfig:
         arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
         if arch is None:
             raise ValueError(
-                f"architectures: {archs} is not supported; kvfleet runs {sorted(_ARCHITECTURES)}"
+                f"architectures: {archs} is not supported; kvflock runs {sorted(_ARCHITECTURES)}"
             )
         num_heads = hf["num_attention_heads"]
         rope = dict(hf.get("rope_parameters") or {})

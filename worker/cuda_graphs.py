@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from kvfleet.worker.attention import AttentionMetadata
-from kvfleet.worker.model.llama import LlamaForCausalLM
+from kvflock.worker.attention import AttentionMetadata
+from kvflock.worker.model.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ With async scheduling a step is launched (scheduled, queued on the device, sampl
 and completed (its tokens read, stop conditions applied) one call later: each `step()`
 launches step n+1 before it completes step n, so the host's work for both runs while the
 device computes step n, and the device never waits for the host. Step n+1 reads the tokens
-of step n on the device (placeholders, kvfleet.worker.sequence). A sequence that step n
+of step n on the device (placeholders, kvflock.worker.sequence). A sequence that step n
 finishes has one more token computed by step n+1, which is dropped. Penalties need every
 token on the host, so a step that samples with them is completed before the next is launched.
 """
@@ -25,19 +25,19 @@ from typing import Any
 
 import torch
 
-from kvfleet.worker.attention import AttentionMetadata, select_attention_backend
-from kvfleet.worker.config import EngineConfig, ModelConfig, SamplingParams
-from kvfleet.worker.cuda_graphs import capture_batch_sizes
-from kvfleet.worker.kv.block_pool import BlockPool
-from kvfleet.worker.kv.disk import DiskBlockStore
-from kvfleet.worker.kv.tiers import OffloadTiers
-from kvfleet.worker.model.loader import LoadedModel, load
-from kvfleet.worker.runner import allocate_kv_cache, kv_bytes_per_block
-from kvfleet.worker.sampler import SampledTokens, Sampler, SampleResult
-from kvfleet.worker.scheduler import ScheduledSequence, Scheduler
-from kvfleet.worker.sequence import Sequence, TokenLogprobs
-from kvfleet.worker.spec_decode.speculator import load_draft_model, make_speculator
-from kvfleet.worker.tp import make_runner
+from kvflock.worker.attention import AttentionMetadata, select_attention_backend
+from kvflock.worker.config import EngineConfig, ModelConfig, SamplingParams
+from kvflock.worker.cuda_graphs import capture_batch_sizes
+from kvflock.worker.kv.block_pool import BlockPool
+from kvflock.worker.kv.disk import DiskBlockStore
+from kvflock.worker.kv.tiers import OffloadTiers
+from kvflock.worker.model.loader import LoadedModel, load
+from kvflock.worker.runner import allocate_kv_cache, kv_bytes_per_block
+from kvflock.worker.sampler import SampledTokens, Sampler, SampleResult
+from kvflock.worker.scheduler import ScheduledSequence, Scheduler
+from kvflock.worker.sequence import Sequence, TokenLogprobs
+from kvflock.worker.spec_decode.speculator import load_draft_model, make_speculator
+from kvflock.worker.tp import make_runner
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
-"""The offline Python API: `kvfleet.LLM(model).generate(prompts, params)` and `.chat(...)`."""
+"""The offline Python API: `kvflock.LLM(model).generate(prompts, params)` and `.chat(...)`."""
 
 import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine, RequestOutput
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine, RequestOutput
 
 Prompt = str | list[int]
 Message = dict[str, Any]

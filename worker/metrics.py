@@ -1,4 +1,4 @@
-"""The worker's Prometheus metrics (prefix `kvfleet_`): latency histograms and token counters
+"""The worker's Prometheus metrics (prefix `kvflock_`): latency histograms and token counters
 fed by the server, and gauges read from the engine at scrape time."""
 
 from collections.abc import Iterator
@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvfleet.worker.engine import LLMEngine
+from kvflock.worker.engine import LLMEngine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -20,27 +20,27 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         scheduler, pool = self.engine.scheduler, self.engine.pool
-        yield GaugeMetricFamily("kvfleet_requests_running", "Sequences in the running batch", value=len(scheduler.running))
-        yield GaugeMetricFamily("kvfleet_requests_waiting", "Sequences waiting to be scheduled", value=len(scheduler.waiting))
-        yield GaugeMetricFamily("kvfleet_kv_blocks_total", "KV cache blocks that can be in use", value=pool.capacity)
-        yield GaugeMetricFamily("kvfleet_kv_blocks_used", "KV cache blocks in use", value=pool.capacity - pool.num_free)
-        yield CounterMetricFamily("kvfleet_preemptions", "Sequences preempted for lack of KV blocks", value=scheduler.num_preemptions)
-        yield CounterMetricFamily("kvfleet_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+        yield GaugeMetricFamily("kvflock_requests_running", "Sequences in the running batch", value=len(scheduler.running))
+        yield GaugeMetricFamily("kvflock_requests_waiting", "Sequences waiting to be scheduled", value=len(scheduler.waiting))
+        yield GaugeMetricFamily("kvflock_kv_blocks_total", "KV cache blocks that can be in use", value=pool.capacity)
+        yield GaugeMetricFamily("kvflock_kv_blocks_used", "KV cache blocks in use", value=pool.capacity - pool.num_free)
+        yield CounterMetricFamily("kvflock_preemptions", "Sequences preempted for lack of KV blocks", value=scheduler.num_preemptions)
+        yield CounterMetricFamily("kvflock_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                   value=scheduler.prefix_queried_tokens)
-        yield CounterMetricFamily("kvfleet_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+        yield CounterMetricFamily("kvflock_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                   value=scheduler.prefix_hit_tokens)
-        yield GaugeMetricFamily("kvfleet_kv_blocks_cached", "KV blocks holding a known prefix", value=pool.num_cached)
+        yield GaugeMetricFamily("kvflock_kv_blocks_cached", "KV blocks holding a known prefix", value=pool.num_cached)
         if self.engine.speculator is not None:
             spec = self.engine.speculator.stats
-            yield CounterMetricFamily("kvfleet_spec_decode_draft_tokens", "Tokens drafted for speculative decoding",
+            yield CounterMetricFamily("kvflock_spec_decode_draft_tokens", "Tokens drafted for speculative decoding",
                                       value=spec.num_drafted_tokens)
-            yield CounterMetricFamily("kvfleet_spec_decode_accepted_tokens", "Drafted tokens the model accepted",
+            yield CounterMetricFamily("kvflock_spec_decode_accepted_tokens", "Drafted tokens the model accepted",
                                       value=spec.num_accepted_tokens)
-            yield CounterMetricFamily("kvfleet_spec_decode_verifications", "Sequence steps that verified drafts",
+            yield CounterMetricFamily("kvflock_spec_decode_verifications", "Sequence steps that verified drafts",
                                       value=spec.num_verifications)
-            yield GaugeMetricFamily("kvfleet_spec_decode_acceptance_rate", "Accepted over drafted tokens, since start",
+            yield GaugeMetricFamily("kvflock_spec_decode_acceptance_rate", "Accepted over drafted tokens, since start",
                                     value=spec.acceptance_rate)
-            yield GaugeMetricFamily("kvfleet_spec_decode_tokens_per_step",
+            yield GaugeMetricFamily("kvflock_spec_decode_tokens_per_step",
                                     "Tokens a sequence gains per step that verifies drafts, since start",
                                     value=spec.tokens_per_step)
 
@@ -49,12 +49,12 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("kvfleet_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("kvfleet_inter_token_latency_seconds", "Time between output tokens", buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("kvfleet_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("kvfleet_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
-        self.generation_tokens = Counter("kvfleet_generation_tokens", "Generated tokens", registry=r)
-        self.requests = Counter("kvfleet_requests", "Finished requests by finish reason", ["finish_reason"], registry=r)
+        self.ttft = Histogram("kvflock_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("kvflock_inter_token_latency_seconds", "Time between output tokens", buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("kvflock_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("kvflock_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("kvflock_generation_tokens", "Generated tokens", registry=r)
+        self.requests = Counter("kvflock_requests", "Finished requests by finish reason", ["finish_reason"], registry=r)
 
     def watch(self, engine: LLMEngine) -> None:
         self.registry.register(_EngineCollector(engine))

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvfleet.worker.config import SamplingParams
+from kvflock.worker.config import SamplingParams
 
 
 class StreamOptions(BaseModel):

@@ -3,10 +3,10 @@ tensor, unpacks it on the model's device into the batch tensors and the attentio
 runs the forward pass, returns the logits of the sequences that sample this step.
 
 The packed form is what tensor-parallel rank 0 broadcasts to the other ranks each step
-(kvfleet.worker.tp): a handful of integers per token, never Python objects.
+(kvflock.worker.tp): a handful of integers per token, never Python objects.
 
 With async scheduling an input id may be a placeholder for a token the previous step sampled
-(kvfleet.worker.sequence); the runner reads its value from that step's sampled tokens on the
+(kvflock.worker.sequence); the runner reads its value from that step's sampled tokens on the
 device, so the step can be queued before the host has seen them.
 """
 
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfleet.worker.attention import AttentionMetadata
-from kvfleet.worker.config import ModelConfig
-from kvfleet.worker.cuda_graphs import DecodeGraphs
-from kvfleet.worker.model.llama import LlamaForCausalLM
-from kvfleet.worker.model.parallel import kv_heads_per_rank
-from kvfleet.worker.scheduler import SchedulerOutput
+from kvflock.worker.attention import AttentionMetadata
+from kvflock.worker.config import ModelConfig
+from kvflock.worker.cuda_graphs import DecodeGraphs
+from kvflock.worker.model.llama import LlamaForCausalLM
+from kvflock.worker.model.parallel import kv_heads_per_rank
+from kvflock.worker.scheduler import SchedulerOutput
 
 
 def allocate_kv_cache(

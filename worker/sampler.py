@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfleet.worker.sequence import Sequence, TokenLogprobs
-from kvfleet.worker.transfer import HostCopy, to_device
+from kvflock.worker.sequence import Sequence, TokenLogprobs
+from kvflock.worker.transfer import HostCopy, to_device
 
 
 @dataclass

@@ -18,7 +18,7 @@ computed afterwards (`on_draft_verified`); blocks that held nothing but rejected
 to the pool, and no block is registered for prefix caching before its tokens are accepted.
 
 With async scheduling a sequence's last token may still be pending (sampled on the device,
-its value unknown here, see kvfleet.worker.sequence): it counts like any token, except that
+its value unknown here, see kvflock.worker.sequence): it counts like any token, except that
 no block is registered before its value is known, and a sequence whose pending tokens end it
 (max_tokens) is not scheduled again. A sequence preempted with a pending token waits at least
 one schedule, by which time its value has arrived, before it is prefilled again.
@@ -27,10 +27,10 @@ one schedule, by which time its value has arrived, before it is prefilled again.
 from collections import deque
 from dataclasses import dataclass
 
-from kvfleet.worker.kv.block_pool import BlockPool
-from kvfleet.worker.kv.hashing import hash_blocks
-from kvfleet.worker.kv.tiers import OffloadTiers
-from kvfleet.worker.sequence import Sequence, SequenceStatus
+from kvflock.worker.kv.block_pool import BlockPool
+from kvflock.worker.kv.hashing import hash_blocks
+from kvflock.worker.kv.tiers import OffloadTiers
+from kvflock.worker.sequence import Sequence, SequenceStatus
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvfleet.worker.config import SamplingParams
+from kvflock.worker.config import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

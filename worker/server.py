@@ -26,11 +26,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvfleet.worker.async_engine import AsyncEngine, EngineDead, EngineOverloaded
-from kvfleet.worker.auth import AccessControl, AccessPolicy
-from kvfleet.worker.engine import CompletionOutput, RequestOutput
-from kvfleet.worker.metrics import WorkerMetrics
-from kvfleet.worker.protocol import ChatCompletionRequest, CompletionRequest
+from kvflock.worker.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from kvflock.worker.auth import AccessControl, AccessPolicy
+from kvflock.worker.engine import CompletionOutput, RequestOutput
+from kvflock.worker.metrics import WorkerMetrics
+from kvflock.worker.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +125,18 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
                serve_metrics: bool = True) -> FastAPI:
     """The worker's app. With `load`, the model loads in the background after start-up, so
     that /health answers at once and /ready turns 200 when the engine can serve. Without
-    `serve_metrics`, /metrics is left to a separate port (`kvfleet serve --metrics-port`)."""
+    `serve_metrics`, /metrics is left to a separate port (`kvflock serve --metrics-port`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if load is not None:
             args = (state, load, on_load_error)
-            threading.Thread(target=_load_in_background, args=args, name="kvfleet-load", daemon=True).start()
+            threading.Thread(target=_load_in_background, args=args, name="kvflock-load", daemon=True).start()
         yield
         if state.engine is not None:
             state.engine.shutdown()
 
-    app = FastAPI(title="kvfleet worker", lifespan=lifespan)
+    app = FastAPI(title="kvflock worker", lifespan=lifespan)
     app.state.worker = state
 
     @app.exception_handler(ApiError)
@@ -188,7 +188,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        model = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "kvfleet"}
+        model = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "kvflock"}
         if state.engine is not None:
             model["max_model_len"] = state.engine.engine.max_model_len
         return {"object": "list", "data": [model]}

@@ -1,7 +1,7 @@
 """Tensor parallelism across processes: one replica is N ranks, one process (and GPU) each.
 
 Rank 0 is the engine's own process: it owns the scheduler, the sampler and the server. Each
-step it broadcasts the packed batch (kvfleet.worker.runner.pack_step: a few integers per
+step it broadcasts the packed batch (kvflock.worker.runner.pack_step: a few integers per
 token, two broadcasts) to ranks 1..N-1, which run the same forward pass over their shards
 and then wait for the next step. The batch travels over a gloo group on the CPU, so idle
 ranks wait in a socket read; activations use NCCL on GPU and gloo on CPU.
@@ -27,13 +27,13 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from kvfleet.worker.attention import AttentionBackend, select_attention_backend
-from kvfleet.worker.config import EngineConfig
-from kvfleet.worker.model.llama import LlamaForCausalLM
-from kvfleet.worker.model.loader import LoadedModel, load, read_model_config, resolve_model
-from kvfleet.worker.model.parallel import TPGroup, check_tp_size
-from kvfleet.worker.runner import ModelRunner, StepShape, allocate_kv_cache, pack_step, unpack_step
-from kvfleet.worker.scheduler import SchedulerOutput
+from kvflock.worker.attention import AttentionBackend, select_attention_backend
+from kvflock.worker.config import EngineConfig
+from kvflock.worker.model.llama import LlamaForCausalLM
+from kvflock.worker.model.loader import LoadedModel, load, read_model_config, resolve_model
+from kvflock.worker.model.parallel import TPGroup, check_tp_size
+from kvflock.worker.runner import ModelRunner, StepShape, allocate_kv_cache, pack_step, unpack_step
+from kvflock.worker.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Replica:
         self._closing = False
         self._lock = threading.Lock()
         for rank, process in enumerate(processes, start=1):
-            threading.Thread(target=self._watch, args=(rank, process), name=f"kvfleet-tp-watch-{rank}",
+            threading.Thread(target=self._watch, args=(rank, process), name=f"kvflock-tp-watch-{rank}",
                              daemon=True).start()
         atexit.register(self.shutdown)
 
@@ -165,7 +165,7 @@ def load_replica(config: EngineConfig, backend: AttentionBackend) -> LoadedModel
     # Plain subprocesses, not multiprocessing: nothing of the caller's main module is re-run.
     processes = [
         subprocess.Popen([
-            sys.executable, "-m", "kvfleet.worker.tp", "--rank", str(rank), "--port", str(store.port),
+            sys.executable, "-P", "-m", "kvflock.worker.tp", "--rank", str(rank), "--port", str(store.port),
             "--parent-pid", str(os.getpid()), "--log-level", str(logging.getLogger().getEffectiveLevel()),
             "--config", _rank_config(config, devices[rank]).model_dump_json(),
         ])
@@ -228,7 +228,7 @@ def _rank_main(rank: int, config: EngineConfig, port: int, parent_pid: int, log_
     stopped (a signal) or fails (exit status 1)."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [tp rank {rank}] %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; rank 0 decides
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="kvfleet-tp-parent", daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="kvflock-tp-parent", daemon=True).start()
     try:
         device = config.torch_device()
         if device.type == "cpu":  # the ranks share the machine's cores

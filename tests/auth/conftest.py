@@ -9,21 +9,21 @@ import httpx
 import openai
 import pytest
 
-from kvfleet.worker.async_engine import AsyncEngine
-from kvfleet.worker.auth import AccessPolicy
-from kvfleet.worker.config import EngineConfig
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.router.app import RouterOptions, StaticDiscovery, create_app as create_router_app
-from kvfleet.worker.router.discovery import parse_worker_flag
-from kvfleet.worker.server import WorkerState, create_app
+from kvflock.worker.async_engine import AsyncEngine
+from kvflock.worker.auth import AccessPolicy
+from kvflock.worker.config import EngineConfig
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.router.app import RouterOptions, StaticDiscovery, create_app as create_router_app
+from kvflock.worker.router.discovery import parse_worker_flag
+from kvflock.worker.server import WorkerState, create_app
 from tests.polling import wait_for
 from tests.server.conftest import free_port, running_server
 
-USER_KEY = "sk-kvfleet-user-7f3a9c"
-SECOND_USER_KEY = "sk-kvfleet-user-second-41d2"
-OTHER_SERVICE_KEY = "sk-kvfleet-other-service-0b8e"
-ADMIN_TOKEN = "kvfleet-admin-5e1c77"
-INTERNAL_TOKEN = "kvfleet-internal-93ad02"
+USER_KEY = "sk-kvflock-user-7f3a9c"
+SECOND_USER_KEY = "sk-kvflock-user-second-41d2"
+OTHER_SERVICE_KEY = "sk-kvflock-other-service-0b8e"
+ADMIN_TOKEN = "kvflock-admin-5e1c77"
+INTERNAL_TOKEN = "kvflock-internal-93ad02"
 
 
 def keys(*values: str) -> tuple[bytes, ...]:

@@ -6,8 +6,8 @@ import httpx
 import openai
 import pytest
 
-from kvfleet.worker.auth import AccessPolicy
-from kvfleet.worker.router.app import RouterOptions
+from kvflock.worker.auth import AccessPolicy
+from kvflock.worker.router.app import RouterOptions
 from tests.auth.conftest import INTERNAL_TOKEN, OTHER_SERVICE_KEY, USER_KEY, client, keys
 from tests.auth.test_worker_keys import assert_authentication_error
 

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from kvfleet.worker.auth import AccessPolicy
+from kvflock.worker.auth import AccessPolicy
 from tests.auth.conftest import (ADMIN_TOKEN, OTHER_SERVICE_KEY, SECOND_USER_KEY, USER_KEY, client, keys)
 
 POLICY = AccessPolicy(api_keys=keys(USER_KEY, SECOND_USER_KEY), admin_tokens=keys(ADMIN_TOKEN))

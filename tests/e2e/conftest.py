@@ -1,4 +1,4 @@
-"""The local cluster as the e2e tests see it: one `kvfleet up` (a real process tree on
+"""The local cluster as the e2e tests see it: one `kvflock up` (a real process tree on
 127.0.0.1) per test module, driven with the real kubectl and the openai client."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kvfleet.process import free_port
+from kvflock.process import free_port
 from tests.polling import wait_for  # noqa: F401  (re-exported to the tests here)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ KUBECTL = Path(sys.executable).parent / "kubectl"
 
 @dataclass
 class Cluster:
-    """A running `kvfleet up` and the ways to reach it."""
+    """A running `kvflock up` and the ways to reach it."""
 
     process: subprocess.Popen[bytes]
     state_dir: Path
@@ -48,7 +48,7 @@ class Cluster:
             return None
 
     def workers(self, service: str) -> list[dict[str, Any]]:
-        pods = self.get("pods", None, "-l", f"kvfleet.dev/service={service},kvfleet.dev/role=worker")
+        pods = self.get("pods", None, "-l", f"kvflock.dev/service={service},kvflock.dev/role=worker")
         return pods["items"] if pods else []
 
 
@@ -56,16 +56,16 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if not KUBECTL.exists():
         pytest.skip(f"needs the real kubectl at {KUBECTL} (make venv installs it)")
-    state_dir = tmp_path_factory.mktemp("kvfleet")
+    state_dir = tmp_path_factory.mktemp("kvflock")
     api_port, router_port = free_port(), free_port()
     log = open(state_dir / "up.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "kvfleet.cli", "up", "--state-dir", str(state_dir),
+        [sys.executable, "-m", "kvflock.cli", "up", "--state-dir", str(state_dir),
          "--api-port", str(api_port), "--router-port", str(router_port)],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: (state_dir / "cluster.json").exists() or process.poll() is not None, 90, "kvfleet up")
+        wait_for(lambda: (state_dir / "cluster.json").exists() or process.poll() is not None, 90, "kvflock up")
         assert process.poll() is None, (state_dir / "up.log").read_text()[-3000:]
         yield Cluster(process, state_dir, state_dir / "kubeconfig", router_port)
     finally:
@@ -77,7 +77,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             code = process.wait()
         log.close()
         leftovers = list((state_dir / "pids").glob("*"))
-        subprocess.run([sys.executable, "-m", "kvfleet.cli", "down", "--state-dir", str(state_dir)],
+        subprocess.run([sys.executable, "-m", "kvflock.cli", "down", "--state-dir", str(state_dir)],
                        capture_output=True, timeout=120)
-        assert code == 0, f"kvfleet up exited with {code} after Ctrl-C"
+        assert code == 0, f"kvflock up exited with {code} after Ctrl-C"
         assert not leftovers, f"processes left running after Ctrl-C: {[p.name for p in leftovers]}"

@@ -1,6 +1,6 @@
 """A bounded, steady load for the e2e tests: a few client threads, each sending non-streaming
 chat completions through the service URL one after another until stopped, recording which
-replica answered each one (the router's `x-kvfleet-replica` header) and every failure with
+replica answered each one (the router's `x-kvflock-replica` header) and every failure with
 its error. The client never retries: a request the router could not place is a failure."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def chat(client: openai.OpenAI, messages: Messages, max_tokens: int = 8) -> Answ
     reply = raw.parse()
     if not reply.choices:
         raise AssertionError(f"an answer without choices: {reply}")
-    return Answer(time.monotonic(), raw.headers.get("x-kvfleet-replica", ""))
+    return Answer(time.monotonic(), raw.headers.get("x-kvflock-replica", ""))
 
 
 def short_question(n: int) -> Messages:

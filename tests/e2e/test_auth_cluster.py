@@ -1,4 +1,4 @@
-"""The local cluster with access control: `kvfleet up --apply examples/smollm2-auth.yaml` as a
+"""The local cluster with access control: `kvflock up --apply examples/smollm2-auth.yaml` as a
 user runs it, then the openai client with the right key, without one, with a wrong one, and
 straight at a worker (bypassing the router); no pod's log holds the key."""
 
@@ -13,8 +13,8 @@ import kubernetes.client
 import openai
 import pytest
 
-from kvfleet.localcluster import StateDir
-from kvfleet.up import apply, ask, key_hint, wait_ready
+from kvflock.localcluster import StateDir
+from kvflock.up import apply, ask, key_hint, wait_ready
 
 from .conftest import REPO, Cluster
 
@@ -26,7 +26,7 @@ SERVICE, MODEL = "smollm2-auth", "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def served(cluster: Cluster) -> Iterator[dict[str, Any]]:
-    """The example applied as `kvfleet up --apply` does (its Secret made with a random key), Ready."""
+    """The example applied as `kvflock up --apply` does (its Secret made with a random key), Ready."""
     configuration = kubernetes.client.Configuration()
     configuration.host = StateDir(cluster.state_dir).read_info()["api"]  # type: ignore[index]
     with kubernetes.client.ApiClient(configuration) as api_client:
@@ -57,7 +57,7 @@ def test_right_key_works_streaming_and_not(cluster: Cluster, served: dict[str, A
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
                                             max_tokens=8, temperature=0, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    assert ask(served["status"]["url"], MODEL, "Say hi.", key=_key(cluster))  # what `kvfleet up --ask` sends
+    assert ask(served["status"]["url"], MODEL, "Say hi.", key=_key(cluster))  # what `kvflock up --ask` sends
 
 
 @pytest.mark.parametrize("key", [None, "sk-wrong-key"])
@@ -73,7 +73,7 @@ def test_missing_or_wrong_key_gets_401_with_the_error_body(served: dict[str, Any
 
 def test_worker_reached_directly_refuses_the_user_key(cluster: Cluster, served: dict[str, Any]) -> None:
     (worker,) = cluster.workers(SERVICE)
-    endpoint = worker["metadata"]["annotations"]["kvfleet.dev/endpoint"]
+    endpoint = worker["metadata"]["annotations"]["kvflock.dev/endpoint"]
     user = {"Authorization": f"Bearer {_key(cluster)}"}
     assert httpx.get(f"{endpoint}/health", timeout=10).status_code == 200  # the kubelet's probes stay open
     refused = httpx.post(f"{endpoint}/v1/chat/completions", headers=user, timeout=30,

@@ -65,7 +65,7 @@ def _worker_counters(cluster: Cluster) -> dict[str, dict[str, float]]:
     """Each worker's own /metrics (address from its pod), samples summed over label sets."""
     result: dict[str, dict[str, float]] = {}
     for pod in cluster.workers(SERVICE):
-        text = httpx.get(f"{pod['metadata']['annotations']['kvfleet.dev/endpoint']}/metrics", timeout=10).text
+        text = httpx.get(f"{pod['metadata']['annotations']['kvflock.dev/endpoint']}/metrics", timeout=10).text
         totals: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -119,8 +119,8 @@ def _hit_rate(cluster: Cluster, url: str, tag: str) -> float:
     before = _worker_counters(cluster)
     _send_all(url, [_conversation(systems[p], i) for i, p in enumerate(order)], clients=2)
     after = _worker_counters(cluster)
-    hits = sum(_delta(after, before, "kvfleet_prefix_cache_hits_total").values())
-    queries = sum(_delta(after, before, "kvfleet_prefix_cache_queries_total").values())
+    hits = sum(_delta(after, before, "kvflock_prefix_cache_hits_total").values())
+    queries = sum(_delta(after, before, "kvflock_prefix_cache_queries_total").values())
     assert queries > 0, "the workers report prefix-cache queries"
     return hits / queries
 
@@ -139,7 +139,7 @@ def test_requests_sharing_a_system_prompt_go_to_one_replica_and_hit_its_prefix_c
     system = _system_prompt("shared")
     before = _worker_counters(cluster)
     replicas = _send_all(url, [_conversation(system, n) for n in range(6)])
-    served = _delta(_worker_counters(cluster), before, "kvfleet_requests_total")
+    served = _delta(_worker_counters(cluster), before, "kvflock_requests_total")
     assert len(set(replicas)) == 1, replicas
     assert sorted(served.values()) == [0, 6], f"requests per worker (their /metrics): {served}"
 

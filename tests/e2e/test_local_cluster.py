@@ -1,4 +1,4 @@
-"""The whole system on one machine: `kvfleet up`, the real kubectl, worker processes, the router.
+"""The whole system on one machine: `kvflock up`, the real kubectl, worker processes, the router.
 
 The tests share one cluster and run in order, as a user's session would: apply, ask, scale
 out and in, lose a worker, apply a broken service, delete everything.
@@ -88,7 +88,7 @@ def test_scale_to_three_then_back_to_one_drains_the_removed_workers(cluster: Clu
     cluster.kubectl("scale", f"infsvc/{SERVICE}", "--replicas", "3")
     wait_for(lambda: _ready_replicas(cluster) == 3, 180, "3 ready replicas")
     workers = cluster.workers(SERVICE)
-    endpoints = {p["metadata"]["annotations"]["kvfleet.dev/endpoint"] for p in workers}
+    endpoints = {p["metadata"]["annotations"]["kvflock.dev/endpoint"] for p in workers}
     pids = {_pid(p) for p in workers}
     assert len(endpoints) == 3 and len(pids) == 3 and all(map(_alive, pids))
     client = _client(cluster)
@@ -104,7 +104,7 @@ def test_scale_to_three_then_back_to_one_drains_the_removed_workers(cluster: Clu
     assert not load.failures, load.failures
     print(f"\n{load.done} requests during scale-down, none failed")
 
-    remaining = {p["metadata"]["annotations"]["kvfleet.dev/endpoint"] for p in cluster.workers(SERVICE)}
+    remaining = {p["metadata"]["annotations"]["kvflock.dev/endpoint"] for p in cluster.workers(SERVICE)}
     removed = endpoints - remaining
     assert len(removed) == 2
     events = cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={SERVICE}")
@@ -133,7 +133,7 @@ def test_a_killed_worker_is_restarted_and_ready_again(cluster: Cluster) -> None:
 
 def test_a_bad_service_is_degraded_with_the_reason_and_an_event(cluster: Cluster) -> None:
     bad = """
-apiVersion: kvfleet.dev/v1alpha1
+apiVersion: kvflock.dev/v1alpha1
 kind: InferenceService
 metadata: {name: broken}
 spec:
@@ -162,7 +162,7 @@ spec:
 def test_delete_ends_every_process_and_leaves_nothing_listening(cluster: Cluster) -> None:
     pods = cluster.workers(SERVICE)
     pids = [_pid(p) for p in pods]
-    endpoints = [p["metadata"]["annotations"]["kvfleet.dev/endpoint"] for p in pods]
+    endpoints = [p["metadata"]["annotations"]["kvflock.dev/endpoint"] for p in pods]
     router = f"http://127.0.0.1:{cluster.router_port}"
     cluster.kubectl("delete", "-f", str(REPO / "examples" / "smollm2-demo.yaml"), "--timeout=60s")
 

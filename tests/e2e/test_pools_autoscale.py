@@ -1,4 +1,4 @@
-"""Length pools and the autoscaler in the local cluster (`kvfleet up`, the real kubectl).
+"""Length pools and the autoscaler in the local cluster (`kvflock up`, the real kubectl).
 
 The workers serve the tiny random Llama (token-id prompts, so the router knows each prompt's
 exact length). Length pools: short and long prompts land on their own pool's workers, which
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _apply(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
-    manifest = {"apiVersion": "kvfleet.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": name},
+    manifest = {"apiVersion": "kvflock.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": name},
                 "spec": spec}
     path = cluster.state_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(manifest))
@@ -59,8 +59,8 @@ def _complete(url: str, prompt_tokens: int, max_tokens: int = 2) -> httpx.Respon
 
 
 def _requests_served(worker: dict[str, Any]) -> float:
-    text = httpx.get(f"{worker['metadata']['annotations']['kvfleet.dev/endpoint']}/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kvfleet_requests_total{"))
+    text = httpx.get(f"{worker['metadata']['annotations']['kvflock.dev/endpoint']}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kvflock_requests_total{"))
 
 
 def test_short_and_long_prompts_land_in_their_pools(cluster: Cluster, tiny_models: dict[str, Path]) -> None:
@@ -70,7 +70,7 @@ def test_short_and_long_prompts_land_in_their_pools(cluster: Cluster, tiny_model
     ]
     _apply(cluster, "pooled", _tiny_spec(tiny_models["llama"], router={"pools": pools}))
     wait_for(lambda: _ready(cluster, "pooled"), 180, "the pooled service to be Ready")
-    workers = {p["metadata"]["labels"]["kvfleet.dev/pool"]: p for p in cluster.workers("pooled")}
+    workers = {p["metadata"]["labels"]["kvflock.dev/pool"]: p for p in cluster.workers("pooled")}
     assert sorted(p["metadata"]["name"] for p in workers.values()) == ["pooled-long-w-0", "pooled-short-w-0"]
     short_command = workers["short"]["spec"]["containers"][0]["command"]
     assert short_command[short_command.index("--max-model-len") + 1] == "128"
@@ -79,7 +79,7 @@ def test_short_and_long_prompts_land_in_their_pools(cluster: Cluster, tiny_model
     answered = {"short": [_complete(url, 16) for _ in range(3)], "long": [_complete(url, 160) for _ in range(3)]}
     for pool, answers in answered.items():
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-        assert {a.headers["x-kvfleet-replica"] for a in answers} == {f"pooled-{pool}-w-0"}
+        assert {a.headers["x-kvflock-replica"] for a in answers} == {f"pooled-{pool}-w-0"}
         assert _requests_served(workers[pool]) == 3, f"the {pool} pool's worker counts its own requests"
     cluster.kubectl("delete", "infsvc", "pooled", "--timeout=60s")
 
@@ -89,7 +89,7 @@ def _completion(url: str) -> Answer:
     answer = _complete(url, 32, max_tokens=96)
     if answer.status_code != 200:
         raise AssertionError(f"{answer.status_code}: {answer.text}")
-    return Answer(time.monotonic(), answer.headers.get("x-kvfleet-replica", ""))
+    return Answer(time.monotonic(), answer.headers.get("x-kvflock-replica", ""))
 
 
 def _direction_changes(trace: list[int]) -> int:

@@ -4,8 +4,8 @@ workload behind the block-accounting checks (plain engine, speculative decoding)
 import random
 from collections.abc import Callable
 
-from kvfleet.worker.config import SamplingParams
-from kvfleet.worker.engine import LLMEngine, RequestOutput
+from kvflock.worker.config import SamplingParams
+from kvflock.worker.engine import LLMEngine, RequestOutput
 
 NewRequest = Callable[[random.Random], tuple[list[int], SamplingParams]]
 

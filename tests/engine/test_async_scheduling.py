@@ -8,8 +8,8 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine, RequestOutput
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine, RequestOutput
 from tests.tiny_models import VOCAB
 
 LIMITS = dict(max_model_len=96, block_size=4, num_kv_blocks=40, max_num_batched_tokens=24)

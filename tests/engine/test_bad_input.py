@@ -4,7 +4,7 @@ requests it already has."""
 import pytest
 from pydantic import ValidationError
 
-from kvfleet.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.config import EngineConfig, SamplingParams
 
 PROMPT = [5, 6, 7, 8]
 
@@ -74,7 +74,7 @@ def test_max_model_len_beyond_the_model_is_refused(tiny_engine):
 
 
 def test_a_bad_prompt_in_a_batch_leaves_nothing_behind(tiny_engine):
-    from kvfleet.worker.llm import LLM
+    from kvflock.worker.llm import LLM
 
     llm = LLM.from_engine(tiny_engine(max_model_len=64))
     with pytest.raises(ValueError, match="prompt"):

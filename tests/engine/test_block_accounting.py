@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from kvfleet.worker.config import SamplingParams
+from kvflock.worker.config import SamplingParams
 from tests.engine.random_workload import run_random_workload
 from tests.tiny_models import VOCAB
 

@@ -4,10 +4,10 @@ from gpu_memory_utilization stays within its share."""
 import pytest
 import torch
 
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.cuda_graphs import capture_batch_sizes
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.llm import LLM
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.cuda_graphs import capture_batch_sizes
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.llm import LLM
 
 
 def test_capture_batch_sizes_cover_every_batch_up_to_the_limit():

@@ -3,9 +3,9 @@ stay those of the full-precision cache on the demo model."""
 
 import pytest
 
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.llm import LLM
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.llm import LLM
 
 pytestmark = pytest.mark.slow
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 2 plus 2?"]
@@ -31,7 +31,7 @@ def test_fp8_cache_quarters_float32_kv_and_keeps_the_answers(smollm2):
 def test_fp8_values_beyond_the_range_saturate_instead_of_turning_nan():
     import torch
 
-    from kvfleet.kernels.paged_attention import write_kv_ref
+    from kvflock.kernels.paged_attention import write_kv_ref
 
     cache = torch.zeros(2, 1, 2, 4, 1, 2, dtype=torch.float8_e4m3fn)[:, 0]
     k = torch.full((1, 1, 2), 1000.0)

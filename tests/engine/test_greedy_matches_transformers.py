@@ -7,9 +7,9 @@ scheduling."""
 import pytest
 import torch
 
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.llm import LLM
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.llm import LLM
 from tests.tiny_models import VOCAB, hf_greedy
 
 MAX_NEW = 24

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvfleet.worker.config import SamplingParams
-from kvfleet.worker.llm import LLM
+from kvflock.worker.config import SamplingParams
+from kvflock.worker.llm import LLM
 from tests.tiny_models import VOCAB
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

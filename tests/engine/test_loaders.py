@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-from kvfleet.worker.config import SamplingParams
-from kvfleet.worker.llm import LLM
+from kvflock.worker.config import SamplingParams
+from kvflock.worker.llm import LLM
 from tests.gguf_writer import write_llama_gguf
 
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8]]
@@ -100,9 +100,9 @@ def test_unsupported_architecture_is_named(plain_llama, tmp_path):
 def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
     """A restarted worker reads the converted tokenizer back instead of converting the GGUF
     vocabulary again; the copy tokenizes and templates exactly like the conversion."""
-    from kvfleet.worker.model.loader import load_tokenizer, resolve_model, tokenizer_cache_dir
+    from kvflock.worker.model.loader import load_tokenizer, resolve_model, tokenizer_cache_dir
 
-    monkeypatch.setenv("KVFLEET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KVFLOCK_CACHE_DIR", str(tmp_path))
     source = resolve_model("demo")
     converted = load_tokenizer(source)
     [entry] = list(tokenizer_cache_dir().iterdir())

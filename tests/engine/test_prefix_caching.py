@@ -3,9 +3,9 @@ and its output is exactly what it would be without the cache."""
 
 import torch
 
-from kvfleet.worker.config import SamplingParams
-from kvfleet.worker.kv.hashing import hash_blocks
-from kvfleet.worker.llm import LLM
+from kvflock.worker.config import SamplingParams
+from kvflock.worker.kv.hashing import hash_blocks
+from kvflock.worker.llm import LLM
 from tests.tiny_models import VOCAB
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

@@ -1,4 +1,4 @@
-"""Weight-only quantization end to end on CPU: `kvfleet quantize` writes a GPTQ checkpoint, the
+"""Weight-only quantization end to end on CPU: `kvflock quantize` writes a GPTQ checkpoint, the
 loader reads it back bit-exactly into QuantizedLinear layers, and the quantized model generates
 exactly what a float32 model holding the dequantized weights generates. Bad inputs are refused
 naming the field."""
@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvfleet.cli import main as cli
-from kvfleet.kernels.quant_matmul import dequantize
-from kvfleet.worker.attention import TorchAttentionBackend
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.llm import LLM
-from kvfleet.worker.model.loader import load
-from kvfleet.worker.model.parallel import TPGroup
-from kvfleet.worker.model.quant import QUANTIZED_PROJECTIONS, QuantizedLinear, QuantSpec, quantize_rtn
-from kvfleet.worker.model.quantize_checkpoint import quantize_checkpoint
+from kvflock.cli import main as cli
+from kvflock.kernels.quant_matmul import dequantize
+from kvflock.worker.attention import TorchAttentionBackend
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.llm import LLM
+from kvflock.worker.model.loader import load
+from kvflock.worker.model.parallel import TPGroup
+from kvflock.worker.model.quant import QUANTIZED_PROJECTIONS, QuantizedLinear, QuantSpec, quantize_rtn
+from kvflock.worker.model.quantize_checkpoint import quantize_checkpoint
 from tests.tiny_models import VOCAB
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -3,10 +3,10 @@ logprobs follow the OpenAI/vLLM semantics, stop conditions end requests as asked
 
 import torch
 
-from kvfleet.worker.config import SamplingParams
-from kvfleet.worker.llm import LLM
-from kvfleet.worker.sampler import apply_penalties, top_k_top_p_min_p
-from kvfleet.worker.sequence import Sequence
+from kvflock.worker.config import SamplingParams
+from kvflock.worker.llm import LLM
+from kvflock.worker.sampler import apply_penalties, top_k_top_p_min_p
+from kvflock.worker.sequence import Sequence
 from tests.tiny_models import VOCAB
 
 PROMPT = [5, 17, 42, 99, 3]

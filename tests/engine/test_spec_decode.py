@@ -12,16 +12,16 @@ import openai
 import pytest
 import torch
 
-from kvfleet.worker.async_engine import AsyncEngine
-from kvfleet.worker.attention import TorchAttentionBackend
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine, RequestOutput
-from kvfleet.worker.kv.hashing import hash_blocks
-from kvfleet.worker.llm import LLM
-from kvfleet.worker.model.loader import LoadedModel, load
-from kvfleet.worker.server import WorkerState, create_app
-from kvfleet.worker.spec_decode.drafters import NgramIndex
-from kvfleet.worker.spec_decode.verify import accept_greedy, accept_sampled
+from kvflock.worker.async_engine import AsyncEngine
+from kvflock.worker.attention import TorchAttentionBackend
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine, RequestOutput
+from kvflock.worker.kv.hashing import hash_blocks
+from kvflock.worker.llm import LLM
+from kvflock.worker.model.loader import LoadedModel, load
+from kvflock.worker.server import WorkerState, create_app
+from kvflock.worker.spec_decode.drafters import NgramIndex
+from kvflock.worker.spec_decode.verify import accept_greedy, accept_sampled
 from tests.engine.random_workload import run_random_workload
 from tests.server.conftest import free_port, metric, running_server
 from tests.tiny_models import VOCAB
@@ -318,11 +318,11 @@ def test_acceptance_rate_and_tokens_per_step_are_in_metrics(smollm2, smollm2_cha
     with running_server(create_app(state), free_port()) as url:
         api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", http_client=httpx.Client(timeout=60))
         api.completions.create(model="smollm2", prompt=smollm2_chats[0], max_tokens=16, temperature=0)
-        assert metric(url, "kvfleet_spec_decode_draft_tokens_total") > 0
-        assert 0 < metric(url, "kvfleet_spec_decode_accepted_tokens_total") <= metric(
-            url, "kvfleet_spec_decode_draft_tokens_total")
-        assert 0 < metric(url, "kvfleet_spec_decode_acceptance_rate") <= 1
-        assert metric(url, "kvfleet_spec_decode_tokens_per_step") > 1
+        assert metric(url, "kvflock_spec_decode_draft_tokens_total") > 0
+        assert 0 < metric(url, "kvflock_spec_decode_accepted_tokens_total") <= metric(
+            url, "kvflock_spec_decode_draft_tokens_total")
+        assert 0 < metric(url, "kvflock_spec_decode_acceptance_rate") <= 1
+        assert metric(url, "kvflock_spec_decode_tokens_per_step") > 1
         state.engine.shutdown()
 
 
@@ -343,7 +343,7 @@ def test_greedy_output_is_identical_with_speculative_decoding_under_tensor_paral
 
 
 def test_cli_refuses_a_draft_method_without_a_draft_model():
-    result = subprocess.run([sys.executable, "-m", "kvfleet.cli", "generate", "--prompt", "hi",
+    result = subprocess.run([sys.executable, "-m", "kvflock.cli", "generate", "--prompt", "hi",
                              "--speculative-method", "draft"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "draft_model" in result.stderr and "Traceback" not in result.stderr

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "kvfleet"
+CHART = ROOT / "helm" / "kvflock"
 VALUES_ALL = Path(__file__).with_name("values-all.yaml")
-RELEASE, NAMESPACE = "kvfleet", "ml"
+RELEASE, NAMESPACE = "kvflock", "ml"
 
 Render = Callable[..., list[dict[str, Any]]]
 
@@ -82,7 +82,7 @@ def one(manifests: list[dict[str, Any]], kind: str, component: str | None = None
 @pytest.fixture
 def notes_chart(tmp_path: Path) -> Path:
     """A copy of the chart whose NOTES.txt is rendered into a manifest (`helm template` skips NOTES)."""
-    chart = tmp_path / "kvfleet"
+    chart = tmp_path / "kvflock"
     shutil.copytree(CHART, chart)
     (chart / "templates" / "NOTES.txt").rename(chart / "NOTES.txt")
     (chart / "templates" / "notes.yaml").write_text('notes: {{ tpl (.Files.Get "NOTES.txt") . | quote }}\n')

@@ -11,9 +11,9 @@ from unittest import mock
 import kubernetes_validate
 import pytest
 import yaml
-from kvfleet.operator.render import crd_files
+from kvflock.operator.render import crd_files
 
-from kvfleet import cli
+from kvflock import cli
 
 from ..operator.schema import schema_errors
 from .conftest import CHART, NAMESPACE, RELEASE, ROOT, VALUES_ALL, Render, of_kind, one, run_helm
@@ -31,7 +31,7 @@ def test_chart_crds_are_the_generated_ones() -> None:
     chart_crds = {p.name: p.read_text() for p in (CHART / "crds").glob("*.yaml")}
     committed = {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")}
     assert chart_crds == committed == crd_files(), (
-        "helm/kvfleet/crds/ differs: run `kvfleet crds && kvfleet crds --output-dir helm/kvfleet/crds`"
+        "helm/kvflock/crds/ differs: run `kvflock crds && kvflock crds --output-dir helm/kvflock/crds`"
     )
 
 
@@ -93,7 +93,7 @@ def test_every_pod_runs_non_root_read_only_without_privileges(render: Render, va
 
 
 def _operator_arguments(manifests: list[dict[str, Any]]) -> Any:
-    """What `kvfleet` parses from the operator container's arguments (without running it)."""
+    """What `kvflock` parses from the operator container's arguments (without running it)."""
     container = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     with mock.patch.object(cli, "_run_operator", return_value=0) as run:
         assert cli.main(container["args"]) == 0
@@ -116,22 +116,22 @@ def test_every_option_reaches_the_manifests(all_manifests: list[dict[str, Any]])
     deployment = one(all_manifests, "Deployment")
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    assert deployment["metadata"]["name"] == "kvfleet-ops"
-    assert container["image"] == "registry.example.com/ml/kvfleet-operator:0.1.0-rc1"
+    assert deployment["metadata"]["name"] == "kvflock-ops"
+    assert container["image"] == "registry.example.com/ml/kvflock-operator:0.1.0-rc1"
     assert container["imagePullPolicy"] == "Always"
     assert container["resources"]["limits"] == {"cpu": "1", "memory": "1Gi"}
     assert pod["metadata"]["labels"]["team"] == "ml-platform"
     assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "false"}
     assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
-    assert pod["spec"]["serviceAccountName"] == "kvfleet-operator"
+    assert pod["spec"]["serviceAccountName"] == "kvflock-operator"
     assert pod["spec"]["securityContext"]["fsGroup"] == 10001
     assert pod["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["spec"]["tolerations"][0]["key"] == "dedicated"
     assert "nodeAffinity" in pod["spec"]["affinity"]
     assert pod["spec"]["priorityClassName"] == "system-cluster-critical"
     accounts = {m["metadata"]["name"]: m for m in of_kind(all_manifests, "ServiceAccount")}
-    assert accounts["kvfleet-operator"]["metadata"]["annotations"] == {
-        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kvfleet"
+    assert accounts["kvflock-operator"]["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kvflock"
     }
 
 
@@ -211,12 +211,12 @@ def test_network_policy_admits_only_routers_and_the_operator_to_the_workers(
     kubernetes_validate.validate(policy, version, strict=True)
     operator_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
     spec = policy["spec"]
-    assert spec["podSelector"] == {"matchLabels": {"kvfleet.dev/role": "worker"}}
+    assert spec["podSelector"] == {"matchLabels": {"kvflock.dev/role": "worker"}}
     assert spec["policyTypes"] == ["Ingress"]
     (rule,) = spec["ingress"]
     assert set(rule) == {"from"}  # every port, but from these peers only
     router, operator = rule["from"]
-    assert router == {"podSelector": {"matchLabels": {"kvfleet.dev/role": "router"}}}
+    assert router == {"podSelector": {"matchLabels": {"kvflock.dev/role": "router"}}}
     assert set(operator) == {"podSelector"} and set(operator["podSelector"]) == {"matchLabels"}
     selector = operator["podSelector"]["matchLabels"]
     assert selector and selector.items() <= operator_labels.items()

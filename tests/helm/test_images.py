@@ -69,14 +69,26 @@ def test_there_is_an_operator_and_a_worker_dockerfile() -> None:
     assert [p.name for p in DOCKERFILES] == ["operator.Dockerfile", "worker.Dockerfile"]
 
 
+WHEEL_FOLDER = "dist/"  # where `make wheel` puts the wheel (scripts/build-wheel.sh)
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=[p.name for p in DOCKERFILES])
-def test_every_copied_file_exists(path: Path) -> None:
+def test_every_copied_file_exists_or_is_the_wheel(path: Path) -> None:
     copies = [i for i in parse(path) if i.keyword == "COPY" and "--from=" not in i.arguments]
     assert copies
     for copy in copies:
         *sources, _ = shlex.split(copy.arguments)
         for source in sources:
-            assert (ROOT / source).exists(), f"{path.name}: COPY {source}: no such file in the repository"
+            if source != WHEEL_FOLDER:
+                assert (ROOT / source).exists(), f"{path.name}: COPY {source}: no such file in the repository"
+    assert "scripts/build-wheel.sh $(BIN)/python dist" in (ROOT / "Makefile").read_text()
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=[p.name for p in DOCKERFILES])
+def test_image_installs_the_checked_wheel_at_the_locked_versions(path: Path) -> None:
+    runs = " ".join(i.arguments for i in parse(path) if i.keyword == "RUN")
+    assert "dist/kvflock-*-py3-none-any.whl" in runs and "--constraint /tmp/kvflock/lock.txt" in runs
+    assert "pip install ." not in runs
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=[p.name for p in DOCKERFILES])
@@ -92,9 +104,9 @@ def test_worker_image_is_cuda_with_torch_and_serves() -> None:
     assert arg_default(instructions, "CUDA_IMAGE").startswith("nvidia/cuda:")
     assert arg_default(instructions, "TORCH_INDEX_URL").startswith("https://download.pytorch.org/whl/cu")
     runs = " ".join(i.arguments for i in instructions if i.keyword == "RUN")
-    assert '"torch==${TORCH_VERSION}"' in runs and "pip install ." in runs
+    assert '"torch==${TORCH_VERSION}"' in runs
     entrypoint = [i.arguments for i in final_stage(instructions) if i.keyword == "ENTRYPOINT"][-1]
-    assert json.loads(entrypoint) == ["kvfleet", "serve"]
+    assert json.loads(entrypoint) == ["kvflock", "serve"]
 
 
 def test_operator_image_is_slim_python_running_the_operator() -> None:
@@ -103,7 +115,7 @@ def test_operator_image_is_slim_python_running_the_operator() -> None:
     assert final[0].arguments == "python:${PYTHON_VERSION}-slim"
     entrypoint = [i.arguments for i in final if i.keyword == "ENTRYPOINT"][-1]
     command = [i.arguments for i in final if i.keyword == "CMD"][-1]
-    assert json.loads(entrypoint) + json.loads(command) == ["kvfleet", "operator"]
+    assert json.loads(entrypoint) + json.loads(command) == ["kvflock", "operator"]
 
 
 def _distribution_closure(names: set[str]) -> set[str]:
@@ -130,7 +142,7 @@ allowed = set(json.loads(sys.argv[1]))
 for module in pkgutil.iter_modules():
     if module.name not in allowed:
         sys.modules.setdefault(module.name, None)  # None: import fails, find_spec finds nothing
-import kvfleet.cli, kvfleet.operator.runner, kvfleet.operator.render
+import kvflock.cli, kvflock.operator.runner, kvflock.operator.render
 """
 
 
@@ -144,7 +156,7 @@ def test_operator_image_packages_cover_everything_the_operator_imports() -> None
     allowed = {
         module for module, dists in importlib.metadata.packages_distributions().items()
         if any(d.lower().replace("_", "-") in installed for d in dists)
-    } | set(sys.stdlib_module_names) | {"kvfleet"}
+    } | set(sys.stdlib_module_names) | {"kvflock"}
     result = subprocess.run([sys.executable, "-c", _IMPORT_WITH_ONLY_ALLOWED, json.dumps(sorted(allowed))],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"the operator image's packages are not enough:\n{result.stderr}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvfleet.operator.kube import RBAC_RULES
+from kvflock.operator.kube import RBAC_RULES
 
 from .conftest import VALUES_ALL, Render, of_kind, one
 
@@ -44,7 +44,7 @@ def test_namespaced_install_grants_the_same_verbs_split_between_role_and_cluster
 
 def test_bindings_name_the_operators_service_account_and_roles(render: Render) -> None:
     manifests = render(values=[VALUES_ALL])
-    account = "kvfleet-operator"
+    account = "kvflock-operator"
     deployment = one(manifests, "Deployment")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account
     roles = {(m["kind"], m["metadata"]["name"]) for m in manifests if m["kind"] in ("Role", "ClusterRole")}
@@ -59,7 +59,7 @@ def test_uninstall_hook_may_only_read_and_delete_the_charts_inference_service(re
     manifests = render(values=[VALUES_ALL])
     role = one(manifests, "Role", component="cleanup")
     assert role["rules"] == [{
-        "apiGroups": ["kvfleet.dev"], "resources": ["inferenceservices"],
+        "apiGroups": ["kvflock.dev"], "resources": ["inferenceservices"],
         "resourceNames": ["llama-3-8b"], "verbs": ["get", "delete"],
     }]
 

@@ -16,18 +16,18 @@ KUBERNETES_VERSIONS = ["1.30", kubernetes_validate.utils.latest_version()]
 def test_router_policy_admits_only_the_release_namespace_and_the_chosen_ones(render: Render, version: str) -> None:
     assert of_kind(render(), "NetworkPolicy") == []  # off by default
     manifests = render(sets=["networkPolicy.enabled=true", "networkPolicy.routerIngressNamespaces={apps,chat-ui}",
-                             "networkPolicy.routerIngressNamespaceSelector.matchLabels.kvfleet\\.dev/clients=allowed"])
+                             "networkPolicy.routerIngressNamespaceSelector.matchLabels.kvflock\\.dev/clients=allowed"])
     policy = one(manifests, "NetworkPolicy", component="routers")
     kubernetes_validate.validate(policy, version, strict=True)
     spec = policy["spec"]
-    assert spec["podSelector"] == {"matchLabels": {"kvfleet.dev/role": "router"}}
+    assert spec["podSelector"] == {"matchLabels": {"kvflock.dev/role": "router"}}
     assert spec["policyTypes"] == ["Ingress"]
     (rule,) = spec["ingress"]
     assert rule["from"] == [
         {"podSelector": {}},  # the release's own namespace
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}},
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "chat-ui"}}},
-        {"namespaceSelector": {"matchLabels": {"kvfleet.dev/clients": "allowed"}}},
+        {"namespaceSelector": {"matchLabels": {"kvflock.dev/clients": "allowed"}}},
     ]
 
 

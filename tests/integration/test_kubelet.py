@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from kvfleet.kubelet import ProcessKubelet
+from kvflock.kubelet import ProcessKubelet
 from tests.operator.conftest import ServerThread, wait_for
 
 # A container that serves GET /ready on the --port it is given and prints its environment's POD_NAME.
@@ -83,7 +83,7 @@ def test_a_pod_runs_as_a_process_on_its_own_port_and_turns_ready(core: Any, tmp_
     api.create_namespaced_pod("default", _pod("web", [sys.executable, "-c", SERVER, "--port", "8000"]))
     status = wait_for(_when(api, "web", _ready), 20, what="web Ready")
     assert status["phase"] == "Running" and status["podIP"] == "127.0.0.1"
-    assert status["annotations"]["kvfleet.dev/endpoint"].startswith("http://127.0.0.1:")
+    assert status["annotations"]["kvflock.dev/endpoint"].startswith("http://127.0.0.1:")
     log = (tmp_path / "logs" / "default_web_main.log").read_text()
     assert "serving web 127.0.0.1" in log
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kvfleet import volumes
+from kvflock import volumes
 from tests.integration.test_kubelet import _status, _when, core  # noqa: F401  (the fixture)
 from tests.operator.conftest import wait_for
 
@@ -30,11 +30,11 @@ import time; time.sleep(60)
 
 
 def test_rewrite_points_mount_paths_and_flag_values_at_the_folders() -> None:
-    mounts = {"/etc/kvfleet": Path("/p/engine"), "/etc/kvfleet-auth": Path("/p/keys")}
-    assert volumes.rewrite("/etc/kvfleet-auth/api-keys", mounts) == "/p/keys/api-keys"
-    assert volumes.rewrite("/etc/kvfleet/engine.json", mounts) == "/p/engine/engine.json"
-    assert volumes.rewrite("--path=/etc/kvfleet", mounts) == "--path=/p/engine"
-    assert volumes.rewrite("/etc/kvfleetx/a", mounts) == "/etc/kvfleetx/a"
+    mounts = {"/etc/kvflock": Path("/p/engine"), "/etc/kvflock-auth": Path("/p/keys")}
+    assert volumes.rewrite("/etc/kvflock-auth/api-keys", mounts) == "/p/keys/api-keys"
+    assert volumes.rewrite("/etc/kvflock/engine.json", mounts) == "/p/engine/engine.json"
+    assert volumes.rewrite("--path=/etc/kvflock", mounts) == "--path=/p/engine"
+    assert volumes.rewrite("/etc/kvflockx/a", mounts) == "/etc/kvflockx/a"
     assert volumes.rewrite("demo", mounts) == "demo"
 
 

@@ -12,8 +12,8 @@ import httpx
 import kubernetes.client
 import pytest
 
-from kvfleet.loadbalancer import LocalLoadBalancer
-from kvfleet.process import free_port
+from kvflock.loadbalancer import LocalLoadBalancer
+from kvflock.process import free_port
 from tests.operator.conftest import ServerThread, api_client, apiserver, kube_config  # noqa: F401  (fixtures)
 from tests.polling import wait_for
 
@@ -60,9 +60,9 @@ def backends() -> Iterator[list[Backend]]:
 
 
 def _pod(core: kubernetes.client.CoreV1Api, name: str, url: str, ready: bool, role: str = "router") -> None:
-    labels = {"kvfleet.dev/service": "chat", "kvfleet.dev/role": role}
+    labels = {"kvflock.dev/service": "chat", "kvflock.dev/role": role}
     core.create_namespaced_pod(NS, {"metadata": {"name": name, "labels": labels,
-                                                 "annotations": {"kvfleet.dev/endpoint": url}},
+                                                 "annotations": {"kvflock.dev/endpoint": url}},
                                     "spec": {"containers": [{"name": "c", "image": "x"}]}})
     _set_ready(core, name, ready)
 
@@ -78,7 +78,7 @@ def test_entry_service_url_forwards_to_the_ready_pods_it_selects(
     _pod(core, "chat-router", backends[0].url, ready=True)
     _pod(core, "chat-router-2", backends[1].url, ready=False)
     _pod(core, "chat-w-0", backends[1].url, ready=True, role="worker")  # not selected
-    selector = {"kvfleet.dev/service": "chat", "kvfleet.dev/role": "router"}
+    selector = {"kvflock.dev/service": "chat", "kvflock.dev/role": "router"}
     core.create_namespaced_service(NS, {"metadata": {"name": "chat", "labels": {**selector}},
                                         "spec": {"selector": selector, "ports": [{"port": 80}]}})
     first_port = free_port()
@@ -86,7 +86,7 @@ def test_entry_service_url_forwards_to_the_ready_pods_it_selects(
     balancer.start()
     try:
         url = wait_for(lambda: (core.read_namespaced_service("chat", NS).metadata.annotations or {})
-                       .get("kvfleet.dev/endpoint"), what="the service's local URL")
+                       .get("kvflock.dev/endpoint"), what="the service's local URL")
         assert url == f"http://127.0.0.1:{first_port}" and balancer.urls() == {f"{NS}/chat": url}
         assert {httpx.get(url, timeout=10).text for _ in range(4)} == {"router-a"}, "only ready, selected pods"
 

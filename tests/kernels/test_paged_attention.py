@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvcache_builders import make_block_tables, make_kv_cache, poison_unused  # noqa: E402
+from tests.kernels.kvcache_builders import make_block_tables, make_kv_cache, poison_unused  # noqa: E402
 
-from kvfleet.kernels.paged_attention import (  # noqa: E402
+from kvflock.kernels.paged_attention import (  # noqa: E402
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_prefill_attention,

@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvfleet.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from kvfleet.kernels.norm import rms_norm, rms_norm_ref  # noqa: E402
-from kvfleet.kernels.rotary import (  # noqa: E402
+from kvflock.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from kvflock.kernels.norm import rms_norm, rms_norm_ref  # noqa: E402
+from kvflock.kernels.rotary import (  # noqa: E402
     Llama3RopeScaling,
     rope_cos_sin_cache,
     rotary,

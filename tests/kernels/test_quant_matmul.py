@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvfleet.kernels.quant_matmul import (  # noqa: E402
+from kvflock.kernels.quant_matmul import (  # noqa: E402
     dequantize,
     pack_columns,
     pack_rows,

@@ -6,9 +6,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvcache_builders import make_kv_cache  # noqa: E402
+from tests.kernels.kvcache_builders import make_kv_cache  # noqa: E402
 
-from kvfleet.worker.attention import (  # noqa: E402
+from kvflock.worker.attention import (  # noqa: E402
     AttentionMetadata,
     TorchAttentionBackend,
     TritonAttentionBackend,
@@ -82,9 +82,9 @@ def test_tiny_llama_greedy_decoding_matches_torch_backend_in_bf16(gpu):
     Two sequences prefilled together (one in two chunks), then 24 decode steps, greedy.
     Tokens must match; logits may differ by bf16 rounding in another order (atol 0.1 on
     logits of spread about 10, with the top-2 gaps far larger)."""
-    pytest.importorskip("pydantic")  # kvfleet.worker.config needs it
-    from kvfleet.worker.config import ModelConfig
-    from kvfleet.worker.model.llama import LlamaForCausalLM
+    pytest.importorskip("pydantic")  # kvflock.worker.config needs it
+    from kvflock.worker.config import ModelConfig
+    from kvflock.worker.model.llama import LlamaForCausalLM
 
     cfg = ModelConfig(
         architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3,

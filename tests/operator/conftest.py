@@ -12,9 +12,9 @@ from typing import Any
 import kmock
 import kubernetes.client
 import pytest
-from kvfleet.operator.crd import render_crd
+from kvflock.operator.crd import render_crd
 
-from kvfleet.apiserver import ApiServer
+from kvflock.apiserver import ApiServer
 from tests.polling import wait_for  # noqa: F401  (re-exported to the tests here)
 
 
@@ -93,9 +93,9 @@ class FakeWorkers:
                     self._reply(503 if pod in workers.drained else 200)
                 elif path == "metrics":
                     running = workers.busy.get(pod, 0)
-                    held = f"kvfleet_router_held_requests {workers.held[pod]}\n" if pod in workers.held else ""
-                    self._reply(200, f"kvfleet_requests_running {running}\nkvfleet_requests_waiting 0\n"
-                                     f"kvfleet_kv_blocks_used 10\nkvfleet_kv_blocks_total 40\n{held}")
+                    held = f"kvflock_router_held_requests {workers.held[pod]}\n" if pod in workers.held else ""
+                    self._reply(200, f"kvflock_requests_running {running}\nkvflock_requests_waiting 0\n"
+                                     f"kvflock_kv_blocks_used 10\nkvflock_kv_blocks_total 40\n{held}")
                 elif path == "admin/drain":
                     draining, running = pod in workers.drained, workers.busy.get(pod, 0)
                     self._reply(200, json.dumps({"draining": draining, "in_flight": running,

@@ -1,4 +1,4 @@
-"""kvfleet.apiserver: what it adds to kmock's emulator, seen through the kubernetes client."""
+"""kvflock.apiserver: what it adds to kmock's emulator, seen through the kubernetes client."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import kubernetes.watch
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from kvfleet.apiserver import LabelSelector, merge_diff
+from kvflock.apiserver import LabelSelector, merge_diff
 
-GROUP, VERSION, PLURAL = "kvfleet.dev", "v1alpha1", "inferenceservices"
+GROUP, VERSION, PLURAL = "kvflock.dev", "v1alpha1", "inferenceservices"
 MERGE = "application/merge-patch+json"
 
 
@@ -199,7 +199,7 @@ _TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
 def test_core_discovery_names_its_group_version_v1_and_serves_no_metrics(apiserver: Any) -> None:
     assert _get_json(f"{apiserver.url}/api/v1")["groupVersion"] == "v1"
     groups = [g["name"] for g in _get_json(f"{apiserver.url}/apis")["groups"]]
-    assert "kvfleet.dev" in groups and "metrics.k8s.io" not in groups
+    assert "kvflock.dev" in groups and "metrics.k8s.io" not in groups
 
 
 def test_subresources_carry_no_short_names_in_discovery(apiserver: Any) -> None:
@@ -216,7 +216,7 @@ def test_openapi_v3_tells_kubectl_that_patches_take_field_validation(apiserver: 
     patch = document["paths"][f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}"]["patch"]
     assert patch["x-kubernetes-group-version-kind"]["kind"] == "InferenceService"
     assert "fieldValidation" in [p["name"] for p in patch["parameters"]]
-    assert "spec" in document["components"]["schemas"]["dev.kvfleet.v1alpha1.InferenceService"]["properties"]
+    assert "spec" in document["components"]["schemas"]["dev.kvflock.v1alpha1.InferenceService"]["properties"]
 
 
 def test_lists_are_tables_with_the_crd_printer_columns_when_kubectl_asks(

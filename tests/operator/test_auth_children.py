@@ -10,15 +10,15 @@ import json
 from typing import Any
 
 import pytest
-from kvfleet.operator import children, credentials, router_children
-from kvfleet.operator.children import Owner
-from kvfleet.operator.crd import InferenceServiceSpec
-from kvfleet.operator.reconcile import Observed, Plan, WorkerPod, reconcile
+from kvflock.operator import children, credentials, router_children
+from kvflock.operator.children import Owner
+from kvflock.operator.crd import InferenceServiceSpec
+from kvflock.operator.reconcile import Observed, Plan, WorkerPod, reconcile
 
 OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
 # The value the user's Secret holds: no manifest, annotation or message may contain it.
-API_KEY = b"sk-kvfleet-0123456789abcdef"
+API_KEY = b"sk-kvflock-0123456789abcdef"
 AUTH = {"apiKeySecretRef": {"name": "chat-keys", "key": "keys"}}
 INTERNAL = {"internal-token": b"internal-0123", "admin-token": b"admin-4567"}
 
@@ -52,11 +52,11 @@ def test_workers_mount_both_secrets_and_get_the_internal_and_admin_token_paths()
             "internal-tokens": {"secretName": "chat-internal"},
         }
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"] if m["name"] in secrets}
-        assert mounts == {"api-keys": "/etc/kvfleet-auth", "internal-tokens": "/etc/kvfleet-internal"}
+        assert mounts == {"api-keys": "/etc/kvflock-auth", "internal-tokens": "/etc/kvflock-internal"}
         command = container["command"]
         assert "--api-key-file" not in command  # behind the router a worker refuses user keys
-        assert flag(command, "--internal-token-file") == "/etc/kvfleet-internal/internal-token"
-        assert flag(command, "--admin-token-file") == "/etc/kvfleet-internal/admin-token"
+        assert flag(command, "--internal-token-file") == "/etc/kvflock-internal/internal-token"
+        assert flag(command, "--admin-token-file") == "/etc/kvflock-internal/admin-token"
         assert pod["metadata"]["annotations"][children.ANNOTATION_AUTH_HASH] == "h1"
     rendered = json.dumps([a.manifest for a in plan.actions])
     assert API_KEY.decode() not in rendered and "secretKeyRef" not in rendered
@@ -66,8 +66,8 @@ def test_router_checks_user_keys_and_shows_workers_the_internal_token() -> None:
     s = spec(auth=AUTH)
     pod = router_children.router_pod(OWNER, s, "h1")
     command = pod["spec"]["containers"][0]["command"]
-    assert flag(command, "--api-key-file") == "/etc/kvfleet-auth/api-keys"
-    assert flag(command, "--internal-token-file") == "/etc/kvfleet-internal/internal-token"
+    assert flag(command, "--api-key-file") == "/etc/kvflock-auth/api-keys"
+    assert flag(command, "--internal-token-file") == "/etc/kvflock-internal/internal-token"
     assert "--admin-token-file" not in command
     assert {v["name"] for v in pod["spec"]["volumes"]} >= {"api-keys", "internal-tokens"}
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import kubernetes.client
 import pytest
-from kvfleet.operator import credentials
+from kvflock.operator import credentials
 
 from .conftest import FakeWorkers, wait_for
 from .test_operator import GROUP, MERGE, NS, PLURAL, VERSION, Cluster, operator  # noqa: F401  (the fixture)
@@ -39,7 +39,7 @@ def put_secret(cluster: Cluster, name: str, value: str) -> None:
 
 
 def auth_hashes(cluster: Cluster, name: str) -> dict[str, str]:
-    return {n: (p.metadata.annotations or {}).get("kvfleet.dev/auth-hash", "") for n, p in cluster.pods(name).items()}
+    return {n: (p.metadata.annotations or {}).get("kvflock.dev/auth-hash", "") for n, p in cluster.pods(name).items()}
 
 
 def everything(cluster: Cluster) -> str:

@@ -6,8 +6,8 @@ import datetime
 from typing import Any
 
 import pytest
-from kvfleet.operator.autoscale import Decision, History, Sample, decide, histogram_quantile, recommend
-from kvfleet.operator.crd import AutoscalingSpec
+from kvflock.operator.autoscale import Decision, History, Sample, decide, histogram_quantile, recommend
+from kvflock.operator.crd import AutoscalingSpec
 
 T0 = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
 

@@ -1,4 +1,4 @@
-"""`kvfleet operator`: a real process with a kubeconfig, against the API server on 127.0.0.1."""
+"""`kvflock operator`: a real process with a kubeconfig, against the API server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .conftest import ServerThread, wait_for
 
 
 def test_cli_starts_without_importing_the_operator() -> None:
-    code = "import sys, kvfleet.cli; print(sorted(m for m in ('kopf', 'kubernetes', 'torch') if m in sys.modules))"
+    code = "import sys, kvflock.cli; print(sorted(m for m in ('kopf', 'kubernetes', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -40,20 +40,20 @@ def test_operator_command_serves_a_cluster_from_a_kubeconfig(
         "contexts": [{"name": "local", "context": {"cluster": "local", "user": "me"}}],
     }))
     health_port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-m", "kvfleet.cli", "operator", "--kubeconfig", str(kubeconfig), "-n", "default", "-q",
+    command = [sys.executable, "-m", "kvflock.cli", "operator", "--kubeconfig", str(kubeconfig), "-n", "default", "-q",
                "--health-port", str(health_port), "--metrics-port", str(metrics_port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         custom = kubernetes.client.CustomObjectsApi(api_client)
-        body = {"apiVersion": "kvfleet.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "cli"},
+        body = {"apiVersion": "kvflock.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "cli"},
                 "spec": {"resources": {"gpusPerReplica": 0}}}
-        custom.create_namespaced_custom_object("kvfleet.dev", "v1alpha1", "default", "inferenceservices", body)
+        custom.create_namespaced_custom_object("kvflock.dev", "v1alpha1", "default", "inferenceservices", body)
         core = kubernetes.client.CoreV1Api(api_client)
         wait_for(lambda: sorted(p.metadata.name for p in core.list_namespaced_pod("default").items)
                  == ["cli-router", "cli-w-0"], timeout=30, what="the operator process to create the worker and router")
         assert httpx.get(f"http://127.0.0.1:{health_port}/healthz", timeout=10).status_code == 200
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-        assert 'kvfleet_operator_actions_total{kind="Pod",verb="create"}' in scraped
+        assert 'kvflock_operator_actions_total{kind="Pod",verb="create"}' in scraped
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)

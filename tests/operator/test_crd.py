@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
-from kvfleet.operator.crd import InferenceServiceSpec, format_errors, render_crd
-from kvfleet.operator.render import crd_files
+from kvflock.operator.crd import InferenceServiceSpec, format_errors, render_crd
+from kvflock.operator.render import crd_files
 from pydantic import ValidationError
 
-from kvfleet.cli import main
+from kvflock.cli import main
 
 from .schema import schema_errors
 
@@ -21,12 +21,12 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 def _service(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "kvfleet.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"}, "spec": spec}
+    return {"apiVersion": "kvflock.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"}, "spec": spec}
 
 
 def test_committed_crd_equals_the_rendered_one() -> None:
     for name, text in crd_files().items():
-        assert (ROOT / "crds" / name).read_text() == text, "crds/ is stale: run `kvfleet crds`"
+        assert (ROOT / "crds" / name).read_text() == text, "crds/ is stale: run `kvflock crds`"
 
 
 def test_crds_check_fails_when_a_file_differs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,7 +41,7 @@ def test_crds_check_fails_when_a_file_differs(tmp_path: Path, capsys: pytest.Cap
 def test_crd_has_names_subresources_and_printer_columns() -> None:
     crd = render_crd()
     version = crd["spec"]["versions"][0]
-    assert crd["metadata"]["name"] == "inferenceservices.kvfleet.dev"
+    assert crd["metadata"]["name"] == "inferenceservices.kvflock.dev"
     assert crd["spec"]["names"]["shortNames"] == ["infsvc"]
     assert version["subresources"]["scale"] == {
         "specReplicasPath": ".spec.replicas",

@@ -1,7 +1,7 @@
 """The real operator under kopf against the API server on 127.0.0.1, driven with the kubernetes client.
 
 The test plays the kubelet: it marks pods running and ready, and points each at a fake
-worker endpoint (`kvfleet.dev/endpoint`, as the local cluster's process kubelet does).
+worker endpoint (`kvflock.dev/endpoint`, as the local cluster's process kubelet does).
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from typing import Any
 import kubernetes.client
 import pytest
 from kubernetes.client.exceptions import ApiException
-from kvfleet.operator.handlers import OperatorOptions
-from kvfleet.operator.runner import run_operator
+from kvflock.operator.handlers import OperatorOptions
+from kvflock.operator.runner import run_operator
 
 from .conftest import FakeWorkers, ServerThread, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-GROUP, VERSION, PLURAL, NS = "kvfleet.dev", "v1alpha1", "inferenceservices", "default"
+GROUP, VERSION, PLURAL, NS = "kvflock.dev", "v1alpha1", "inferenceservices", "default"
 MERGE = "application/merge-patch+json"
-SELECTOR = "kvfleet.dev/service={name},kvfleet.dev/role=worker"
+SELECTOR = "kvflock.dev/service={name},kvflock.dev/role=worker"
 
 
 @pytest.fixture
@@ -78,11 +78,11 @@ class Cluster:
 
     def run_pods(self, name: str) -> bool:
         """The kubelet: start every pod of the service (workers and router) that is not running yet."""
-        every_pod = self.core.list_namespaced_pod(NS, label_selector=f"kvfleet.dev/service={name}").items
+        every_pod = self.core.list_namespaced_pod(NS, label_selector=f"kvflock.dev/service={name}").items
         for pod_name, pod in {p.metadata.name: p for p in every_pod}.items():
             if pod.status and pod.status.phase == "Running":
                 continue
-            endpoint = {"kvfleet.dev/endpoint": f"{self.workers.url}/{pod_name}"}
+            endpoint = {"kvflock.dev/endpoint": f"{self.workers.url}/{pod_name}"}
             self.core.patch_namespaced_pod(pod_name, NS, {"metadata": {"annotations": endpoint}}, _content_type=MERGE)
             status = {"phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
             self.core.patch_namespaced_pod_status(pod_name, NS, {"status": status}, _content_type=MERGE)
@@ -120,7 +120,7 @@ def test_created_service_gets_pods_services_and_configmap_with_owner_references(
     for child in children:
         (ref,) = child.metadata.owner_references
         assert (ref.kind, ref.name, ref.uid, ref.controller) == ("InferenceService", "chat", uid, True)
-    assert cluster.service("chat")["metadata"]["finalizers"] == ["kvfleet.dev/finalizer"]
+    assert cluster.service("chat")["metadata"]["finalizers"] == ["kvflock.dev/finalizer"]
     wait_for(lambda: cluster.events("ScaledUp"), what="the ScaledUp events")
 
 
@@ -190,7 +190,7 @@ def test_spec_change_rolls_the_workers_one_at_a_time(cluster: Cluster) -> None:
         pods = cluster.pods("chat")
         most = max(most, len(pods))
         cluster.run_pods("chat")
-        hashes = {p.metadata.annotations["kvfleet.dev/spec-hash"] for p in pods.values()}
+        hashes = {p.metadata.annotations["kvflock.dev/spec-hash"] for p in pods.values()}
         return len(pods) == 2 and old_hash not in hashes
 
     wait_for(rolled, timeout=30, what="all workers on the new spec")

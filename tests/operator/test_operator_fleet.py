@@ -22,19 +22,19 @@ def autoscaler_status(cluster: Cluster, name: str) -> dict[str, Any]:
     return (cluster.service(name).get("status") or {}).get("autoscaler") or {}
 
 
-def test_router_pod_runs_kvfleet_router_and_the_entry_service_selects_it(cluster: Cluster) -> None:
+def test_router_pod_runs_kvflock_router_and_the_entry_service_selects_it(cluster: Cluster) -> None:
     uid = cluster.create("chat", {"replicas": 1, "resources": {"gpusPerReplica": 0}})["metadata"]["uid"]
     router = wait_for(lambda: cluster.core.list_namespaced_pod(
-        NS, label_selector="kvfleet.dev/service=chat,kvfleet.dev/role=router").items, what="the router pod")
+        NS, label_selector="kvflock.dev/service=chat,kvflock.dev/role=router").items, what="the router pod")
     (pod,) = router
     assert pod.metadata.name == "chat-router" and pod.metadata.owner_references[0].uid == uid
     command = pod.spec.containers[0].command
-    assert command[:2] == ["kvfleet", "router"]
+    assert command[:2] == ["kvflock", "router"]
     assert command[command.index("--service") + 1] == "chat" and command[command.index("--namespace") + 1] == NS
     assert pod.spec.containers[0].readiness_probe.http_get.path == "/ready"
     assert pod.spec.service_account_name == "chat-router"
     entry = cluster.core.read_namespaced_service("chat", NS)
-    assert entry.spec.selector == {"kvfleet.dev/service": "chat", "kvfleet.dev/role": "router"}
+    assert entry.spec.selector == {"kvflock.dev/service": "chat", "kvflock.dev/role": "router"}
     rbac = kubernetes.client.RbacAuthorizationV1Api(cluster.core.api_client)
     role = rbac.read_namespaced_role("chat-router", NS)
     assert {(r.resources[0], tuple(r.verbs)) for r in role.rules} == {("pods", ("list", "watch")), ("configmaps", ("get",))}
@@ -44,7 +44,7 @@ def test_router_pod_runs_kvfleet_router_and_the_entry_service_selects_it(cluster
     cluster.core.patch_namespaced_pod_status("chat-router", NS, {"status": {"phase": "Failed"}})
 
     def replaced() -> bool:
-        routers = cluster.core.list_namespaced_pod(NS, label_selector="kvfleet.dev/role=router").items
+        routers = cluster.core.list_namespaced_pod(NS, label_selector="kvflock.dev/role=router").items
         return [p.metadata.name for p in routers] == ["chat-router"] and routers[0].metadata.uid != pod.metadata.uid
 
     wait_for(replaced, what="the failed router to be replaced")
@@ -59,7 +59,7 @@ def test_each_pool_gets_workers_with_its_own_settings(cluster: Cluster) -> None:
     cluster.wait_ready("chat", 3)
     pods = cluster.pods("chat")
     assert sorted(pods) == ["chat-long-w-0", "chat-short-w-0", "chat-short-w-1"]
-    assert {p.metadata.labels["kvfleet.dev/pool"] for p in pods.values()} == {"short", "long"}
+    assert {p.metadata.labels["kvflock.dev/pool"] for p in pods.values()} == {"short", "long"}
     short = pods["chat-short-w-0"].spec.containers[0]
     assert short.command[short.command.index("--max-num-seqs") + 1] == "64"
     assert short.command[short.command.index("--max-model-len") + 1] == "512"

@@ -1,14 +1,14 @@
 """The engine's `quantization` setting: an enum in the CRD and the models, passed to the
-workers as `kvfleet serve --quantization`."""
+workers as `kvflock serve --quantization`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from kvfleet.operator import children
-from kvfleet.operator.children import Owner
-from kvfleet.operator.crd import InferenceServiceSpec
+from kvflock.operator import children
+from kvflock.operator.children import Owner
+from kvflock.operator.crd import InferenceServiceSpec
 from pydantic import ValidationError
 
 from .schema import schema_errors
@@ -32,7 +32,7 @@ def test_without_quantization_the_checkpoint_decides() -> None:
 
 
 def test_an_unknown_quantization_is_refused_by_schema_and_model() -> None:
-    service = {"apiVersion": "kvfleet.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"},
+    service = {"apiVersion": "kvflock.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"},
                "spec": {"engine": {"quantization": "awq"}}}
     assert any("quantization" in e for e in schema_errors(service))
     with pytest.raises(ValidationError, match="quantization"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from kvfleet.operator import children, router_children
-from kvfleet.operator.children import Owner
-from kvfleet.operator.crd import InferenceServiceSpec, InferenceServiceStatus
-from kvfleet.operator.reconcile import (
+from kvflock.operator import children, router_children
+from kvflock.operator.children import Owner
+from kvflock.operator.crd import InferenceServiceSpec, InferenceServiceStatus
+from kvflock.operator.reconcile import (
     Action,
     Observed,
     Plan,
@@ -88,19 +88,19 @@ def test_create_makes_workers_services_configmap_and_budget() -> None:
     assert condition(plan, "Ready") == ("False", "ReplicasNotReady")
 
 
-def test_worker_pod_runs_kvfleet_serve_with_the_engine_settings() -> None:
+def test_worker_pod_runs_kvflock_serve_with_the_engine_settings() -> None:
     s = spec(replicas=1, engine={"tensorParallelSize": 2, "maxModelLen": 4096}, resources={"gpusPerReplica": 2},
              model={"source": "pvc", "claimName": "models", "path": "llama"})
     manifest = run(s, [], objects={}).actions[-1].manifest
     assert manifest is not None
     meta, container = manifest["metadata"], manifest["spec"]["containers"][0]
     assert meta["labels"] == {
-        "kvfleet.dev/service": "chat", "kvfleet.dev/role": "worker",
-        "kvfleet.dev/replica": "0", "kvfleet.dev/pool": "default",
+        "kvflock.dev/service": "chat", "kvflock.dev/role": "worker",
+        "kvflock.dev/replica": "0", "kvflock.dev/pool": "default",
     }
     assert meta["annotations"][children.ANNOTATION_SPEC_HASH] == current_hash(s)
     command = container["command"]
-    assert command[:2] == ["kvfleet", "serve"]
+    assert command[:2] == ["kvflock", "serve"]
     assert command[command.index("--model") + 1] == "/models/llama"
     assert command[command.index("--port") + 1] == "8000"
     assert command[command.index("--load-format") + 1] == "auto"
@@ -115,7 +115,7 @@ def test_settled_service_needs_nothing_and_is_ready() -> None:
     plan = run(s, [pod(0, s), pod(1, s)])
     assert plan.actions == []
     assert (plan.status.replicas, plan.status.readyReplicas, plan.status.observedGeneration) == (2, 2, 3)
-    assert plan.status.selector == "kvfleet.dev/service=chat,kvfleet.dev/role=worker"
+    assert plan.status.selector == "kvflock.dev/service=chat,kvflock.dev/role=worker"
     assert plan.status.url == "http://chat.ml.svc.cluster.local"
     assert condition(plan, "Ready") == ("True", "AllReplicasReady")
     assert condition(plan, "Progressing") == ("False", "Stable")
@@ -259,7 +259,7 @@ def test_url_comes_from_the_address_the_local_cluster_published_on_the_entry_ser
     s = spec(router={"serviceType": "LoadBalancer", "port": 8080})
     objects = settled_objects(s)
     entry = objects[("Service", "chat")]
-    published = {**entry["metadata"], "annotations": {"kvfleet.dev/endpoint": "http://127.0.0.1:30080/"}}
+    published = {**entry["metadata"], "annotations": {"kvflock.dev/endpoint": "http://127.0.0.1:30080/"}}
     objects[("Service", "chat")] = {**entry, "metadata": published,
                                     "status": {"loadBalancer": {"ingress": [{"ip": "10.0.0.9"}]}}}
     assert run(s, [pod(0, s)], objects=objects).status.url == "http://127.0.0.1:30080"

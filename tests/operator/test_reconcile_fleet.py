@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvfleet.operator import children, router_children
-from kvfleet.operator.crd import InferenceServiceSpec
-from kvfleet.operator.reconcile import Plan, WorkerPod
+from kvflock.operator import children, router_children
+from kvflock.operator.crd import InferenceServiceSpec
+from kvflock.operator.reconcile import Plan, WorkerPod
 
 from .test_reconcile import OWNER, condition, pod, run, settled_objects, spec, verbs
 
@@ -38,13 +38,13 @@ def with_router(s: InferenceServiceSpec, **status: Any) -> dict[tuple[str, str],
     return objects
 
 
-def test_router_pod_runs_kvfleet_router_for_the_service_and_the_entry_service_selects_it() -> None:
+def test_router_pod_runs_kvflock_router_for_the_service_and_the_entry_service_selects_it() -> None:
     s = spec(replicas=1)
     manifest = created(run(s, [], objects={}))["chat-router"]
-    assert manifest["metadata"]["labels"] == {"kvfleet.dev/service": "chat", "kvfleet.dev/role": "router"}
+    assert manifest["metadata"]["labels"] == {"kvflock.dev/service": "chat", "kvflock.dev/role": "router"}
     container = manifest["spec"]["containers"][0]
     command = container["command"]
-    assert command[:2] == ["kvfleet", "router"]
+    assert command[:2] == ["kvflock", "router"]
     assert command[command.index("--service") + 1] == "chat" and command[command.index("--namespace") + 1] == "ml"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
@@ -73,7 +73,7 @@ def test_failed_router_is_replaced_and_reported() -> None:
 
 def test_router_of_an_older_spec_is_replaced() -> None:
     s = spec(replicas=1)
-    objects = with_router(spec(replicas=1, image="ghcr.io/kvfleet/worker:0.0.9"))
+    objects = with_router(spec(replicas=1, image="ghcr.io/kvflock/worker:0.0.9"))
     plan = run(s, [pod(0, s)], objects=objects)
     assert [(a.verb, a.name, a.reason) for a in plan.actions if a.kind == "Pod"] == [
         ("delete", "chat-router", "RouterUpdated")]

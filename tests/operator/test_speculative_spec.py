@@ -1,14 +1,14 @@
 """The engine's speculative section: checked by schema and models alike, passed to the workers
-as `kvfleet serve` flags."""
+as `kvflock serve` flags."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from kvfleet.operator import children
-from kvfleet.operator.children import Owner
-from kvfleet.operator.crd import InferenceServiceSpec, format_errors
+from kvflock.operator import children
+from kvflock.operator.children import Owner
+from kvflock.operator.crd import InferenceServiceSpec, format_errors
 from pydantic import ValidationError
 
 from .schema import schema_errors
@@ -17,7 +17,7 @@ OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
 
 
 def _service(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "kvfleet.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"}, "spec": spec}
+    return {"apiVersion": "kvflock.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"}, "spec": spec}
 
 
 def _command(engine: dict[str, Any]) -> list[str]:

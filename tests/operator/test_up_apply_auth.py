@@ -1,4 +1,4 @@
-"""`kvfleet up --apply` with auth: Secrets in the file are applied, a missing API-key Secret is made
+"""`kvflock up --apply` with auth: Secrets in the file are applied, a missing API-key Secret is made
 with a random key, and the printed hint says how to read the key without showing it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import kubernetes.client
 import pytest
 
-from kvfleet.up import api_key, apply, key_hint
+from kvflock.up import api_key, apply, key_hint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,9 +19,9 @@ def test_example_gets_a_random_key_secret_and_the_hint_reads_it_from_there(
     assert apply(api_client, REPO / "examples" / "smollm2-auth.yaml") == ["default/smollm2-auth"]
     assert "created Secret default/smollm2-keys with a random API key" in capsys.readouterr().out
     service = kubernetes.client.CustomObjectsApi(api_client).get_namespaced_custom_object(
-        "kvfleet.dev", "v1alpha1", "default", "inferenceservices", "smollm2-auth")
+        "kvflock.dev", "v1alpha1", "default", "inferenceservices", "smollm2-auth")
     key = api_key(api_client, "default", service)
-    assert key and key.startswith("sk-kvfleet-") and len(key) > 40
+    assert key and key.startswith("sk-kvflock-") and len(key) > 40
     hint = key_hint(Path("/tmp/kubeconfig"), "default", service, "http://127.0.0.1:30080")
     assert "kubectl get secret smollm2-keys -n default -o jsonpath='{.data.keys}'" in hint and key not in hint
     assert apply(api_client, REPO / "examples" / "smollm2-auth.yaml") == ["default/smollm2-auth"]
@@ -37,7 +37,7 @@ kind: Secret
 metadata: {{name: chat-keys}}
 data: {{keys: {keys}}}
 ---
-apiVersion: kvfleet.dev/v1alpha1
+apiVersion: kvflock.dev/v1alpha1
 kind: InferenceService
 metadata: {{name: chat}}
 spec:

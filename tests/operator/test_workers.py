@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from kvfleet.operator.workers import parse_metrics, probe, request_drain, worker_url
+from kvflock.operator.workers import parse_metrics, probe, request_drain, worker_url
 
 from .conftest import FakeWorkers
 
 
 def test_worker_url_prefers_the_endpoint_annotation_over_the_pod_ip() -> None:
-    annotations = {"kvfleet.dev/endpoint": "http://127.0.0.1:9000/"}
+    annotations = {"kvflock.dev/endpoint": "http://127.0.0.1:9000/"}
     pod = {"metadata": {"annotations": annotations}, "status": {"podIP": "10.1.2.3"}}
     assert worker_url(pod) == "http://127.0.0.1:9000"
     assert worker_url({"metadata": {}, "status": {"podIP": "10.1.2.3"}}) == "http://10.1.2.3:8000"
@@ -17,14 +17,14 @@ def test_worker_url_prefers_the_endpoint_annotation_over_the_pod_ip() -> None:
 
 def test_parse_metrics_sums_label_sets_and_skips_comments() -> None:
     text = (
-        "# HELP kvfleet_requests_running Requests running\n"
-        "# TYPE kvfleet_requests_running gauge\n"
-        'kvfleet_requests_running{model="a"} 2\n'
-        'kvfleet_requests_running{model="b"} 3.0\n'
-        "kvfleet_kv_blocks_total 1e3\n"
+        "# HELP kvflock_requests_running Requests running\n"
+        "# TYPE kvflock_requests_running gauge\n"
+        'kvflock_requests_running{model="a"} 2\n'
+        'kvflock_requests_running{model="b"} 3.0\n'
+        "kvflock_kv_blocks_total 1e3\n"
         "garbage line\n"
     )
-    assert parse_metrics(text) == {"kvfleet_requests_running": 5.0, "kvfleet_kv_blocks_total": 1000.0}
+    assert parse_metrics(text) == {"kvflock_requests_running": 5.0, "kvflock_kv_blocks_total": 1000.0}
 
 
 def test_probe_reads_readiness_load_and_kv_usage(fake_workers: FakeWorkers) -> None:

@@ -11,13 +11,13 @@ import httpx
 import openai
 import pytest
 
-from kvfleet.worker.async_engine import AsyncEngine
-from kvfleet.worker.config import EngineConfig
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.router.app import RouterOptions, StaticDiscovery, create_app
-from kvfleet.worker.router.config import RouterSettings
-from kvfleet.worker.router.discovery import parse_worker_flag
-from kvfleet.worker.server import WorkerState, create_app as create_worker_app
+from kvflock.worker.async_engine import AsyncEngine
+from kvflock.worker.config import EngineConfig
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.router.app import RouterOptions, StaticDiscovery, create_app
+from kvflock.worker.router.config import RouterSettings
+from kvflock.worker.router.discovery import parse_worker_flag
+from kvflock.worker.server import WorkerState, create_app as create_worker_app
 from tests.server.conftest import free_port, running_server
 from tests.polling import wait_for
 

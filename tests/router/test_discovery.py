@@ -12,9 +12,9 @@ import httpx
 import kubernetes.client
 import pytest
 
-from kvfleet.worker.router.app import create_app
-from kvfleet.worker.router.discovery import KubernetesDiscovery, endpoint_from_pod, parse_worker_flag
-from kvfleet.worker.router.policy import Pool
+from kvflock.worker.router.app import create_app
+from kvflock.worker.router.discovery import KubernetesDiscovery, endpoint_from_pod, parse_worker_flag
+from kvflock.worker.router.policy import Pool
 from tests.operator.conftest import ServerThread
 from tests.router.conftest import MODEL, metric, token_prompt, wait_for
 from tests.server.conftest import free_port, running_server
@@ -26,12 +26,12 @@ def pod(name: str, url: str | None, ready: bool = True, pool: str = "default", i
         annotations: dict[str, str] | None = None) -> dict[str, Any]:
     notes = dict(annotations or {})
     if url:
-        notes["kvfleet.dev/endpoint"] = url.removeprefix("http://")
+        notes["kvflock.dev/endpoint"] = url.removeprefix("http://")
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": NAMESPACE, "annotations": notes,
-                     "labels": {"kvfleet.dev/service": "svc", "kvfleet.dev/role": "worker", "kvfleet.dev/pool": pool}},
-        "spec": {"containers": [{"name": "worker", "image": "kvfleet"}]},
+                     "labels": {"kvflock.dev/service": "svc", "kvflock.dev/role": "worker", "kvflock.dev/pool": pool}},
+        "spec": {"containers": [{"name": "worker", "image": "kvflock"}]},
         "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
     }
 
@@ -42,7 +42,7 @@ def test_a_pod_endpoint_comes_from_its_annotation_else_its_ip():
     by_ip = endpoint_from_pod(pod("w-1", None, ready=False, ip="10.0.0.7"))
     assert (by_ip.url, by_ip.pod_ready) == ("http://10.0.0.7:8000", False)
     assert endpoint_from_pod(pod("w-2", None)) is None
-    draining = endpoint_from_pod(pod("w-3", "127.0.0.1:1", annotations={"kvfleet.dev/draining-since": "now"}))
+    draining = endpoint_from_pod(pod("w-3", "127.0.0.1:1", annotations={"kvflock.dev/draining-since": "now"}))
     assert draining.terminating
 
 
@@ -80,7 +80,7 @@ def test_the_router_follows_the_services_pods_and_configmap(core, start_worker):
     create_pod(core, pod("svc-w-0", short, pool="short"))
     create_pod(core, pod("svc-w-1", long, pool="long", ready=False))
     other = pod("other-w-0", long)
-    other["metadata"]["labels"]["kvfleet.dev/service"] = "other"
+    other["metadata"]["labels"]["kvflock.dev/service"] = "other"
     create_pod(core, other)
 
     discovery = KubernetesDiscovery("svc", NAMESPACE, core.api_client)
@@ -96,16 +96,16 @@ def test_the_router_follows_the_services_pods_and_configmap(core, start_worker):
             return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
 
         assert answer(200).status_code == 503  # the long pool's only pod is not Ready
-        assert answer(16).headers["x-kvfleet-replica"] == "svc-w-0"
+        assert answer(16).headers["x-kvflock-replica"] == "svc-w-0"
 
         core.patch_namespaced_pod_status(
             "svc-w-1", NAMESPACE, {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
         wait_for(lambda: answer(200).status_code == 200, what="the long pod to turn Ready")
-        assert answer(200).headers["x-kvfleet-replica"] == "svc-w-1"
+        assert answer(200).headers["x-kvflock-replica"] == "svc-w-1"
 
         core.patch_namespaced_pod("svc-w-0", NAMESPACE,
-                                  {"metadata": {"annotations": {"kvfleet.dev/draining-since": "2026-01-01T00:00:00Z"}}})
-        wait_for(lambda: metric(url, "kvfleet_router_replicas", state="draining") == 1, what="the drain mark")
+                                  {"metadata": {"annotations": {"kvflock.dev/draining-since": "2026-01-01T00:00:00Z"}}})
+        wait_for(lambda: metric(url, "kvflock_router_replicas", state="draining") == 1, what="the drain mark")
         core.delete_namespaced_pod("svc-w-1", NAMESPACE)
         wait_for(lambda: "svc-w-1" not in state.fleet.replicas, what="the deleted pod to leave")
         assert answer(16).status_code == 503

@@ -11,9 +11,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from kvfleet.worker.router.app import create_app
-from kvfleet.worker.router.config import RouterSettings
-from kvfleet.worker.router.fleet import Endpoint, Fleet
+from kvflock.worker.router.app import create_app
+from kvflock.worker.router.config import RouterSettings
+from kvflock.worker.router.fleet import Endpoint, Fleet
 from tests.server.conftest import free_port, running_server
 
 from .conftest import MODEL, metric, token_prompt, wait_for
@@ -46,14 +46,14 @@ def test_a_request_is_held_until_a_replica_is_ready_and_counted_meanwhile(start_
         answers: list[httpx.Response] = []
         sender = threading.Thread(target=lambda: answers.append(complete(url)))
         sender.start()
-        wait_for(lambda: metric(url, "kvfleet_router_held_requests") == 1, what="the request to be held")
+        wait_for(lambda: metric(url, "kvflock_router_held_requests") == 1, what="the request to be held")
 
         worker = start_worker()
         discovery.endpoints = [Endpoint(id="w-0", url=worker.url)]
         sender.join(timeout=60)
         assert answers and answers[0].status_code == 200, answers
-        assert answers[0].headers["x-kvfleet-replica"] == "w-0"
-        assert metric(url, "kvfleet_router_held_requests") == 0
+        assert answers[0].headers["x-kvflock-replica"] == "w-0"
+        assert metric(url, "kvflock_router_held_requests") == 0
 
 
 def test_a_held_request_gets_503_with_an_openai_error_when_no_replica_comes():
@@ -63,5 +63,5 @@ def test_a_held_request_gets_503_with_an_openai_error_when_no_replica_comes():
         assert refused.status_code == 503
         error = refused.json()["error"]
         assert error["type"] == "service_unavailable" and "within 0.5 s" in error["message"]
-        assert metric(url, "kvfleet_router_hold_timeouts_total") == 1
-        assert metric(url, "kvfleet_router_held_requests") == 0
+        assert metric(url, "kvflock_router_hold_timeouts_total") == 1
+        assert metric(url, "kvflock_router_held_requests") == 0

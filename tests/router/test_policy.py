@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from kvfleet.worker.router.policy import (
+from kvflock.worker.router.policy import (
     REASON_CONSISTENT_HASH,
     REASON_LEAST_LOADED,
     REASON_PREFIX_HIT,
@@ -18,8 +18,8 @@ from kvfleet.worker.router.policy import (
     Route,
     Router,
 )
-from kvfleet.worker.router.prefix_index import PrefixIndex
-from kvfleet.worker.router.prompt import PromptReader, chained_block_hashes
+from kvflock.worker.router.prefix_index import PrefixIndex
+from kvflock.worker.router.prompt import PromptReader, chained_block_hashes
 
 
 def replicas(*ids: str, **overrides) -> list[ReplicaView]:

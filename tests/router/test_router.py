@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from kvfleet.worker.router.config import RouterSettings
-from kvfleet.worker.router.policy import Pool
+from kvflock.worker.router.config import RouterSettings
+from kvflock.worker.router.policy import Pool
 from tests.router.conftest import MODEL, client, metric, token_prompt, wait_for
 
 
@@ -26,7 +26,7 @@ def complete(url: str, prompt: list[int], max_tokens: int = 4, **extra) -> httpx
 
 def replica_of(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
-    return response.headers["x-kvfleet-replica"]
+    return response.headers["x-kvflock-replica"]
 
 
 def test_requests_sharing_a_long_prefix_go_to_the_same_replica(start_worker, start_router):
@@ -48,7 +48,7 @@ def test_requests_sharing_a_long_prefix_go_to_the_same_replica(start_worker, sta
         short = {w: f"w{i}" for i, w in enumerate(workers)}
         rows = ", ".join(f"prefix {g}: " + " ".join(f"{short[r]}={n}" for r, n in sorted(c.items()))
                          for g, c in placements[name].items())
-        hit = metric(url, "kvfleet_router_prefix_blocks_total") / metric(url, "kvfleet_router_prompt_blocks_total")
+        hit = metric(url, "kvflock_router_prefix_blocks_total") / metric(url, "kvflock_router_prompt_blocks_total")
         print(f"  {name:>12}: estimated prefix-cache hit rate {hit:5.1%} | {rows}")
 
 
@@ -74,9 +74,9 @@ def test_a_replica_stopped_under_load_fails_no_request(start_worker, start_route
     assert results == [200] * 48
     after = [replica_of(complete(url, token_prompt(g, 99))) for g in range(6)]
     assert victim.url not in after
-    assert metric(url, "kvfleet_router_retries_total", replica=victim.url, reason="connect_error") >= 1
+    assert metric(url, "kvflock_router_retries_total", replica=victim.url, reason="connect_error") >= 1
     print(f"\nretries after stopping {victim.url}: "
-          f"{metric(url, 'kvfleet_router_retries_total'):.0f}; every one of 48 requests answered 200")
+          f"{metric(url, 'kvflock_router_retries_total'):.0f}; every one of 48 requests answered 200")
 
 
 class DyingReplica:
@@ -126,7 +126,7 @@ def test_a_replica_that_dies_before_the_first_byte_is_retried_elsewhere(start_wo
         answers = [complete(url, token_prompt(1, i)) for i in range(4)]
         assert [replica_of(a) for a in answers] == [healthy] * 4
         assert dying.dropped >= 1
-        assert metric(url, "kvfleet_router_retries_total", reason="disconnected") >= 1
+        assert metric(url, "kvflock_router_retries_total", reason="disconnected") >= 1
     finally:
         dying.close()
 
@@ -135,7 +135,7 @@ def test_a_draining_replica_gets_no_new_requests(start_worker, start_router):
     workers = [start_worker().url for _ in range(2)]
     url = start_router(workers)
     httpx.post(f"{workers[0]}/admin/drain")
-    wait_for(lambda: metric(url, "kvfleet_router_replicas", state="draining") == 1, what="the router to see the drain")
+    wait_for(lambda: metric(url, "kvflock_router_replicas", state="draining") == 1, what="the router to see the drain")
     served = {replica_of(complete(url, token_prompt(g, 0))) for g in range(12)}
     assert served == {workers[1]}
 
@@ -209,4 +209,4 @@ def test_short_and_long_prompts_land_in_their_pools(start_worker, start_router):
     url = start_router([f"short={short}", f"long={long}"], settings=settings)
     assert {replica_of(complete(url, token_prompt(g, 0, prefix_tokens=16))) for g in range(5)} == {short}
     assert {replica_of(complete(url, token_prompt(g, 0, prefix_tokens=200))) for g in range(5)} == {long}
-    assert metric(url, "kvfleet_router_routing_decisions_total", pool="long") == 5
+    assert metric(url, "kvflock_router_routing_decisions_total", pool="long") == 5

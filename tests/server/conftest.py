@@ -10,10 +10,10 @@ import httpx
 import pytest
 import uvicorn
 
-from kvfleet.worker.async_engine import AsyncEngine
-from kvfleet.worker.config import EngineConfig
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.server import WorkerState, create_app
+from kvflock.worker.async_engine import AsyncEngine
+from kvflock.worker.config import EngineConfig
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.server import WorkerState, create_app
 
 MODEL = "smollm2"
 

@@ -15,10 +15,10 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 @pytest.fixture(scope="module")
 def url(smollm2):
     from tests.server.conftest import free_port, running_server
-    from kvfleet.worker.async_engine import AsyncEngine
-    from kvfleet.worker.config import EngineConfig
-    from kvfleet.worker.engine import LLMEngine
-    from kvfleet.worker.server import WorkerState, create_app
+    from kvflock.worker.async_engine import AsyncEngine
+    from kvflock.worker.config import EngineConfig
+    from kvflock.worker.engine import LLMEngine
+    from kvflock.worker.server import WorkerState, create_app
 
     state = WorkerState(served_model_name=MODEL)
     state.set_engine(AsyncEngine(LLMEngine(EngineConfig(model="demo", max_model_len=256), loaded=smollm2)))

@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.engine import LLMEngine
-from kvfleet.worker.llm import LLM
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.llm import LLM
 from tests.server.conftest import MODEL, metric
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_32_concurrent_streams_equal_the_same_requests_one_at_a_time(serve):
                                               temperature=0, max_tokens=12).choices[0].message.content
                   for q in questions]
     assert concurrent == one_by_one
-    assert metric(url, "kvfleet_kv_blocks_used") == 0
+    assert metric(url, "kvflock_kv_blocks_used") == 0
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_blocks(serve):
@@ -102,13 +102,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(serve):
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in received)
-        assert metric(url, "kvfleet_kv_blocks_used") > 0
+        assert metric(url, "kvflock_kv_blocks_used") > 0
     for _ in range(200):
-        if metric(url, "kvfleet_kv_blocks_used") == 0 and metric(url, "kvfleet_requests_running") == 0:
+        if metric(url, "kvflock_kv_blocks_used") == 0 and metric(url, "kvflock_requests_running") == 0:
             break
         threading.Event().wait(0.05)
-    assert metric(url, "kvfleet_kv_blocks_used") == 0
-    assert metric(url, "kvfleet_requests_running") == 0
+    assert metric(url, "kvflock_kv_blocks_used") == 0
+    assert metric(url, "kvflock_requests_running") == 0
 
 
 def test_probes_models_and_metrics(serve):
@@ -117,9 +117,9 @@ def test_probes_models_and_metrics(serve):
     assert httpx.get(f"{url}/ready").json() == {"ready": True}
     assert [m.id for m in client(url).models.list().data] == [MODEL]
     client(url).completions.create(model=MODEL, prompt="Hi", max_tokens=3)
-    assert metric(url, "kvfleet_generation_tokens_total") >= 3
-    assert metric(url, "kvfleet_time_to_first_token_seconds_count") >= 1
-    assert metric(url, "kvfleet_kv_blocks_total") > 0
+    assert metric(url, "kvflock_generation_tokens_total") >= 3
+    assert metric(url, "kvflock_time_to_first_token_seconds_count") >= 1
+    assert metric(url, "kvflock_kv_blocks_total") > 0
 
 
 def test_a_repeated_prefix_shows_as_prefix_cache_hits(serve):
@@ -129,8 +129,8 @@ def test_a_repeated_prefix_shows_as_prefix_cache_hits(serve):
     for question in ("What is the capital of France?", "What is the capital of Italy?"):
         api.chat.completions.create(model=MODEL, max_tokens=4, messages=[
             {"role": "system", "content": long_system}, {"role": "user", "content": question}])
-    assert metric(url, "kvfleet_prefix_cache_hits_total") >= 48
-    assert metric(url, "kvfleet_prefix_cache_queries_total") > metric(url, "kvfleet_prefix_cache_hits_total")
+    assert metric(url, "kvflock_prefix_cache_hits_total") >= 48
+    assert metric(url, "kvflock_prefix_cache_queries_total") > metric(url, "kvflock_prefix_cache_hits_total")
 
 
 def test_drain_refuses_new_requests_and_finishes_those_in_flight(serve):

@@ -1,4 +1,4 @@
-"""`kvfleet serve --tensor-parallel-size N` serves with N rank processes, and a replica is
+"""`kvflock serve --tensor-parallel-size N` serves with N rank processes, and a replica is
 all or nothing: when one rank dies, the server exits non-zero within seconds, naming the
 rank, and leaves no rank process behind; when rank 0 dies, the other ranks exit by themselves."""
 
@@ -29,7 +29,7 @@ def rank_pids(parent: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if ppid == parent and b"kvfleet.worker.tp" in cmdline:
+        if ppid == parent and b"kvflock.worker.tp" in cmdline:
             pids.append(int(entry.name))
     return sorted(pids)
 
@@ -49,7 +49,7 @@ def tp_server(model: Path, tp: int, tmp_path: Path) -> Iterator[tuple[subprocess
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvfleet.cli", "serve", "--model", str(model), "--served-model-name", "tiny",
+            [sys.executable, "-m", "kvflock.cli", "serve", "--model", str(model), "--served-model-name", "tiny",
              "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
              "--max-model-len", "128", "--tensor-parallel-size", str(tp)],
             stdout=out, stderr=subprocess.STDOUT,
@@ -110,7 +110,7 @@ def test_ranks_exit_when_rank_0_dies(tiny_models, tmp_path):
 
 
 def test_serve_refuses_a_size_below_one_naming_the_field():
-    result = subprocess.run([sys.executable, "-m", "kvfleet.cli", "serve", "--tensor-parallel-size", "0"],
+    result = subprocess.run([sys.executable, "-m", "kvflock.cli", "serve", "--tensor-parallel-size", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "tensor_parallel_size" in result.stderr

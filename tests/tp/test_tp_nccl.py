@@ -27,11 +27,11 @@ def small_llama(tmp_path):
 def test_nccl_group_of_one_rank_generates_what_one_process_does(small_llama):
     import torch.distributed as dist
 
-    from kvfleet.worker.attention import select_attention_backend
-    from kvfleet.worker.config import EngineConfig, SamplingParams
-    from kvfleet.worker.engine import LLMEngine
-    from kvfleet.worker.llm import LLM
-    from kvfleet.worker.tp import TPModelRunner, load_replica
+    from kvflock.worker.attention import select_attention_backend
+    from kvflock.worker.config import EngineConfig, SamplingParams
+    from kvflock.worker.engine import LLMEngine
+    from kvflock.worker.llm import LLM
+    from kvflock.worker.tp import TPModelRunner, load_replica
 
     config = EngineConfig(model=str(small_llama), device="cuda", dtype="float32", max_model_len=256,
                           max_num_batched_tokens=16)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvfleet.worker.attention import TorchAttentionBackend
-from kvfleet.worker.config import EngineConfig
-from kvfleet.worker.llm import LLM
-from kvfleet.worker.model.loader import load
-from kvfleet.worker.model.parallel import SINGLE_RANK, TPGroup
-from kvfleet.worker.runner import ModelRunner
+from kvflock.worker.attention import TorchAttentionBackend
+from kvflock.worker.config import EngineConfig
+from kvflock.worker.llm import LLM
+from kvflock.worker.model.loader import load
+from kvflock.worker.model.parallel import SINGLE_RANK, TPGroup
+from kvflock.worker.runner import ModelRunner
 
 
 def rank_model(path, rank: int, world: int) -> torch.nn.Module:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvfleet.worker.kv.block_pool import BlockPool
+from kvflock.worker.kv.block_pool import BlockPool
 
 
 def test_block_zero_is_never_handed_out():
@@ -67,7 +67,7 @@ def test_a_prefix_is_cached_once():
 
 
 def test_block_copies_coalesce_into_runs_that_advance_together():
-    from kvfleet.worker.kv.tiers import coalesce
+    from kvflock.worker.kv.tiers import coalesce
 
     assert coalesce([(4, 10), (5, 11), (6, 12), (9, 13), (10, 14), (2, 2)]) == [(4, 10, 3), (9, 13, 2), (2, 2, 1)]
     assert coalesce([]) == []

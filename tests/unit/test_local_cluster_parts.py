@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from kvfleet.kubelet import rewrite_listen_args
-from kvfleet.process import ManagedProcess, kill_leftovers
-from kvfleet.tables import age, table, wants_table
+from kvflock.kubelet import rewrite_listen_args
+from kvflock.process import ManagedProcess, kill_leftovers
+from kvflock.tables import age, table, wants_table
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
 
@@ -20,9 +20,9 @@ def _ago(seconds: int) -> str:
 
 
 def test_the_container_port_and_host_become_the_local_ones() -> None:
-    argv = ["kvfleet", "serve", "--model", "demo", "--host", "0.0.0.0", "--port", "8000", "--dtype", "float32"]
+    argv = ["kvflock", "serve", "--model", "demo", "--host", "0.0.0.0", "--port", "8000", "--dtype", "float32"]
     assert rewrite_listen_args(argv, {8000: 41234}) == [
-        "kvfleet", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", "41234", "--dtype", "float32"]
+        "kvflock", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", "41234", "--dtype", "float32"]
     assert rewrite_listen_args(["srv", "--port=8000"], {8000: 5}) == ["srv", "--port", "5", "--host", "127.0.0.1"]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvfleet.kernels.paged_attention import (
+from kvflock.kernels.paged_attention import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     write_kv_ref,

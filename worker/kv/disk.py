@@ -88,7 +88,7 @@ class DiskBlockStore:
             return self._drop(block_hash, f"{path} is truncated")
         magic, version, identity, size, checksum = _HEADER.unpack(header)
         if magic != MAGIC or version != FORMAT_VERSION:
-            return self._drop(block_hash, f"{path} is not a kvfleet block file of format {FORMAT_VERSION}")
+            return self._drop(block_hash, f"{path} is not a kvflock block file of format {FORMAT_VERSION}")
         if identity != self.identity:
             return self._drop(block_hash, f"{path} belongs to another model or KV layout")
         if size != self.block_bytes or got != size or extra or _checksum(payload) != checksum:

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 
 import torch
 
-from kvfleet.worker.kv.disk import DiskBlockStore
+from kvflock.worker.kv.disk import DiskBlockStore
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvfleet.worker.config import ModelConfig
+from kvflock.worker.config import ModelConfig
 
 _ARCH_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}

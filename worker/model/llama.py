@@ -4,7 +4,7 @@ Parameter names follow the Hugging Face checkpoints, so a safetensors state dict
 The forward pass works on a flat batch: all sequences' new tokens concatenated, with their
 positions and the attention metadata that says where their KV lives. Under tensor parallelism
 (`group` of several ranks) each rank builds the same modules with its slice of the heads, the
-MLP and the vocabulary (kvfleet.worker.model.parallel).
+MLP and the vocabulary (kvflock.worker.model.parallel).
 """
 
 from collections.abc import Callable
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvfleet.kernels.activation import silu_and_mul
-from kvfleet.kernels.norm import rms_norm
-from kvfleet.worker.attention import AttentionBackend, AttentionMetadata
-from kvfleet.worker.config import ModelConfig
-from kvfleet.worker.model.parallel import (
+from kvflock.kernels.activation import silu_and_mul
+from kvflock.kernels.norm import rms_norm
+from kvflock.worker.attention import AttentionBackend, AttentionMetadata
+from kvflock.worker.config import ModelConfig
+from kvflock.worker.model.parallel import (
     SINGLE_RANK,
     ColumnParallelLinear,
     HeadSplit,
@@ -28,13 +28,13 @@ from kvfleet.worker.model.parallel import (
     VocabParallelEmbedding,
     input_major,
 )
-from kvfleet.worker.model.quant import QuantizedLinear
-from kvfleet.worker.model.rope import RotaryEmbedding
+from kvflock.worker.model.quant import QuantizedLinear
+from kvflock.worker.model.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
     """RMSNorm, optionally of `x + residual` (then it also returns that sum, the new residual).
-    With `triton` it runs kvfleet.kernels' fused kernel; else in torch, rounding like HF."""
+    With `triton` it runs kvflock.kernels' fused kernel; else in torch, rounding like HF."""
 
     def __init__(self, dim: int, eps: float, triton: bool) -> None:
         super().__init__()

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from kvfleet.worker.attention import AttentionBackend
-from kvfleet.worker.config import EngineConfig, ModelConfig
-from kvfleet.worker.model import gguf_file
-from kvfleet.worker.model.llama import LlamaForCausalLM
-from kvfleet.worker.model.parallel import SINGLE_RANK, Shard, TPGroup, check_tp_size
-from kvfleet.worker.model.quant import (
+from kvflock.worker.attention import AttentionBackend
+from kvflock.worker.config import EngineConfig, ModelConfig
+from kvflock.worker.model import gguf_file
+from kvflock.worker.model.llama import LlamaForCausalLM
+from kvflock.worker.model.parallel import SINGLE_RANK, Shard, TPGroup, check_tp_size
+from kvflock.worker.model.quant import (
     RTN_SPECS,
     QuantizedLinear,
     QuantSpec,
@@ -36,7 +36,7 @@ from kvfleet.worker.model.quant import (
 )
 
 if TYPE_CHECKING:
-    from kvfleet.worker.tp import Replica
+    from kvflock.worker.tp import Replica
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class LoadedModel:
     tokenizer: Any
     dtype: torch.dtype
     device: torch.device
-    # Rank 0 of a tensor-parallel replica: the other ranks' processes (kvfleet.worker.tp).
+    # Rank 0 of a tensor-parallel replica: the other ranks' processes (kvflock.worker.tp).
     replica: "Replica | None" = None
     quantization: QuantSpec | None = None  # the linear layers' weights, when quantized
 
@@ -86,12 +86,12 @@ def load(config: EngineConfig, backend: AttentionBackend, group: TPGroup | None 
     """Resolve, read and place the model and its tokenizer as `config` asks.
 
     With `tensor_parallel_size` > 1 and no `group`, this process becomes rank 0 of a new
-    replica: kvfleet.worker.tp starts the other ranks, which load their shards meanwhile.
+    replica: kvflock.worker.tp starts the other ranks, which load their shards meanwhile.
     With a `group`, this process loads its rank's shard (the tokenizer only on rank 0).
     """
     if group is None:
         if config.tensor_parallel_size > 1:
-            from kvfleet.worker.tp import load_replica
+            from kvflock.worker.tp import load_replica
 
             return load_replica(config, backend)
         group = SINGLE_RANK
@@ -164,7 +164,7 @@ def resolve_quantization(requested: str | None, source: ModelSource) -> QuantSpe
     if requested == "gptq":
         if stored is None:
             raise ValueError(f"quantization: 'gptq' needs a GPTQ checkpoint (config.json with a gptq "
-                             f"quantization_config); {source.path} has none. Quantize it with `kvfleet quantize`, "
+                             f"quantization_config); {source.path} has none. Quantize it with `kvflock quantize`, "
                              f"or use int8/int4 to quantize at load")
         return stored
     if stored is not None:
@@ -351,9 +351,9 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
 
 
 def tokenizer_cache_dir() -> Path:
-    """Where converted GGUF tokenizers are kept: $KVFLEET_CACHE_DIR, else the user's cache folder."""
-    root = os.environ.get("KVFLEET_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvfleet")
+    """Where converted GGUF tokenizers are kept: $KVFLOCK_CACHE_DIR, else the user's cache folder."""
+    root = os.environ.get("KVFLOCK_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvflock")
     return Path(root) / "tokenizers"
 
 

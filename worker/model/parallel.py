@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kvfleet.worker.config import ModelConfig
+from kvflock.worker.config import ModelConfig
 
 
 class Shard(NamedTuple):

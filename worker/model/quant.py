@@ -1,10 +1,10 @@
 """Weight-only quantization of the decoder's linear layers: int8 with one scale per output
 column, int4 with a scale and zero point per group of 128 input features.
 
-Weights are kept in GPTQ's packed layout (kvfleet.kernels.quant_matmul documents it), whether
+Weights are kept in GPTQ's packed layout (kvflock.kernels.quant_matmul documents it), whether
 they come from a GPTQ checkpoint (`<prefix>.qweight/.qzeros/.scales/.g_idx`, config.json's
 `quantization_config` with `quant_method: gptq`), from the round-to-nearest quantizer here
-(`kvfleet quantize`, or `quantization: int8|int4` at load), or are random (dummy weights for
+(`kvflock quantize`, or `quantization: int8|int4` at load), or are random (dummy weights for
 benchmarks). The embedding, the norms and the LM head stay in the model's dtype.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvfleet.kernels.quant_matmul import (
+from kvflock.kernels.quant_matmul import (
     dequantize,
     pack_columns,
     pack_factor,
@@ -23,7 +23,7 @@ from kvfleet.kernels.quant_matmul import (
     quant_matmul,
     quant_matmul_ref,
 )
-from kvfleet.worker.model.parallel import ColumnParallelLinear, RowParallelLinear, Shard, TPGroup
+from kvflock.worker.model.parallel import ColumnParallelLinear, RowParallelLinear, Shard, TPGroup
 
 # The projections that are quantized, by their name in a decoder layer.
 QUANTIZED_PROJECTIONS = (
@@ -58,17 +58,17 @@ def read_gptq_config(hf_config: dict[str, Any], where: str) -> QuantSpec | None:
         return None
     method = qc.get("quant_method")
     if method != "gptq":
-        raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not supported; kvfleet runs 'gptq'")
+        raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not supported; kvflock runs 'gptq'")
     bits, group_size = qc.get("bits"), qc.get("group_size", 128)
     if bits not in (4, 8):
         raise ValueError(f"{where}: quantization_config.bits {bits!r} is not supported; use 4 or 8")
     if not isinstance(group_size, int) or (group_size != -1 and (group_size < 16 or group_size & (group_size - 1))):
         raise ValueError(f"{where}: quantization_config.group_size {group_size!r} must be -1 or a power of two >= 16")
     if qc.get("desc_act"):
-        raise ValueError(f"{where}: quantization_config.desc_act is true (act-order); kvfleet needs desc_act false")
+        raise ValueError(f"{where}: quantization_config.desc_act is true (act-order); kvflock needs desc_act false")
     if qc.get("checkpoint_format", "gptq") != "gptq":
         raise ValueError(f"{where}: quantization_config.checkpoint_format {qc['checkpoint_format']!r} is not "
-                         "supported; kvfleet reads 'gptq' (v1: qzeros store zero - 1)")
+                         "supported; kvflock reads 'gptq' (v1: qzeros store zero - 1)")
     return QuantSpec(bits, group_size)
 
 
@@ -80,7 +80,7 @@ def gptq_config(spec: QuantSpec) -> dict[str, Any]:
 
 @dataclass
 class QuantizedWeight:
-    """One linear layer's packed weight (layout: kvfleet.kernels.quant_matmul)."""
+    """One linear layer's packed weight (layout: kvflock.kernels.quant_matmul)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -131,7 +131,7 @@ def drop_trivial_g_idx(
             yield name, shape, part
             continue
         if not torch.equal(part.to(torch.int32).cpu(), trivial_g_idx(shape[0], spec)):
-            raise ValueError(f"{where}: {name} reorders input features (act-order); kvfleet needs desc_act false")
+            raise ValueError(f"{where}: {name} reorders input features (act-order); kvflock needs desc_act false")
 
 
 class QuantizedLinear(nn.Module):
@@ -252,7 +252,7 @@ def _quantized_like(old: nn.Module, spec: QuantSpec, triton: bool, name: str) ->
         raise ValueError(
             f"quantization: {name} has {in_features} input and {out_features} output features (this rank's "
             f"share), which int{spec.bits} in groups of {group} cannot pack: input features must be a multiple "
-            f"of the group size, both of {p}; try int8, another group size (`kvfleet quantize --group-size`) or "
+            f"of the group size, both of {p}; try int8, another group size (`kvflock quantize --group-size`) or "
             f"another tensor_parallel_size"
         )
     device = old.weight.device

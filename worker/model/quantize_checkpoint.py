@@ -1,5 +1,5 @@
-"""`kvfleet quantize`: turn a plain Hugging Face checkpoint (bf16, fp16 or fp32 safetensors)
-into a GPTQ-format one that kvfleet and other GPTQ readers load, by round-to-nearest.
+"""`kvflock quantize`: turn a plain Hugging Face checkpoint (bf16, fp16 or fp32 safetensors)
+into a GPTQ-format one that kvflock and other GPTQ readers load, by round-to-nearest.
 
 The decoder's projections become `<prefix>.qweight/.qzeros/.scales/.g_idx` (GPTQ v1, act-order
 off); every other tensor is copied as it is; config.json gains a `quantization_config`; the
@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from kvfleet.kernels.quant_matmul import pack_factor
-from kvfleet.worker.config import ModelConfig
-from kvfleet.worker.model.loader import read_safetensors
-from kvfleet.worker.model.quant import QUANTIZED_PROJECTIONS, QuantSpec, gptq_config, quantize_rtn, trivial_g_idx
+from kvflock.kernels.quant_matmul import pack_factor
+from kvflock.worker.config import ModelConfig
+from kvflock.worker.model.loader import read_safetensors
+from kvflock.worker.model.quant import QUANTIZED_PROJECTIONS, QuantSpec, gptq_config, quantize_rtn, trivial_g_idx
 
 _PROJECTION = re.compile(r"model\.layers\.(\d+)\.(" + "|".join(re.escape(p) for p in QUANTIZED_PROJECTIONS) + r")\.weight")
 _CHECKPOINT_FILES = re.compile(r".*\.safetensors|model\.safetensors\.index\.json|config\.json")

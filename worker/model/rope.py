@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from kvfleet.kernels.rotary import rotary
+from kvflock.kernels.rotary import rotary
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 The operator writes them into the `<name>-engine` ConfigMap: `router.json` is the spec's
 `router` section (validated here by the CRD's own model, so a bad file fails naming the
 field) and `engine.json` carries the KV block size the workers hash their prefixes with.
-`kvfleet router --config FILE` reads the same `router.json` from a file instead.
+`kvflock router --config FILE` reads the same `router.json` from a file instead.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvfleet.operator.crd import RouterSpec
-from kvfleet.worker.router.policy import Policy, Pool
+from kvflock.operator.crd import RouterSpec
+from kvflock.worker.router.policy import Policy, Pool
 
 DEFAULT_BLOCK_SIZE = 16
 

@@ -1,10 +1,10 @@
 """Where the workers are: a static list (`--worker`), or an InferenceService's worker Pods.
 
-Kubernetes discovery lists and watches the Pods labelled `kvfleet.dev/service=<name>,
-kvfleet.dev/role=worker` with the synchronous kubernetes client in a thread, and hands each
-new list of endpoints to the event loop. A pod's address is its `kvfleet.dev/endpoint`
+Kubernetes discovery lists and watches the Pods labelled `kvflock.dev/service=<name>,
+kvflock.dev/role=worker` with the synchronous kubernetes client in a thread, and hands each
+new list of endpoints to the event loop. A pod's address is its `kvflock.dev/endpoint`
 annotation (the local cluster's process kubelet writes it) or `podIP:8000`; its pool is its
-`kvfleet.dev/pool` label; a pod that is not Ready, being deleted, or marked draining by the
+`kvflock.dev/pool` label; a pod that is not Ready, being deleted, or marked draining by the
 operator takes no new requests. Each (re)list also reads the `<name>-engine` ConfigMap, so
 pool and policy changes reach the router within one watch period.
 """
@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kvfleet.operator.children import (
+from kvflock.operator.children import (
     ANNOTATION_DRAINING,
     ANNOTATION_ENDPOINT,
     LABEL_POOL,
@@ -25,8 +25,8 @@ from kvfleet.operator.children import (
     LABEL_SERVICE,
     WORKER_PORT,
 )
-from kvfleet.worker.router.config import RouterSettings, settings_from_configmap
-from kvfleet.worker.router.fleet import DEFAULT_POOL, Endpoint, Fleet
+from kvflock.worker.router.config import RouterSettings, settings_from_configmap
+from kvflock.worker.router.fleet import DEFAULT_POOL, Endpoint, Fleet
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class KubernetesDiscovery:
 
     @property
     def configmap_name(self) -> str:
-        # The operator's name for it: kvfleet.operator.children.engine_configmap_name.
+        # The operator's name for it: kvflock.operator.children.engine_configmap_name.
         return f"{self.service}-engine"
 
     async def run(self, fleet: Fleet, on_settings: Callable[[RouterSettings], None]) -> None:
@@ -93,7 +93,7 @@ class KubernetesDiscovery:
             loop.call_soon_threadsafe(on_settings, settings)
 
         thread = threading.Thread(target=self._watch_forever, args=(publish, publish_settings),
-                                  name="kvfleet-router-discovery", daemon=True)
+                                  name="kvflock-router-discovery", daemon=True)
         thread.start()
         try:
             await asyncio.Event().wait()

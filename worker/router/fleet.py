@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kvfleet.worker.router.policy import ReplicaView
+from kvflock.worker.router.policy import ReplicaView
 
 DEFAULT_POOL = "default"
 

@@ -1,4 +1,4 @@
-"""The router's Prometheus metrics (prefix `kvfleet_router_`): requests per replica, retries,
+"""The router's Prometheus metrics (prefix `kvflock_router_`): requests per replica, retries,
 routing decisions by reason, requests it refused itself, requests it holds while no replica can
 take them, and, read from the fleet at scrape time, each replica's state and requests in flight.
 
@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvfleet.worker.router.fleet import Fleet
-from kvfleet.worker.router.policy import RequestFeatures, Route
+from kvflock.worker.router.fleet import Fleet
+from kvflock.worker.router.policy import RequestFeatures, Route
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -26,8 +26,8 @@ class _FleetCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         now = self.clock()
-        in_flight = GaugeMetricFamily("kvfleet_router_in_flight", "Requests in flight per replica", labels=["replica"])
-        state = GaugeMetricFamily("kvfleet_router_replicas", "Replicas by state", labels=["state"])
+        in_flight = GaugeMetricFamily("kvflock_router_in_flight", "Requests in flight per replica", labels=["replica"])
+        state = GaugeMetricFamily("kvflock_router_replicas", "Replicas by state", labels=["state"])
         counts = {"ready": 0, "draining": 0, "unready": 0, "saturated": 0}
         for view in self.fleet.views(now):
             in_flight.add_metric([view.id], view.in_flight)
@@ -43,25 +43,25 @@ class RouterMetrics:
     def __init__(self, fleet: Fleet, clock: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("kvfleet_router_requests", "Requests sent to a replica, by its answer's status",
+        self.requests = Counter("kvflock_router_requests", "Requests sent to a replica, by its answer's status",
                                 ["replica", "status"], registry=r)
-        self.retries = Counter("kvfleet_router_retries", "Requests sent again elsewhere, by what the replica did",
+        self.retries = Counter("kvflock_router_retries", "Requests sent again elsewhere, by what the replica did",
                                ["replica", "reason"], registry=r)
-        self.decisions = Counter("kvfleet_router_routing_decisions", "Replica choices by reason and pool",
+        self.decisions = Counter("kvflock_router_routing_decisions", "Replica choices by reason and pool",
                                  ["reason", "pool"], registry=r)
-        self.refused = Counter("kvfleet_router_refused", "Requests the router answered itself, by status",
+        self.refused = Counter("kvflock_router_refused", "Requests the router answered itself, by status",
                                ["status"], registry=r)
-        self.broken_streams = Counter("kvfleet_router_broken_streams",
+        self.broken_streams = Counter("kvflock_router_broken_streams",
                                       "Responses cut off because the replica failed after the first byte", registry=r)
-        self.prompt_blocks = Counter("kvfleet_router_prompt_blocks", "Leading prompt blocks hashed", registry=r)
-        self.prefix_blocks = Counter("kvfleet_router_prefix_blocks",
+        self.prompt_blocks = Counter("kvflock_router_prompt_blocks", "Leading prompt blocks hashed", registry=r)
+        self.prefix_blocks = Counter("kvflock_router_prefix_blocks",
                                      "Leading prompt blocks the chosen replica was believed to hold", registry=r)
-        # The autoscaler reads `held` to scale up from zero replicas (kvfleet.operator.workers).
-        self.held = Gauge("kvfleet_router_held_requests", "Requests waiting for a replica that can take them",
+        # The autoscaler reads `held` to scale up from zero replicas (kvflock.operator.workers).
+        self.held = Gauge("kvflock_router_held_requests", "Requests waiting for a replica that can take them",
                           registry=r)
-        self.hold_timeouts = Counter("kvfleet_router_hold_timeouts",
+        self.hold_timeouts = Counter("kvflock_router_hold_timeouts",
                                      "Held requests answered 503 because no replica became ready in time", registry=r)
-        self.ttfb = Histogram("kvfleet_router_time_to_first_byte_seconds", "Arrival to the first byte relayed",
+        self.ttfb = Histogram("kvflock_router_time_to_first_byte_seconds", "Arrival to the first byte relayed",
                               buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_FleetCollector(fleet, clock))
 

@@ -14,8 +14,8 @@ import logging
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvfleet.worker.router.fleet import Fleet, Replica
-from kvfleet.worker.router.prefix_index import PrefixIndex
+from kvflock.worker.router.fleet import Fleet, Replica
+from kvflock.worker.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,11 @@ class Poller:
         replica.worker_draining = ready.status_code == 503 and _reason(ready) == "draining"
         if metrics.status_code == 200:
             values = parse_worker_metrics(metrics.text)
-            sequences = int(values.get("kvfleet_requests_running", 0) + values.get("kvfleet_requests_waiting", 0))
+            sequences = int(values.get("kvflock_requests_running", 0) + values.get("kvflock_requests_waiting", 0))
             replica.observe_queue(sequences, max(own_before, replica.in_flight))
-            total = values.get("kvfleet_kv_blocks_total", 0.0)
+            total = values.get("kvflock_kv_blocks_total", 0.0)
             if total > 0:
-                replica.kv_usage = values.get("kvfleet_kv_blocks_used", 0.0) / total
+                replica.kv_usage = values.get("kvflock_kv_blocks_used", 0.0) / total
                 self.index.set_capacity(replica.id, int(total))
 
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from kvfleet.worker.router.policy import RequestFeatures
+from kvflock.worker.router.policy import RequestFeatures
 
 CHARS_PER_TOKEN = 4
 # Hashing stops here: prefixes this long already decide the route, and the cost stays bounded.

@@ -28,10 +28,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from kvfleet.worker.auth import bearer_header
-from kvfleet.worker.router.fleet import Fleet, Replica
-from kvfleet.worker.router.metrics import RouterMetrics
-from kvfleet.worker.router.policy import Refusal, RequestFeatures, Router, pool_members
+from kvflock.worker.auth import bearer_header
+from kvflock.worker.router.fleet import Fleet, Replica
+from kvflock.worker.router.metrics import RouterMetrics
+from kvflock.worker.router.policy import Refusal, RequestFeatures, Router, pool_members
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class Proxy:
         self.metrics.requests.labels(replica=replica.id, status=str(response.status_code)).inc()
         self.metrics.ttfb.observe(self.clock() - arrived)
         headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP - {"content-length"}}
-        headers["x-kvfleet-replica"] = replica.id
+        headers["x-kvflock-replica"] = replica.id
 
         async def body() -> AsyncIterator[bytes]:
             if upstream.first:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfleet.worker.kv.block_pool import BlockPool
-from kvfleet.worker.model.loader import LoadedModel
-from kvfleet.worker.runner import ModelRunner, allocate_kv_cache
-from kvfleet.worker.scheduler import ScheduledSequence, SchedulerOutput
-from kvfleet.worker.sequence import Sequence, SequenceStatus
-from kvfleet.worker.spec_decode.drafters import Draft
-from kvfleet.worker.spec_decode.verify import draw, target_probs
+from kvflock.worker.kv.block_pool import BlockPool
+from kvflock.worker.model.loader import LoadedModel
+from kvflock.worker.runner import ModelRunner, allocate_kv_cache
+from kvflock.worker.scheduler import ScheduledSequence, SchedulerOutput
+from kvflock.worker.sequence import Sequence, SequenceStatus
+from kvflock.worker.spec_decode.drafters import Draft
+from kvflock.worker.spec_decode.verify import draw, target_probs
 
 
 @dataclass

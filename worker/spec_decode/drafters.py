@@ -1,6 +1,6 @@
 """Drafters propose the tokens that probably follow a sequence, for the target model to verify
 in one step. This module holds their common interface and prompt lookup (n-gram matching
-over the sequence's own tokens, no extra model); kvfleet.worker.spec_decode.draft_model holds
+over the sequence's own tokens, no extra model); kvflock.worker.spec_decode.draft_model holds
 the drafter that runs a small model.
 """
 
@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from kvfleet.worker.sequence import Sequence
+from kvflock.worker.sequence import Sequence
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The engine's side of speculative decoding: before a step, drafts for the decoding sequences
 that can use them; after it, the tokens each sequence emits from the logits at its drafted
-positions (kvfleet.worker.spec_decode.verify), next to plain sampling for the others.
+positions (kvflock.worker.spec_decode.verify), next to plain sampling for the others.
 
 Sequences with repetition, frequency or presence penalties, with logprobs, or still short of
 their min_tokens are never drafted for: their processing depends on every token before, so
@@ -11,15 +11,15 @@ import logging
 
 import torch
 
-from kvfleet.worker.attention import select_attention_backend
-from kvfleet.worker.config import EngineConfig, SamplingParams
-from kvfleet.worker.model.loader import LoadedModel, load
-from kvfleet.worker.sampler import Sampler, SampleResult
-from kvfleet.worker.scheduler import ScheduledSequence
-from kvfleet.worker.sequence import Sequence
-from kvfleet.worker.spec_decode.draft_model import DraftModelDrafter
-from kvfleet.worker.spec_decode.drafters import Drafter, NgramDrafter
-from kvfleet.worker.spec_decode.verify import SpecDecodeStats, accept_greedy, accept_sampled, target_probs
+from kvflock.worker.attention import select_attention_backend
+from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.model.loader import LoadedModel, load
+from kvflock.worker.sampler import Sampler, SampleResult
+from kvflock.worker.scheduler import ScheduledSequence
+from kvflock.worker.sequence import Sequence
+from kvflock.worker.spec_decode.draft_model import DraftModelDrafter
+from kvflock.worker.spec_decode.drafters import Drafter, NgramDrafter
+from kvflock.worker.spec_decode.verify import SpecDecodeStats, accept_greedy, accept_sampled, target_probs
 
 log = logging.getLogger(__name__)
 

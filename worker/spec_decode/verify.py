@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfleet.worker.config import SamplingParams
-from kvfleet.worker.sampler import top_k_top_p_min_p
+from kvflock.worker.config import SamplingParams
+from kvflock.worker.sampler import top_k_top_p_min_p
 
 
 def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

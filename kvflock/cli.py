@@ -1,0 +1,395 @@
+"""The `kvflock` command line: one subcommand per entry point of the system."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvflock import __version__
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("generate", help="answer a prompt offline with the engine")
+    p.add_argument("--model", default="demo", help="HF folder, .gguf file, or 'demo' (SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    _add_speculative_options(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _add_speculative_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding: ngram (prompt lookup) or draft (--draft-model); default: off")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens drafted per step and sequence")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix matched")
+    p.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix matched")
+    p.add_argument("--draft-model", default=None, help="draft: a small model with the target's vocabulary")
+
+
+def _speculative_settings(args: argparse.Namespace) -> dict:
+    return dict(speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
+                prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
+                draft_model=args.draft_model)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from kvflock.worker.config import SamplingParams
+    from kvflock.worker.llm import LLM
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, **_speculative_settings(args))
+    if args.raw:
+        outputs = llm.generate(args.prompt, params)
+    else:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    for out in outputs:
+        print(out.outputs[0].text.strip())
+    return 0
+
+
+def _add_quantize(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("quantize", help="write a GPTQ-format int4/int8 copy of a Hugging Face checkpoint")
+    p.add_argument("--model", type=Path, required=True, help="HF folder with bf16/fp16/fp32 safetensors")
+    p.add_argument("--bits", type=int, required=True, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input features per scale (default: 128 for 4 bits, -1 = per channel for 8 bits)")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the quantized checkpoint")
+    p.add_argument("--device", default="cpu", help="where to quantize (cpu, cuda)")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from kvflock.worker.model.quantize_checkpoint import quantize_checkpoint
+
+    quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.device,
+                        progress=lambda line: print(line, flush=True))
+    return 0
+
+
+def _add_crds(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("crds", help="render the CustomResourceDefinitions into crds/")
+    p.add_argument("--output-dir", default="crds", help="folder of the CRD YAML files (default: crds)")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 when a file differs")
+    p.set_defaults(func=_run_crds)
+
+
+def _run_crds(args: argparse.Namespace) -> int:
+    from kvflock.operator.render import write_crds
+
+    stale = write_crds(args.output_dir, check=args.check)
+    for path in stale:
+        print(f"{path}: {'differs from the models; run `kvflock crds`' if args.check else 'written'}")
+    return 1 if args.check and stale else 0
+
+
+def _add_operator(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("operator", help="run the InferenceService operator (kopf)")
+    p.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeat; default: all)")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    p.add_argument("--context", default=None, help="kubeconfig context")
+    p.add_argument("--probe-interval", type=float, default=5.0, help="seconds between reads of the workers' metrics")
+    p.add_argument("--health-port", type=int, default=None, help="serve /healthz for the kubelet's probes on this port")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--verbose", "-v", action="count", default=0, help="more logging (-v: debug)")
+    p.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
+    p.set_defaults(func=_run_operator)
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from kvflock.operator.handlers import OperatorOptions
+    from kvflock.operator.runner import load_configuration, run_operator
+
+    if args.quiet or args.verbose:  # main() configured logging from --log-level already
+        logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.DEBUG)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+    configuration = load_configuration(args.kubeconfig, args.context)
+    options = OperatorOptions(probe_interval=args.probe_interval)
+    # kopf stops gracefully on SIGINT and SIGTERM.
+    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port is not None else None
+    asyncio.run(run_operator(configuration, namespaces=args.namespace, options=options, liveness_endpoint=liveness))
+    return 0
+
+
+def _add_access_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key-file", default=None,
+                   help="require `Authorization: Bearer <key>` on /v1/* with a key of this file (one per line; "
+                        "default: $KVFLOCK_API_KEY_FILE, else no key is required)")
+    p.add_argument("--internal-token-file", default=None,
+                   help="the token the router shows its workers (the file's first key), which a worker then "
+                        "requires instead of user keys (default: $KVFLOCK_INTERNAL_TOKEN_FILE)")
+    p.add_argument("--requests-per-minute", type=int, default=None,
+                   help="per API key; more get 429 with Retry-After (default: no limit)")
+    p.add_argument("--tokens-per-minute", type=int, default=None,
+                   help="per API key, prompt plus max_tokens counted on arrival; more get 429 (default: no limit)")
+
+
+def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker)")
+    p.add_argument("--model", default="demo", help="HF folder, .gguf file, or 'demo' (SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None, help="the name clients ask for (default: --model)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quantization", default=None, choices=["gptq", "int8", "int4"],
+                   help="weight-only quantization (default: as the checkpoint is; int8/int4 quantize at load)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks (processes, one GPU each) that this replica spans")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                   help="KV cache size (default: 1 GiB on CPU; on CUDA what --gpu-memory-utilization leaves)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory for weights, activations and KV cache")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of prompt prefixes seen before")
+    p.add_argument("--kv-offload-cpu-gib", type=float, default=0.0, help="CPU memory for KV blocks evicted from the GPU")
+    p.add_argument("--kv-offload-disk-gib", type=float, default=0.0, help="disk space for KV blocks evicted from CPU")
+    p.add_argument("--kv-offload-disk-path", default=None, help="folder of the disk KV tier (kept across restarts)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step while the previous one runs on the device (default: on with CUDA, one "
+                   "rank and no speculative decoding)")
+    _add_speculative_options(p)
+    p.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; more get 429")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    _add_access_options(p)
+    p.add_argument("--admin-token-file", default=None,
+                   help="require this operator token on /admin/* (default: $KVFLOCK_ADMIN_TOKEN_FILE, else open)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port instead of --port")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvflock.worker import auth
+    from kvflock.worker.async_engine import AsyncEngine
+    from kvflock.worker.config import EngineConfig
+    from kvflock.worker.engine import LLMEngine
+    from kvflock.worker.server import WorkerState, create_app
+
+    if args.max_queued_requests < 0:
+        raise ValueError(f"max_queued_requests: must be >= 0, got {args.max_queued_requests}")
+    api_keys = auth.keys_from(args.api_key_file, auth.API_KEY_FILE_ENV)
+    internal = auth.keys_from(args.internal_token_file, auth.INTERNAL_TOKEN_FILE_ENV)
+    if api_keys and internal:
+        raise ValueError("serve: give --api-key-file for a worker that clients call, or --internal-token-file "
+                         "for one behind a router (which then refuses user keys), not both")
+    access = auth.AccessPolicy(api_keys=internal or api_keys,
+                               admin_tokens=auth.keys_from(args.admin_token_file, auth.ADMIN_TOKEN_FILE_ENV),
+                               requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
+    config = EngineConfig(
+        model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+        quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
+        enable_prefix_caching=args.enable_prefix_caching, kv_offload_cpu_gib=args.kv_offload_cpu_gib,
+        kv_offload_disk_gib=args.kv_offload_disk_gib, kv_offload_disk_path=args.kv_offload_disk_path,
+        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **_speculative_settings(args),
+    )
+
+    def load() -> AsyncEngine:
+        engine = LLMEngine(config)
+        engine.warm_up()
+        return AsyncEngine(engine, args.max_queued_requests)
+
+    state = WorkerState(served_model_name=args.served_model_name or args.model)
+    server: uvicorn.Server | None = None
+
+    def stop_on_load_error() -> None:
+        assert server is not None
+        server.should_exit = True
+
+    app = create_app(state, args.max_request_bytes, load=load, on_load_error=stop_on_load_error, access=access,
+                     serve_metrics=args.metrics_port is None)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
+                                           log_level=args.log_level))
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, args.host, registry=state.metrics.registry)
+    server.run()
+    return 1 if state.load_error else 0
+
+
+def _add_router(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("router", help="route OpenAI requests over an InferenceService's workers")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--worker", action="append", default=[], metavar="[POOL=]URL",
+                   help="a worker's base URL, optionally in a pool (repeat); instead of --service")
+    p.add_argument("--service", default=None, help="discover the workers of this InferenceService")
+    p.add_argument("--namespace", "-n", default="default", help="the InferenceService's namespace")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    p.add_argument("--config", default=None,
+                   help="router.json (the InferenceService's router section) instead of the <service>-engine ConfigMap")
+    p.add_argument("--policy", default=None, choices=["prefix-aware", "prefix", "least-loaded", "least-load", "round-robin"],
+                   help="how replicas are chosen (default: the settings' policy, else prefix-aware)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="the workers' KV block size (default: the ConfigMap's engine.json, else 16)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or name for exact prefix hashes")
+    p.add_argument("--model", default=None, help="take the tokenizer from this model (as `kvflock serve --model`)")
+    p.add_argument("--max-attempts", type=int, default=3, help="replicas tried per request before giving up")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between reads of the workers' /metrics")
+    p.add_argument("--hold-seconds", type=float, default=None,
+                   help="hold a request this long while no replica can take it, then 503 (default: the settings' "
+                        "holdTimeoutSeconds with --service, else 0: answer 503 at once)")
+    _add_access_options(p)
+    p.set_defaults(func=_run_router)
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvflock.worker import auth
+    from kvflock.worker.router.app import RouterOptions, StaticDiscovery, create_app
+    from kvflock.worker.router.config import RouterSettings, read_settings_file
+    from kvflock.worker.router.discovery import KubernetesDiscovery, parse_worker_flag
+
+    if bool(args.worker) == bool(args.service):
+        raise ValueError("router: give either --worker URL (repeatable) or --service NAME")
+    settings = read_settings_file(args.config) if args.config else RouterSettings()
+    if args.service:
+        import kubernetes.client
+
+        from kvflock.operator.runner import load_configuration
+
+        api_client = kubernetes.client.ApiClient(load_configuration(args.kubeconfig))
+        discovery = KubernetesDiscovery(args.service, args.namespace, api_client, read_configmap=args.config is None)
+    else:
+        discovery = StaticDiscovery([parse_worker_flag(w) for w in args.worker])
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    elif args.model:
+        from kvflock.worker.model.loader import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
+    policy = {"prefix": "prefix-aware", "least-load": "least-loaded"}.get(args.policy, args.policy)
+    internal = auth.keys_from(args.internal_token_file, auth.INTERNAL_TOKEN_FILE_ENV)
+    access = auth.AccessPolicy(api_keys=auth.keys_from(args.api_key_file, auth.API_KEY_FILE_ENV),
+                               requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
+    options = RouterOptions(policy=policy, block_size=args.block_size, max_attempts=args.max_attempts,
+                            poll_interval=args.poll_interval, access=access, internal_token=internal[0] if internal else None,
+                            hold_seconds=args.hold_seconds)
+    app = create_app(discovery, settings, tokenizer, options)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level)
+    return 0
+
+
+def _add_local_cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the local cluster's files: kubeconfig, logs (default: $KVFLOCK_HOME or ~/.kvflock)")
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    from kvflock.localcluster import default_state_dir
+
+    return Path(args.state_dir) if args.state_dir else default_state_dir()
+
+
+def _add_up(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("up", help="run the local cluster: API server, operator, process kubelet, routers")
+    _add_local_cluster_options(p)
+    p.add_argument("--api-port", type=int, default=16443, help="the API server's port on 127.0.0.1")
+    p.add_argument("--router-port", type=int, default=30080,
+                   help="the first InferenceService's router port on 127.0.0.1 (the next ones count up)")
+    p.add_argument("--apply", "-f", type=Path, action="append", default=[], help="apply InferenceServices from a file")
+    p.add_argument("--ask", default=None,
+                   help="wait until the applied services are Ready, then ask this and print the answer")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds --ask waits for Ready")
+    p.add_argument("--detach", "-d", action="store_true", help="run in the background (stop it with `kvflock down`)")
+    p.add_argument("--once", action="store_true", help="stop everything after --ask has its answer (a demo run)")
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from kvflock.up import up
+
+    if args.once and (args.detach or not args.ask):
+        raise ValueError("--once: needs --ask and cannot be combined with --detach")
+    return up(_state_dir(args), args.api_port, args.router_port, args.apply, args.ask, args.detach, args.timeout,
+              args.once)
+
+
+def _add_down(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("down", help="stop the local cluster and every process it runs")
+    _add_local_cluster_options(p)
+    p.set_defaults(func=_run_down)
+
+
+def _run_down(args: argparse.Namespace) -> int:
+    from kvflock.up import down
+
+    return down(_state_dir(args))
+
+
+def _add_status(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("status", help="show the local cluster, its InferenceServices and their workers")
+    _add_local_cluster_options(p)
+    p.set_defaults(func=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from kvflock.up import status
+
+    return status(_state_dir(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvflock", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kvflock {__version__}")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_serve(sub)
+    _add_quantize(sub)
+    _add_crds(sub)
+    _add_operator(sub)
+    _add_router(sub)
+    _add_up(sub)
+    _add_down(sub)
+    _add_status(sub)
+    for subcommand in sub.choices.values():  # also after the subcommand; the main parser's default stands
+        subcommand.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.log_level != "debug":  # one INFO line per HTTP call (the router polls its workers every second)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The local cluster: the whole system in one process tree on one machine, no Kubernetes needed.
+
+`LocalCluster` starts, each on its own thread:
+
+- the API server (`kvflock.apiserver.ApiServer`, kmock's emulator with our CRD) on
+  127.0.0.1, on its own event loop;
+- the operator, the same code as in a cluster (`kvflock.operator.runner.run_operator`),
+  on another event loop, talking to the API server over HTTP like any client;
+- the process kubelet (`kvflock.kubelet`), which runs the worker and router Pods as
+  processes (with this cluster's kubeconfig in ``KUBECONFIG``, where a cluster would mount a
+  service-account token);
+- the service load balancer (`kvflock.loadbalancer`), which gives each InferenceService a
+  fixed local URL and forwards it to the router pod, as kube-proxy would.
+
+It writes a kubeconfig for the API server, so the real `kubectl` works against it, and
+`cluster.json` (pid, URLs) for `kvflock status` and `kvflock down`. Everything lives in
+the state dir: the kubeconfig, the processes' logs (``logs/``), their pid files (``pids/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kmock
+import kubernetes.client
+
+from kvflock.apiserver import ApiServer
+from kvflock.kubelet import ProcessKubelet
+from kvflock.loadbalancer import LocalLoadBalancer
+
+__all__ = ["DEFAULT_API_PORT", "DEFAULT_ROUTER_PORT", "LocalCluster", "StateDir", "default_state_dir"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_PORT = 16443
+DEFAULT_ROUTER_PORT = 30080
+CONTEXT = "kvflock-local"
+
+
+def default_state_dir() -> Path:
+    """``$KVFLOCK_HOME``, else ``~/.kvflock``."""
+    return Path(os.environ.get("KVFLOCK_HOME") or Path.home() / ".kvflock")
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """Where a local cluster keeps its files."""
+
+    root: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def info(self) -> Path:
+        """cluster.json: the running cluster's pid and addresses; absent when none runs."""
+        return self.root / "cluster.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def pids(self) -> Path:
+        return self.root / "pids"
+
+    def read_info(self) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.info.read_text()))
+        except (OSError, ValueError):
+            return None
+
+
+def write_kubeconfig(path: Path, server: str, namespace: str = "default") -> None:
+    """A kubeconfig with one context for the local API server (no credentials: loopback only)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": CONTEXT, "cluster": {"server": server}}],
+        "users": [{"name": CONTEXT, "user": {}}],
+        "contexts": [{"name": CONTEXT, "context": {"cluster": CONTEXT, "user": CONTEXT, "namespace": namespace}}],
+        "current-context": CONTEXT,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML, and kubectl reads it
+
+
+class _ApiServerThread:
+    """The API server on its own event loop, in a thread."""
+
+    def __init__(self, port: int) -> None:
+        from kvflock.operator.crd import render_crd
+
+        self.port = port
+        self.api = ApiServer()
+        self.api.install_crd(render_crd())
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="apiserver", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self._loop.run_until_complete(self._serve())
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with self.api, kmock.Server(self.api, port=self.port) as server:
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(timeout=30)
+        if self._error is not None or not self.url:
+            raise RuntimeError(f"the API server could not listen on 127.0.0.1:{self.port}: {self._error}")
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=15)
+
+
+class _OperatorThread:
+    """The operator (kopf) on its own event loop, in a thread, stopped through its stop flag."""
+
+    def __init__(self, configuration: kubernetes.client.Configuration, probe_interval: float) -> None:
+        self.configuration = configuration
+        self.probe_interval = probe_interval
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="operator", daemon=True)
+
+    def _main(self) -> None:
+        from kvflock.operator.handlers import OperatorOptions
+        from kvflock.operator.runner import run_operator
+
+        options = OperatorOptions(probe_interval=self.probe_interval)
+        try:
+            asyncio.run(run_operator(self.configuration, options=options, stop_flag=self._stop,
+                                     ready_flag=self._ready))
+        except Exception:
+            log.exception("the operator stopped with an error")
+            self._ready.set()
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout=60):
+            raise RuntimeError("the operator did not start within 60 s")
+        if not self._thread.is_alive():
+            raise RuntimeError("the operator failed to start; see the log above")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+class LocalCluster:
+    """API server, operator, kubelet and load balancer, started and stopped together."""
+
+    def __init__(self, state_dir: Path, api_port: int = DEFAULT_API_PORT, router_port: int = DEFAULT_ROUTER_PORT,
+                 probe_interval: float = 2.0) -> None:
+        self.state = StateDir(state_dir)
+        self.api_port = api_port
+        self.router_port = router_port
+        self.probe_interval = probe_interval
+        self._apiserver: _ApiServerThread | None = None
+        self._operator: _OperatorThread | None = None
+        self.kubelet: ProcessKubelet | None = None
+        self.loadbalancer: LocalLoadBalancer | None = None
+        self._api_client: kubernetes.client.ApiClient | None = None
+
+    @property
+    def api_url(self) -> str:
+        assert self._apiserver is not None
+        return self._apiserver.url
+
+    def start(self) -> None:
+        """Start everything, or nothing: a part that fails to start stops the others."""
+        self.state.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._apiserver = _ApiServerThread(self.api_port)
+            self._apiserver.start()
+            write_kubeconfig(self.state.kubeconfig, self._apiserver.url)
+            configuration = kubernetes.client.Configuration()
+            configuration.host = self._apiserver.url
+            self._api_client = kubernetes.client.ApiClient(configuration)
+            self._operator = _OperatorThread(configuration, self.probe_interval)
+            self._operator.start()
+            # The pods' stand-in for a service-account token: the router pods find their
+            # workers through the API server with this kubeconfig.
+            self.kubelet = ProcessKubelet(self._api_client, self.state.root, pid_dir=self.state.pids,
+                                          extra_env={"KUBECONFIG": str(self.state.kubeconfig)})
+            self.kubelet.start()
+            self.loadbalancer = LocalLoadBalancer(self._api_client, self.router_port)
+            self.loadbalancer.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.state.info.write_text(json.dumps({
+            "pid": os.getpid(), "api": self._apiserver.url, "kubeconfig": str(self.state.kubeconfig),
+            "routerPorts": f"{self.router_port}+",
+        }, indent=2) + "\n")
+
+    def stop(self) -> None:
+        """Operator first (so nothing is recreated), then the load balancer and the pods, the API server last."""
+        if self._operator is not None:
+            self._operator.stop()
+        stoppers = [threading.Thread(target=part.stop) for part in (self.loadbalancer, self.kubelet) if part]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+        if self._api_client is not None:
+            self._api_client.close()
+        if self._apiserver is not None:
+            self._apiserver.stop()
+        self.state.info.unlink(missing_ok=True)
