@@ -110,8 +110,11 @@ def _run_operator(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from kvflock.operator.handlers import OperatorOptions
-    from kvflock.operator.runner import load_configuration, run_operator
+    from kvflock.operator.runner import (
+        OperatorOptions,
+        load_configuration,
+        run_operator,
+    )
 
     if args.quiet or args.verbose:  # main() configured logging from --log-level already
         logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.DEBUG)
@@ -185,7 +188,7 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
 def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from kvflock.worker import auth
+    from kvflock.shared import auth
     from kvflock.worker.async_engine import AsyncEngine
     from kvflock.worker.config import EngineConfig
     from kvflock.worker.engine import LLMEngine
@@ -246,11 +249,11 @@ def _add_router(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--namespace", "-n", default="default", help="the InferenceService's namespace")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
     p.add_argument("--config", default=None,
-                   help="router.json (the InferenceService's router section) instead of the <service>-engine ConfigMap")
+                   help="a router.json file (policy, pools, holdTimeoutSeconds, blockSize) instead of the <service>-engine ConfigMap")
     p.add_argument("--policy", default=None, choices=["prefix-aware", "prefix", "least-loaded", "least-load", "round-robin"],
                    help="how replicas are chosen (default: the settings' policy, else prefix-aware)")
     p.add_argument("--block-size", type=int, default=None,
-                   help="the workers' KV block size (default: the ConfigMap's engine.json, else 16)")
+                   help="the workers' KV block size (default: the settings' blockSize, else 16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or name for exact prefix hashes")
     p.add_argument("--model", default=None, help="take the tokenizer from this model (as `kvflock serve --model`)")
     p.add_argument("--max-attempts", type=int, default=3, help="replicas tried per request before giving up")
@@ -265,10 +268,10 @@ def _add_router(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
 def _run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from kvflock.worker import auth
-    from kvflock.worker.router.app import RouterOptions, StaticDiscovery, create_app
-    from kvflock.worker.router.config import RouterSettings, read_settings_file
-    from kvflock.worker.router.discovery import KubernetesDiscovery, parse_worker_flag
+    from kvflock.router.app import RouterOptions, StaticDiscovery, create_app
+    from kvflock.router.config import RouterSettings, read_settings_file
+    from kvflock.router.discovery import KubernetesDiscovery, parse_worker_flag
+    from kvflock.shared import auth
 
     if bool(args.worker) == bool(args.service):
         raise ValueError("router: give either --worker URL (repeatable) or --service NAME")
@@ -309,7 +312,7 @@ def _add_local_cluster_options(p: argparse.ArgumentParser) -> None:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    from kvflock.localcluster import default_state_dir
+    from kvflock.local.localcluster import default_state_dir
 
     return Path(args.state_dir) if args.state_dir else default_state_dir()
 
@@ -330,7 +333,7 @@ def _add_up(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from kvflock.up import up
+    from kvflock.local.up import up
 
     if args.once and (args.detach or not args.ask):
         raise ValueError("--once: needs --ask and cannot be combined with --detach")
@@ -345,7 +348,7 @@ def _add_down(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
 
 
 def _run_down(args: argparse.Namespace) -> int:
-    from kvflock.up import down
+    from kvflock.local.up import down
 
     return down(_state_dir(args))
 
@@ -357,7 +360,7 @@ def _add_status(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from kvflock.up import status
+    from kvflock.local.up import status
 
     return status(_state_dir(args))
 

@@ -19,20 +19,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvflock.operator.crd import API_VERSION, KIND, InferenceServiceSpec, KVCacheSpec, PoolSpec, SpeculativeSpec
+from kvflock.operator.crd import (
+    API_VERSION,
+    KIND,
+    InferenceServiceSpec,
+    KVCacheSpec,
+    PoolSpec,
+    SpeculativeSpec,
+)
+from kvflock.shared.names import (
+    ANNOTATION_AUTH_HASH,
+    ANNOTATION_ENDPOINT,
+    ANNOTATION_SPEC_HASH,
+    DEFAULT_POOL,
+    LABEL_POOL,
+    LABEL_REPLICA,
+    LABEL_ROLE,
+    LABEL_SERVICE,
+    ROLE_WORKER,
+    WORKER_PORT,
+)
 
-LABEL_SERVICE = "kvflock.dev/service"
-LABEL_ROLE = "kvflock.dev/role"
-LABEL_REPLICA = "kvflock.dev/replica"
-LABEL_POOL = "kvflock.dev/pool"
-ANNOTATION_SPEC_HASH = "kvflock.dev/spec-hash"
-ANNOTATION_DRAINING = "kvflock.dev/draining-since"
-# A worker Pod's or the entry Service's address where it has no IP of its own: the local
-# cluster (kvflock.kubelet, kvflock.loadbalancer) writes it, and it wins over the IP.
-ANNOTATION_ENDPOINT = "kvflock.dev/endpoint"
-
-WORKER_PORT = 8000
-DEFAULT_POOL = "default"
 ENGINE_CONFIG_DIR = "/etc/kvflock"
 MODELS_DIR = "/models"
 # The API keys' Secret is mounted beside, not inside, ENGINE_CONFIG_DIR: a mount point nested in
@@ -43,7 +50,6 @@ API_KEY_FILE = "api-keys"
 INTERNAL_DIR = "/etc/kvflock-internal"
 INTERNAL_TOKEN_KEY = "internal-token"
 ADMIN_TOKEN_KEY = "admin-token"
-ANNOTATION_AUTH_HASH = "kvflock.dev/auth-hash"
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class Owner:
 
 
 def worker_selector(owner: Owner) -> dict[str, str]:
-    return {LABEL_SERVICE: owner.name, LABEL_ROLE: "worker"}
+    return {LABEL_SERVICE: owner.name, LABEL_ROLE: ROLE_WORKER}
 
 
 def selector_string(owner: Owner) -> str:
@@ -315,10 +321,23 @@ def engine_settings(owner: Owner, spec: InferenceServiceSpec) -> dict[str, str]:
         "model": {**spec.model.model_dump(exclude_none=True), "servedName": served_model_name(owner, spec)},
         **spec.engine.model_dump(exclude_none=True),
     }
-    router = spec.router.model_dump(exclude_none=True)
     return {
         "engine.json": json.dumps(engine, sort_keys=True, indent=2),
-        "router.json": json.dumps(router, sort_keys=True, indent=2),
+        "router.json": json.dumps(_router_config(spec), sort_keys=True, indent=2),
+    }
+
+
+def _router_config(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """The router's own settings (kvflock.router.config.RouterConfig): how to route, and the
+    block size the workers hash their prefixes with."""
+    router = spec.router
+    return {
+        "policy": router.policy,
+        "pools": [{"name": p.name, "minPromptTokens": p.minPromptTokens,
+                   **({"maxPromptTokens": p.maxPromptTokens} if p.maxPromptTokens is not None else {})}
+                  for p in router.pools],
+        "holdTimeoutSeconds": router.holdTimeoutSeconds,
+        "blockSize": spec.engine.kvCache.blockSize,
     }
 
 

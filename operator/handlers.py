@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
+
 from kvflock.operator import children, credentials, metrics, scaling, workers
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import (
@@ -42,7 +44,7 @@ from kvflock.operator.reconcile import (
     plan_deletion,
     reconcile,
 )
-from pydantic import ValidationError
+from kvflock.shared import names
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ class Runtime:
             url = workers.worker_url(pod) if pod is not None else None
             token = self._admin_token(owner) if url else None
             problem = workers.request_drain(url, self.options.probe_timeout, token) if url else "it has no address"
-            cluster.annotate("Pod", owner.namespace, action.name, {children.ANNOTATION_DRAINING: format_time(_now())})
+            cluster.annotate("Pod", owner.namespace, action.name, {names.ANNOTATION_DRAINING: format_time(_now())})
             if problem:
                 kopf.info(body, reason=action.reason, message=f"{action.message} (drain call failed: {problem})")
                 return
@@ -215,7 +217,7 @@ class Runtime:
         for pod in pods:
             url = workers.worker_url(pod)
             if url:
-                draining = children.ANNOTATION_DRAINING in (pod["metadata"].get("annotations") or {})
+                draining = names.ANNOTATION_DRAINING in (pod["metadata"].get("annotations") or {})
                 targets[pod["metadata"]["name"]] = (url, draining)
         if not targets:
             return {}
@@ -295,14 +297,14 @@ def register(registry: kopf.OperatorRegistry, options: OperatorOptions) -> None:
         for service in sorted(services):
             memo.runtime.converge(namespace, service)
 
-    @kopf.on.event("", "v1", "pods", id="worker_changed", labels={children.LABEL_ROLE: "worker"}, registry=registry)
+    @kopf.on.event("", "v1", "pods", id="worker_changed", labels={names.LABEL_ROLE: names.ROLE_WORKER}, registry=registry)
     def worker_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
         """A worker pod changed or went away: converge its service at once."""
         owner = _owner_name(body)
         if owner is not None:
             memo.runtime.converge(namespace, owner)
 
-    @kopf.on.event("", "v1", "pods", id="router_changed", labels={children.LABEL_ROLE: "router"}, registry=registry)
+    @kopf.on.event("", "v1", "pods", id="router_changed", labels={names.LABEL_ROLE: names.ROLE_ROUTER}, registry=registry)
     def router_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
         """The router pod changed or went away: converge its service at once."""
         owner = _owner_name(body)

@@ -12,9 +12,11 @@ from typing import Any, cast
 
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
+
 from kvflock.operator import children, router_children
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import GROUP, PLURAL, VERSION
+from kvflock.shared import names
 
 # (apiGroup, resource, verbs): what the operator's code calls, and what kopf needs.
 RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
@@ -97,7 +99,7 @@ class Cluster:
     def list_children(self, owner: Owner) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
         """The owner's worker pods, and its other children by (kind, name)."""
         namespace = owner.namespace
-        labels = f"{children.LABEL_SERVICE}={owner.name}"
+        labels = f"{names.LABEL_SERVICE}={owner.name}"
         router_labels = ",".join(f"{k}={v}" for k, v in router_children.router_selector(owner).items())
         pods = self._core.list_namespaced_pod(namespace, label_selector=children.selector_string(owner)).items
         others = [

@@ -34,7 +34,13 @@ from typing import Any
 
 from kvflock.operator import children, router_children
 from kvflock.operator.children import Owner
-from kvflock.operator.crd import Condition, InferenceServiceSpec, InferenceServiceStatus, WorkerStatus
+from kvflock.operator.crd import (
+    Condition,
+    InferenceServiceSpec,
+    InferenceServiceStatus,
+    WorkerStatus,
+)
+from kvflock.shared import names
 
 # Container waiting reasons that mean a worker will not come up without help.
 _STUCK_REASONS = frozenset(
@@ -65,7 +71,7 @@ class WorkerPod:
     draining_since: datetime.datetime | None = None
     stuck_reason: str | None = None
     stuck_message: str = ""
-    pool: str = children.DEFAULT_POOL
+    pool: str = names.DEFAULT_POOL
 
     @classmethod
     def from_manifest(cls, pod: Mapping[str, Any]) -> WorkerPod:
@@ -73,7 +79,7 @@ class WorkerPod:
         status = pod.get("status") or {}
         annotations = meta.get("annotations") or {}
         labels = meta.get("labels") or {}
-        index_text = labels.get(children.LABEL_REPLICA) or meta["name"].rsplit("-", 1)[-1]
+        index_text = labels.get(names.LABEL_REPLICA) or meta["name"].rsplit("-", 1)[-1]
         ready = any(
             c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
         )
@@ -88,14 +94,14 @@ class WorkerPod:
         return cls(
             name=meta["name"],
             index=int(index_text) if index_text.isdigit() else -1,
-            spec_hash=annotations.get(children.ANNOTATION_SPEC_HASH),
+            spec_hash=annotations.get(names.ANNOTATION_SPEC_HASH),
             phase=status.get("phase") or "Pending",
             ready=ready,
             terminating=bool(meta.get("deletionTimestamp")),
-            draining_since=_parse_time(annotations.get(children.ANNOTATION_DRAINING)),
+            draining_since=_parse_time(annotations.get(names.ANNOTATION_DRAINING)),
             stuck_reason=stuck["reason"] if stuck else None,
             stuck_message=(stuck or {}).get("message", ""),
-            pool=labels.get(children.LABEL_POOL) or children.DEFAULT_POOL,
+            pool=labels.get(names.LABEL_POOL) or names.DEFAULT_POOL,
         )
 
     @property
@@ -257,8 +263,8 @@ def _sync_router(owner: Owner, spec: InferenceServiceSpec, observed: Observed) -
     if phase in ("Failed", "Succeeded"):
         message = f"Router {name} {phase.lower()}; replacing it"
         return [Action("delete", "Pod", name, "Replaced", message)], False, f"router {name} {phase.lower()} and was replaced"
-    wanted_hash = desired["metadata"]["annotations"][children.ANNOTATION_SPEC_HASH]
-    if (meta.get("annotations") or {}).get(children.ANNOTATION_SPEC_HASH) != wanted_hash:
+    wanted_hash = desired["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH]
+    if (meta.get("annotations") or {}).get(names.ANNOTATION_SPEC_HASH) != wanted_hash:
         return [Action("delete", "Pod", name, "RouterUpdated", f"Replacing router {name}: its spec changed")], False, None
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     return [], ready, None
@@ -276,7 +282,7 @@ class _Group:
 def _groups(owner: Owner, spec: InferenceServiceSpec, auth_hash: str | None) -> list[_Group]:
     """One group per pool of `router.pools`, or the one default pool when none is defined."""
     if not spec.router.pools:
-        return [_Group(children.DEFAULT_POOL, spec, children.spec_hash(owner, spec, auth_hash))]
+        return [_Group(names.DEFAULT_POOL, spec, children.spec_hash(owner, spec, auth_hash))]
     groups = []
     for pool in spec.router.pools:
         pool_spec = children.pool_spec(spec, pool)
@@ -356,7 +362,7 @@ class _WorkerPlan:
 
     def _scale_group(self, group: _Group, active: list[WorkerPod]) -> tuple[str, str] | None:
         """Create or remove one pool's workers toward its replicas, rolling older specs one at a time."""
-        where = "" if group.pool == children.DEFAULT_POOL else f" in pool {group.pool}"
+        where = "" if group.pool == names.DEFAULT_POOL else f" in pool {group.pool}"
         new = [p for p in active if p.spec_hash == group.hash]
         old = [p for p in active if p.spec_hash != group.hash]
         draining = any(p.draining_since is not None and not p.terminating for p in self.pods if p.pool == group.pool)

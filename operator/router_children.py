@@ -15,14 +15,19 @@ import json
 from typing import Any
 
 from kvflock.operator import children
-from kvflock.operator.children import ANNOTATION_SPEC_HASH, LABEL_ROLE, LABEL_SERVICE, Owner
+from kvflock.operator.children import Owner
 from kvflock.operator.crd import InferenceServiceSpec
+from kvflock.shared.names import (
+    ANNOTATION_SPEC_HASH,
+    LABEL_ROLE,
+    LABEL_SERVICE,
+    ROLE_ROUTER,
+    ROUTER_PORT,
+)
 
-ROUTER_PORT = 8000
-ROLE_ROUTER = "router"
 RBAC_GROUP = "rbac.authorization.k8s.io"
 
-# (apiGroup, resource, verbs) the router's own calls need: kvflock.worker.router.discovery lists
+# (apiGroup, resource, verbs) the router's own calls need: kvflock.router.discovery lists
 # and watches the worker pods and reads the engine ConfigMap. The operator must hold these
 # verbs itself to grant them (Kubernetes refuses to let a Role escalate its creator's rights).
 ROUTER_RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [

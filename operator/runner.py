@@ -16,8 +16,12 @@ from typing import Any
 import kopf
 import kubernetes.client
 import kubernetes.config
+
 from kvflock.operator.handlers import OperatorOptions, Runtime, register
 from kvflock.operator.kube import Cluster
+
+# The operator's entry points: the CLI and the local cluster start it through these.
+__all__ = ["OperatorOptions", "load_configuration", "run_operator"]
 
 FINALIZER = "kvflock.dev/finalizer"
 

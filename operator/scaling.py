@@ -19,17 +19,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
-from kvflock.operator import autoscale, children, router_children, workers
+
+from kvflock.operator import autoscale, router_children, workers
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import AutoscalerStatus, InferenceServiceSpec
 from kvflock.operator.kube import Cluster
 from kvflock.operator.reconcile import Probe, format_time
+from kvflock.shared import names
 
 
 def elastic_pools(spec: InferenceServiceSpec) -> set[str]:
     """The pools whose workers follow spec.replicas."""
     if not spec.router.pools:
-        return {children.DEFAULT_POOL}
+        return {names.DEFAULT_POOL}
     return {p.name for p in spec.router.pools if p.replicas is None}
 
 
@@ -40,8 +42,8 @@ def samples(pods: list[dict[str, Any]], pools: set[str], probes: Mapping[str, Pr
     for pod in pods:
         meta = pod["metadata"]
         labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
-        if (labels.get(children.LABEL_POOL, children.DEFAULT_POOL) not in pools or meta.get("deletionTimestamp")
-                or children.ANNOTATION_DRAINING in annotations):
+        if (labels.get(names.LABEL_POOL, names.DEFAULT_POOL) not in pools or meta.get("deletionTimestamp")
+                or names.ANNOTATION_DRAINING in annotations):
             continue
         probe = probes.get(meta["name"])
         if probe is None or probe.error is not None:

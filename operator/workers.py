@@ -10,29 +10,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from kvflock.operator.children import ANNOTATION_ENDPOINT, WORKER_PORT
 from kvflock.operator.reconcile import Probe
-from kvflock.worker.auth import bearer_header
-
-# The worker's Prometheus metrics that the operator reads (kvflock.worker.metrics exports them).
-METRIC_RUNNING = "kvflock_requests_running"
-METRIC_WAITING = "kvflock_requests_waiting"
-METRIC_KV_USED = "kvflock_kv_blocks_used"
-METRIC_KV_TOTAL = "kvflock_kv_blocks_total"
-
-# kvflock.worker.metrics' TTFT histogram, and the router's held requests (kvflock.worker.router.metrics).
-METRIC_TTFT = "kvflock_time_to_first_token_seconds"
-METRIC_HELD = "kvflock_router_held_requests"
-
-_BUCKET = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)_bucket\{[^}]*le="(?P<le>[^"]+)"[^}]*\}\s+(?P<value>\S+)',
-                     re.MULTILINE)
-_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(?P<value>\S+)")
+from kvflock.shared import metrics
+from kvflock.shared.auth import bearer_header
+from kvflock.shared.names import ANNOTATION_ENDPOINT, WORKER_PORT
 
 
 def worker_url(pod: Mapping[str, Any]) -> str | None:
@@ -42,21 +28,6 @@ def worker_url(pod: Mapping[str, Any]) -> str | None:
         return endpoint.rstrip("/")
     ip = (pod.get("status") or {}).get("podIP")
     return f"http://{ip}:{WORKER_PORT}" if ip else None
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {metric name: sum over its label sets}."""
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or line.startswith("#"):
-            continue
-        try:
-            value = float(match["value"])
-        except ValueError:
-            continue
-        totals[match["name"]] = totals.get(match["name"], 0.0) + value
-    return totals
 
 
 def _headers(admin_token: bytes | None) -> dict[str, str]:
@@ -85,11 +56,11 @@ def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes |
         drain_code, drain_text = _get(f"{url}/admin/drain", timeout, admin_token) if draining else (0, "")
     except (OSError, ValueError) as exc:
         return Probe(at=now, error=f"{url} unreachable: {exc}")
-    metrics = parse_metrics(text) if metrics_code == 200 else {}
-    total = metrics.get(METRIC_KV_TOTAL)
-    used = metrics.get(METRIC_KV_USED)
-    running = metrics.get(METRIC_RUNNING)
-    waiting = metrics.get(METRIC_WAITING)
+    values = metrics.parse_samples(text) if metrics_code == 200 else {}
+    total = values.get(metrics.KV_BLOCKS_TOTAL)
+    used = values.get(metrics.KV_BLOCKS_USED)
+    running = values.get(metrics.REQUESTS_RUNNING)
+    waiting = values.get(metrics.REQUESTS_WAITING)
     return Probe(
         at=now,
         ready=ready_code == 200,
@@ -98,20 +69,8 @@ def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes |
         kv_usage=round(used / total, 4) if used is not None and total else None,
         drained=_drained(drain_text) if drain_code == 200 else None,
         error=None if metrics_code == 200 else f"/metrics answered {metrics_code}",
-        ttft_buckets=parse_buckets(text, METRIC_TTFT) if metrics_code == 200 else (),
+        ttft_buckets=metrics.parse_histogram_buckets(text, metrics.TIME_TO_FIRST_TOKEN) if metrics_code == 200 else (),
     )
-
-
-def parse_buckets(text: str, histogram: str) -> tuple[tuple[float, float], ...]:
-    """A Prometheus histogram's cumulative buckets as (upper bound, count), by bound."""
-    buckets = []
-    for match in _BUCKET.finditer(text):
-        if match["name"] == histogram:
-            try:
-                buckets.append((float(match["le"]), float(match["value"])))
-            except ValueError:
-                continue
-    return tuple(sorted(buckets))
 
 
 def read_held(url: str, timeout: float) -> int | None:
@@ -120,7 +79,7 @@ def read_held(url: str, timeout: float) -> int | None:
         code, text = _get(f"{url}/metrics", timeout)
     except (OSError, ValueError):
         return None
-    held = parse_metrics(text).get(METRIC_HELD) if code == 200 else None
+    held = metrics.parse_samples(text).get(metrics.ROUTER_HELD_REQUESTS) if code == 200 else None
     return int(held) if held is not None else None
 
 

@@ -5,6 +5,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kvflock.shared.chat import render_chat
 from kvflock.worker.config import EngineConfig, SamplingParams
 from kvflock.worker.engine import LLMEngine, RequestOutput
 
@@ -72,12 +73,7 @@ class LLM:
         return self.generate(prompts, params, show_progress)
 
     def apply_chat_template(self, conversation: list[Message]) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("messages: this model has no chat template; use generate() with a prompt")
-        if not conversation:
-            raise ValueError("messages: must not be empty")
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(render_chat(self.tokenizer, conversation), add_special_tokens=False)
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

@@ -27,8 +27,8 @@ one schedule, by which time its value has arrived, before it is prefilled again.
 from collections import deque
 from dataclasses import dataclass
 
+from kvflock.shared.hashing import hash_blocks
 from kvflock.worker.kv.block_pool import BlockPool
-from kvflock.worker.kv.hashing import hash_blocks
 from kvflock.worker.kv.tiers import OffloadTiers
 from kvflock.worker.sequence import Sequence, SequenceStatus
 

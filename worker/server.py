@@ -2,7 +2,7 @@
 
 /v1/completions and /v1/chat/completions (streaming over SSE or not), /v1/models, the
 kubelet's /health and /ready, Prometheus /metrics (or on its own port), and /admin/drain for the
-operator; `access` (worker/auth.py) decides which of them need a key.
+operator; `access` (kvflock/shared/auth.py) decides which of them need a key.
 Every refusal is an OpenAI-style error body: 400 for bad input (naming the field), 404 for
 an unknown model, 413 for an oversized body, 429 with Retry-After when the queue is full,
 503 with Retry-After while loading or draining.
@@ -26,8 +26,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kvflock.shared.auth import AccessControl, AccessPolicy
+from kvflock.shared.chat import render_chat
 from kvflock.worker.async_engine import AsyncEngine, EngineDead, EngineOverloaded
-from kvflock.worker.auth import AccessControl, AccessPolicy
 from kvflock.worker.engine import CompletionOutput, RequestOutput
 from kvflock.worker.metrics import WorkerMetrics
 from kvflock.worker.protocol import ChatCompletionRequest, CompletionRequest
@@ -254,14 +255,10 @@ def _params(build: Callable[[], Any]) -> Any:
 
 
 def _chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> str:
-    tokenizer = engine.engine.tokenizer
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, "messages: this model has no chat template; use /v1/completions", param="messages")
-    conversation = [m.as_template_input() for m in body.messages]
     try:
-        return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # a template may raise on role orders it does not accept
-        raise ApiError(400, f"messages: the chat template refused them ({exc})", param="messages") from exc
+        return render_chat(engine.engine.tokenizer, [m.as_template_input() for m in body.messages])
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="messages") from exc
 
 
 # -- running requests -------------------------------------------------------------------

@@ -9,12 +9,13 @@ import httpx
 import openai
 import pytest
 
+from kvflock.router.app import RouterOptions, StaticDiscovery
+from kvflock.router.app import create_app as create_router_app
+from kvflock.router.discovery import parse_worker_flag
+from kvflock.shared.auth import AccessPolicy
 from kvflock.worker.async_engine import AsyncEngine
-from kvflock.worker.auth import AccessPolicy
 from kvflock.worker.config import EngineConfig
 from kvflock.worker.engine import LLMEngine
-from kvflock.worker.router.app import RouterOptions, StaticDiscovery, create_app as create_router_app
-from kvflock.worker.router.discovery import parse_worker_flag
 from kvflock.worker.server import WorkerState, create_app
 from tests.polling import wait_for
 from tests.server.conftest import free_port, running_server

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvflock.worker.auth import API_KEY_FILE_ENV, AccessPolicy, keys_from, read_keys
+from kvflock.shared.auth import API_KEY_FILE_ENV, AccessPolicy, keys_from, read_keys
 
 
 def test_a_key_file_holds_one_key_per_line_with_comments(tmp_path):

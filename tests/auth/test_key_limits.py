@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from kvflock.worker.auth import AccessPolicy, KeyLimiter, requested_tokens
+from kvflock.shared.auth import AccessPolicy, KeyLimiter, requested_tokens
 from tests.auth.conftest import SECOND_USER_KEY, USER_KEY, keys
 
 PROMPT = [5, 17, 42, 99, 3, 250, 8]

@@ -6,9 +6,15 @@ import httpx
 import openai
 import pytest
 
-from kvflock.worker.auth import AccessPolicy
-from kvflock.worker.router.app import RouterOptions
-from tests.auth.conftest import INTERNAL_TOKEN, OTHER_SERVICE_KEY, USER_KEY, client, keys
+from kvflock.router.app import RouterOptions
+from kvflock.shared.auth import AccessPolicy
+from tests.auth.conftest import (
+    INTERNAL_TOKEN,
+    OTHER_SERVICE_KEY,
+    USER_KEY,
+    client,
+    keys,
+)
 from tests.auth.test_worker_keys import assert_authentication_error
 
 PROMPT = [5, 17, 42, 99, 3, 250, 8]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kvflock.process import free_port
+from kvflock.local.process import free_port
 from tests.polling import wait_for  # noqa: F401  (re-exported to the tests here)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ import kubernetes.client
 import openai
 import pytest
 
-from kvflock.localcluster import StateDir
-from kvflock.up import apply, ask, key_hint, wait_ready
+from kvflock.local.localcluster import StateDir
+from kvflock.local.up import apply, ask, key_hint, wait_ready
 
 from .conftest import REPO, Cluster
 

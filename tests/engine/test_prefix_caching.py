@@ -3,8 +3,8 @@ and its output is exactly what it would be without the cache."""
 
 import torch
 
+from kvflock.shared.hashing import hash_blocks
 from kvflock.worker.config import SamplingParams
-from kvflock.worker.kv.hashing import hash_blocks
 from kvflock.worker.llm import LLM
 from tests.tiny_models import VOCAB
 

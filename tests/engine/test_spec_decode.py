@@ -12,11 +12,11 @@ import openai
 import pytest
 import torch
 
+from kvflock.shared.hashing import hash_blocks
 from kvflock.worker.async_engine import AsyncEngine
 from kvflock.worker.attention import TorchAttentionBackend
 from kvflock.worker.config import EngineConfig, SamplingParams
 from kvflock.worker.engine import LLMEngine, RequestOutput
-from kvflock.worker.kv.hashing import hash_blocks
 from kvflock.worker.llm import LLM
 from kvflock.worker.model.loader import LoadedModel, load
 from kvflock.worker.server import WorkerState, create_app

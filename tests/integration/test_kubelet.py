@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from kvflock.kubelet import ProcessKubelet
+from kvflock.local.kubelet import ProcessKubelet
 from tests.operator.conftest import ServerThread, wait_for
 
 # A container that serves GET /ready on the --port it is given and prints its environment's POD_NAME.

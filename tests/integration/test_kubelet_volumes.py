@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kvflock import volumes
+from kvflock.local import volumes
 from tests.integration.test_kubelet import _status, _when, core  # noqa: F401  (the fixture)
 from tests.operator.conftest import wait_for
 

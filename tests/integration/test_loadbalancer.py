@@ -12,8 +12,8 @@ import httpx
 import kubernetes.client
 import pytest
 
-from kvflock.loadbalancer import LocalLoadBalancer
-from kvflock.process import free_port
+from kvflock.local.loadbalancer import LocalLoadBalancer
+from kvflock.local.process import free_port
 from tests.operator.conftest import ServerThread, api_client, apiserver, kube_config  # noqa: F401  (fixtures)
 from tests.polling import wait_for
 

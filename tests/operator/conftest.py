@@ -12,9 +12,9 @@ from typing import Any
 import kmock
 import kubernetes.client
 import pytest
-from kvflock.operator.crd import render_crd
 
-from kvflock.apiserver import ApiServer
+from kvflock.local.apiserver import ApiServer
+from kvflock.operator.crd import render_crd
 from tests.polling import wait_for  # noqa: F401  (re-exported to the tests here)
 
 

@@ -1,4 +1,4 @@
-"""kvflock.apiserver: what it adds to kmock's emulator, seen through the kubernetes client."""
+"""kvflock.local.apiserver: what it adds to kmock's emulator, seen through the kubernetes client."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import kubernetes.watch
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from kvflock.apiserver import LabelSelector, merge_diff
+from kvflock.local.apiserver import LabelSelector, merge_diff
 
 GROUP, VERSION, PLURAL = "kvflock.dev", "v1alpha1", "inferenceservices"
 MERGE = "application/merge-patch+json"

@@ -10,10 +10,12 @@ import json
 from typing import Any
 
 import pytest
+
 from kvflock.operator import children, credentials, router_children
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import InferenceServiceSpec
 from kvflock.operator.reconcile import Observed, Plan, WorkerPod, reconcile
+from kvflock.shared import names
 
 OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
@@ -57,7 +59,7 @@ def test_workers_mount_both_secrets_and_get_the_internal_and_admin_token_paths()
         assert "--api-key-file" not in command  # behind the router a worker refuses user keys
         assert flag(command, "--internal-token-file") == "/etc/kvflock-internal/internal-token"
         assert flag(command, "--admin-token-file") == "/etc/kvflock-internal/admin-token"
-        assert pod["metadata"]["annotations"][children.ANNOTATION_AUTH_HASH] == "h1"
+        assert pod["metadata"]["annotations"][names.ANNOTATION_AUTH_HASH] == "h1"
     rendered = json.dumps([a.manifest for a in plan.actions])
     assert API_KEY.decode() not in rendered and "secretKeyRef" not in rendered
 
@@ -78,7 +80,7 @@ def test_without_auth_no_secret_is_mounted_and_no_key_flag_given() -> None:
     assert not any("secret" in v for v in pod["spec"]["volumes"])
     command = set(pod["spec"]["containers"][0]["command"])
     assert not {"--api-key-file", "--internal-token-file", "--admin-token-file"} & command
-    assert children.ANNOTATION_AUTH_HASH not in pod["metadata"]["annotations"]
+    assert names.ANNOTATION_AUTH_HASH not in pod["metadata"]["annotations"]
     assert children.auth_args(OWNER, s, "router") == []
 
 
@@ -100,7 +102,7 @@ def test_new_key_in_the_same_secret_rolls_the_workers() -> None:
     assert [a for a in run(s, [running], "h1").actions if "-w-" in a.name] == []
     (surge,) = worker_manifests(run(s, [running], "h2"))
     assert surge["metadata"]["name"] == "chat-w-1"
-    assert surge["metadata"]["annotations"][children.ANNOTATION_AUTH_HASH] == "h2"
+    assert surge["metadata"]["annotations"][names.ANNOTATION_AUTH_HASH] == "h2"
 
 
 def test_auth_hash_follows_the_keys_and_the_internal_tokens_and_reveals_neither() -> None:

@@ -18,6 +18,7 @@ from kvflock.operator.reconcile import (
     plan_deletion,
     reconcile,
 )
+from kvflock.shared import names
 
 OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
@@ -83,7 +84,7 @@ def test_create_makes_workers_services_configmap_and_budget() -> None:
     for action in plan.actions:
         assert action.manifest is not None
         assert action.manifest["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-        assert action.manifest["metadata"]["labels"][children.LABEL_SERVICE] == "chat"
+        assert action.manifest["metadata"]["labels"][names.LABEL_SERVICE] == "chat"
     assert condition(plan, "Progressing") == ("True", "ScalingUp")
     assert condition(plan, "Ready") == ("False", "ReplicasNotReady")
 
@@ -98,7 +99,7 @@ def test_worker_pod_runs_kvflock_serve_with_the_engine_settings() -> None:
         "kvflock.dev/service": "chat", "kvflock.dev/role": "worker",
         "kvflock.dev/replica": "0", "kvflock.dev/pool": "default",
     }
-    assert meta["annotations"][children.ANNOTATION_SPEC_HASH] == current_hash(s)
+    assert meta["annotations"][names.ANNOTATION_SPEC_HASH] == current_hash(s)
     command = container["command"]
     assert command[:2] == ["kvflock", "serve"]
     assert command[command.index("--model") + 1] == "/models/llama"
@@ -305,8 +306,8 @@ def test_worker_pod_reads_readiness_drain_and_stuck_state_from_its_manifest() ->
     manifest = {
         "metadata": {
             "name": "chat-w-4",
-            "labels": {children.LABEL_REPLICA: "4"},
-            "annotations": {children.ANNOTATION_SPEC_HASH: "abc", children.ANNOTATION_DRAINING: "2026-11-25T11:59:00Z"},
+            "labels": {names.LABEL_REPLICA: "4"},
+            "annotations": {names.ANNOTATION_SPEC_HASH: "abc", names.ANNOTATION_DRAINING: "2026-11-25T11:59:00Z"},
         },
         "status": {
             "phase": "Running",

@@ -7,6 +7,7 @@ from typing import Any
 from kvflock.operator import children, router_children
 from kvflock.operator.crd import InferenceServiceSpec
 from kvflock.operator.reconcile import Plan, WorkerPod
+from kvflock.shared import names
 
 from .test_reconcile import OWNER, condition, pod, run, settled_objects, spec, verbs
 
@@ -93,7 +94,7 @@ def test_each_pool_gets_its_own_workers_with_its_settings() -> None:
     pods = created(run(s, []))
     assert sorted(pods) == ["chat-long-w-0", "chat-short-w-0", "chat-short-w-1"]
     short = pods["chat-short-w-0"]
-    assert short["metadata"]["labels"][children.LABEL_POOL] == "short"
+    assert short["metadata"]["labels"][names.LABEL_POOL] == "short"
     assert short["spec"]["hostname"] == "short-w-0"
     command = short["spec"]["containers"][0]["command"]
     assert command[command.index("--max-num-seqs") + 1] == "64" and command[command.index("--max-model-len") + 1] == "512"

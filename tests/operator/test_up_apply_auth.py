@@ -9,7 +9,7 @@ from pathlib import Path
 import kubernetes.client
 import pytest
 
-from kvflock.up import api_key, apply, key_hint
+from kvflock.local.up import api_key, apply, key_hint
 
 REPO = Path(__file__).resolve().parents[2]
 

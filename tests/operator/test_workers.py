@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kvflock.operator.workers import parse_metrics, probe, request_drain, worker_url
+from kvflock.operator.workers import probe, request_drain, worker_url
+from kvflock.shared.metrics import parse_samples
 
 from .conftest import FakeWorkers
 
@@ -15,7 +16,7 @@ def test_worker_url_prefers_the_endpoint_annotation_over_the_pod_ip() -> None:
     assert worker_url({"metadata": {}, "status": {}}) is None
 
 
-def test_parse_metrics_sums_label_sets_and_skips_comments() -> None:
+def test_parse_samples_sums_label_sets_and_skips_comments() -> None:
     text = (
         "# HELP kvflock_requests_running Requests running\n"
         "# TYPE kvflock_requests_running gauge\n"
@@ -24,7 +25,7 @@ def test_parse_metrics_sums_label_sets_and_skips_comments() -> None:
         "kvflock_kv_blocks_total 1e3\n"
         "garbage line\n"
     )
-    assert parse_metrics(text) == {"kvflock_requests_running": 5.0, "kvflock_kv_blocks_total": 1000.0}
+    assert parse_samples(text) == {"kvflock_requests_running": 5.0, "kvflock_kv_blocks_total": 1000.0}
 
 
 def test_probe_reads_readiness_load_and_kv_usage(fake_workers: FakeWorkers) -> None:

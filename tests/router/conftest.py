@@ -11,15 +11,16 @@ import httpx
 import openai
 import pytest
 
+from kvflock.router.app import RouterOptions, StaticDiscovery, create_app
+from kvflock.router.config import RouterSettings
+from kvflock.router.discovery import parse_worker_flag
 from kvflock.worker.async_engine import AsyncEngine
 from kvflock.worker.config import EngineConfig
 from kvflock.worker.engine import LLMEngine
-from kvflock.worker.router.app import RouterOptions, StaticDiscovery, create_app
-from kvflock.worker.router.config import RouterSettings
-from kvflock.worker.router.discovery import parse_worker_flag
-from kvflock.worker.server import WorkerState, create_app as create_worker_app
-from tests.server.conftest import free_port, running_server
+from kvflock.worker.server import WorkerState
+from kvflock.worker.server import create_app as create_worker_app
 from tests.polling import wait_for
+from tests.server.conftest import free_port, running_server
 
 MODEL = "tiny"
 

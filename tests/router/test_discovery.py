@@ -12,9 +12,13 @@ import httpx
 import kubernetes.client
 import pytest
 
-from kvflock.worker.router.app import create_app
-from kvflock.worker.router.discovery import KubernetesDiscovery, endpoint_from_pod, parse_worker_flag
-from kvflock.worker.router.policy import Pool
+from kvflock.router.app import create_app
+from kvflock.router.discovery import (
+    KubernetesDiscovery,
+    endpoint_from_pod,
+    parse_worker_flag,
+)
+from kvflock.router.policy import Pool
 from tests.operator.conftest import ServerThread
 from tests.router.conftest import MODEL, metric, token_prompt, wait_for
 from tests.server.conftest import free_port, running_server
@@ -73,10 +77,10 @@ def core() -> Iterator[kubernetes.client.CoreV1Api]:
 def test_the_router_follows_the_services_pods_and_configmap(core, start_worker):
     short, long = start_worker().url, start_worker().url
     router_json = {"policy": "prefix-aware", "holdTimeoutSeconds": 0,  # refuse at once: no replica to wait for
-                   "pools": [{"name": "short", "maxPromptTokens": 64}, {"name": "long", "minPromptTokens": 64}]}
+                   "pools": [{"name": "short", "maxPromptTokens": 64}, {"name": "long", "minPromptTokens": 64}],
+                   "blockSize": 16}
     core.create_namespaced_config_map(NAMESPACE, {"metadata": {"name": "svc-engine"},
-                                                  "data": {"router.json": json.dumps(router_json),
-                                                           "engine.json": json.dumps({"kvCache": {"blockSize": 16}})}})
+                                                  "data": {"router.json": json.dumps(router_json)}})
     create_pod(core, pod("svc-w-0", short, pool="short"))
     create_pod(core, pod("svc-w-1", long, pool="long", ready=False))
     other = pod("other-w-0", long)

@@ -11,9 +11,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from kvflock.worker.router.app import create_app
-from kvflock.worker.router.config import RouterSettings
-from kvflock.worker.router.fleet import Endpoint, Fleet
+from kvflock.router.app import create_app
+from kvflock.router.config import RouterSettings
+from kvflock.router.fleet import Endpoint, Fleet
 from tests.server.conftest import free_port, running_server
 
 from .conftest import MODEL, metric, token_prompt, wait_for

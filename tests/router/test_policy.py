@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from kvflock.worker.router.policy import (
+from kvflock.router.policy import (
     REASON_CONSISTENT_HASH,
     REASON_LEAST_LOADED,
     REASON_PREFIX_HIT,
@@ -18,8 +18,8 @@ from kvflock.worker.router.policy import (
     Route,
     Router,
 )
-from kvflock.worker.router.prefix_index import PrefixIndex
-from kvflock.worker.router.prompt import PromptReader, chained_block_hashes
+from kvflock.router.prefix_index import PrefixIndex
+from kvflock.router.prompt import PromptReader, chained_block_hashes
 
 
 def replicas(*ids: str, **overrides) -> list[ReplicaView]:

@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from kvflock.worker.router.config import RouterSettings
-from kvflock.worker.router.policy import Pool
+from kvflock.router.config import RouterSettings
+from kvflock.router.policy import Pool
 from tests.router.conftest import MODEL, client, metric, token_prompt, wait_for
 
 

@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from kvflock.kubelet import rewrite_listen_args
-from kvflock.process import ManagedProcess, kill_leftovers
-from kvflock.tables import age, table, wants_table
+from kvflock.local.kubelet import rewrite_listen_args
+from kvflock.local.process import ManagedProcess, kill_leftovers
+from kvflock.local.tables import age, table, wants_table
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
 

@@ -4,7 +4,7 @@ full blocks hold a known prefix (automatic prefix caching).
 Pure bookkeeping, no tensors: the runner owns the memory, the pool only hands out ids.
 Block 0 is never handed out, so that padded block tables can point at it safely.
 
-A full block is identified by its prefix hash (worker/kv/hashing.py). When its last user
+A full block is identified by its prefix hash (worker/kvflock/shared/hashing.py). When its last user
 frees it, a cached block keeps its hash and goes to the back of the free queue: it can be
 found and reused by a later request until it reaches the front and is handed out for
 something else (least recently freed first, i.e. LRU eviction).

@@ -33,8 +33,8 @@ import kubernetes.client
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from kvflock.localcluster import LocalCluster, StateDir, default_state_dir
-from kvflock.process import kill_leftovers
+from kvflock.local.localcluster import LocalCluster, StateDir, default_state_dir
+from kvflock.local.process import kill_leftovers
 
 __all__ = ["ask", "down", "status", "up", "wait_ready"]
 

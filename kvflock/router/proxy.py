@@ -28,10 +28,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from kvflock.worker.auth import bearer_header
-from kvflock.worker.router.fleet import Fleet, Replica
-from kvflock.worker.router.metrics import RouterMetrics
-from kvflock.worker.router.policy import Refusal, RequestFeatures, Router, pool_members
+from kvflock.router.fleet import Fleet, Replica
+from kvflock.router.metrics import RouterMetrics
+from kvflock.router.policy import Refusal, RequestFeatures, Router, pool_members
+from kvflock.shared.auth import bearer_header
 
 log = logging.getLogger(__name__)
 

@@ -2,14 +2,14 @@
 
 `LocalCluster` starts, each on its own thread:
 
-- the API server (`kvflock.apiserver.ApiServer`, kmock's emulator with our CRD) on
+- the API server (`kvflock.local.apiserver.ApiServer`, kmock's emulator with our CRD) on
   127.0.0.1, on its own event loop;
 - the operator, the same code as in a cluster (`kvflock.operator.runner.run_operator`),
   on another event loop, talking to the API server over HTTP like any client;
-- the process kubelet (`kvflock.kubelet`), which runs the worker and router Pods as
+- the process kubelet (`kvflock.local.kubelet`), which runs the worker and router Pods as
   processes (with this cluster's kubeconfig in ``KUBECONFIG``, where a cluster would mount a
   service-account token);
-- the service load balancer (`kvflock.loadbalancer`), which gives each InferenceService a
+- the service load balancer (`kvflock.local.loadbalancer`), which gives each InferenceService a
   fixed local URL and forwards it to the router pod, as kube-proxy would.
 
 It writes a kubeconfig for the API server, so the real `kubectl` works against it, and
@@ -31,9 +31,9 @@ from typing import Any
 import kmock
 import kubernetes.client
 
-from kvflock.apiserver import ApiServer
-from kvflock.kubelet import ProcessKubelet
-from kvflock.loadbalancer import LocalLoadBalancer
+from kvflock.local.apiserver import ApiServer
+from kvflock.local.kubelet import ProcessKubelet
+from kvflock.local.loadbalancer import LocalLoadBalancer
 
 __all__ = ["DEFAULT_API_PORT", "DEFAULT_ROUTER_PORT", "LocalCluster", "StateDir", "default_state_dir"]
 
@@ -97,7 +97,7 @@ class _ApiServerThread:
     """The API server on its own event loop, in a thread."""
 
     def __init__(self, port: int) -> None:
-        from kvflock.operator.crd import render_crd
+        from kvflock.operator.render import render_crd
 
         self.port = port
         self.api = ApiServer()
@@ -146,8 +146,7 @@ class _OperatorThread:
         self._thread = threading.Thread(target=self._main, name="operator", daemon=True)
 
     def _main(self) -> None:
-        from kvflock.operator.handlers import OperatorOptions
-        from kvflock.operator.runner import run_operator
+        from kvflock.operator.runner import OperatorOptions, run_operator
 
         options = OperatorOptions(probe_interval=self.probe_interval)
         try:

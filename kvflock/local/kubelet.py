@@ -12,7 +12,7 @@ doubling to 5 min). A deleted Pod's process gets SIGTERM, then SIGKILL after the
 period. Each Pod's output goes to ``<state dir>/logs/<namespace>_<pod>_<container>.log``.
 
 Only what the workers need is emulated: one container per Pod, HTTP probes, env values and
-``fieldRef`` env, and `secret`, `configMap` and `emptyDir` volumes, which `kvflock.volumes`
+``fieldRef`` env, and `secret`, `configMap` and `emptyDir` volumes, which `kvflock.local.volumes`
 writes into the pod's folder and points the command's and env's mount paths at (a process
 cannot mount); other volumes are not mounted (the process sees the host's files).
 """
@@ -36,10 +36,10 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from kvflock import volumes
-from kvflock.follow import follow
-from kvflock.operator.children import ANNOTATION_ENDPOINT
-from kvflock.process import ManagedProcess, free_port, resolve_command
+from kvflock.local import volumes
+from kvflock.local.follow import follow
+from kvflock.local.process import ManagedProcess, free_port, resolve_command
+from kvflock.shared.names import ANNOTATION_ENDPOINT
 
 __all__ = ["ProcessKubelet", "rewrite_listen_args"]
 

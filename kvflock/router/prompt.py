@@ -10,12 +10,13 @@ share leading hashes, and lengths are estimates.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any
 
-from kvflock.worker.router.policy import RequestFeatures
+from kvflock.router.policy import RequestFeatures
+from kvflock.shared.chat import render_chat
+from kvflock.shared.hashing import hash_blocks
 
 CHARS_PER_TOKEN = 4
 # Hashing stops here: prefixes this long already decide the route, and the cost stays bounded.
@@ -23,15 +24,10 @@ MAX_HASHED_BLOCKS = 512
 
 
 def chained_block_hashes(units: Sequence[int] | str, block_size: int) -> tuple[int, ...]:
-    """The hash of every full block of `units` (token ids, or characters), each over its parent's."""
-    hashes: list[int] = []
-    parent = b""
-    for start in range(0, min(len(units) // block_size, MAX_HASHED_BLOCKS) * block_size, block_size):
-        chunk = units[start:start + block_size]
-        payload = chunk.encode() if isinstance(chunk, str) else b"".join(t.to_bytes(4, "little", signed=True) for t in chunk)
-        parent = hashlib.blake2b(parent + payload, digest_size=8).digest()
-        hashes.append(int.from_bytes(parent, "little"))
-    return tuple(hashes)
+    """The hash of every full block of `units` (token ids, or characters as their code points),
+    each over its parent's: the workers' prefix-cache hashes (kvflock.shared.hashing)."""
+    units = units[: MAX_HASHED_BLOCKS * block_size]
+    return tuple(hash_blocks([ord(c) for c in units] if isinstance(units, str) else list(units), block_size))
 
 
 class PromptReader:
@@ -77,13 +73,10 @@ class PromptReader:
     def _chat_text(self, messages: list[Any]) -> str:
         """The prompt a worker builds from the messages: its chat template's rendering when the
         tokenizer has one, else a plain rendering that keeps shared leading messages shared."""
-        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
-        if template:
-            try:
-                return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception:  # the worker answers bad messages with its own 400; route as plain text
-                pass
-        return "".join(f"{m.get('role', '')}\n{_content_text(m.get('content'))}\n" for m in messages if isinstance(m, dict))
+        try:
+            return render_chat(self.tokenizer, messages)
+        except ValueError:  # the worker answers bad messages with its own 400; route as plain text
+            return "".join(f"{m.get('role', '')}\n{_content_text(m.get('content'))}\n" for m in messages if isinstance(m, dict))
 
 
 def _content_text(content: Any) -> str:

@@ -3,7 +3,7 @@
 /v1/completions and /v1/chat/completions are routed by the prompt (`policy`), /v1/models goes
 to any ready replica; /health says the router runs, /ready that it takes requests (some replica
 can serve, or it holds requests until one can: `hold_seconds`), and
-/metrics is the router's own (`kvflock_router_*`); `access` (worker/auth.py) decides which
+/metrics is the router's own (`kvflock_router_*`); `access` (kvflock/shared/auth.py) decides which
 need a key, and `internal_token` is what the router shows the workers instead. Discovery, polling and routing settings
 all live on the app's event loop, started and stopped with it.
 """
@@ -23,14 +23,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvflock.worker.auth import AccessControl, AccessPolicy
-from kvflock.worker.router.config import RouterSettings
-from kvflock.worker.router.fleet import Endpoint, Fleet
-from kvflock.worker.router.metrics import RouterMetrics
-from kvflock.worker.router.policy import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK, Policy, RequestFeatures, Router
-from kvflock.worker.router.poller import DEFAULT_INTERVAL, Poller
-from kvflock.worker.router.prompt import PromptReader
-from kvflock.worker.router.proxy import DEFAULT_MAX_ATTEMPTS, Proxy, error_response
+from kvflock.router.config import RouterSettings
+from kvflock.router.fleet import Endpoint, Fleet
+from kvflock.router.metrics import RouterMetrics
+from kvflock.router.policy import (
+    DEFAULT_LOAD_FACTOR,
+    DEFAULT_LOAD_SLACK,
+    Policy,
+    RequestFeatures,
+    Router,
+)
+from kvflock.router.poller import DEFAULT_INTERVAL, Poller
+from kvflock.router.prompt import PromptReader
+from kvflock.router.proxy import DEFAULT_MAX_ATTEMPTS, Proxy, error_response
+from kvflock.shared.auth import AccessControl, AccessPolicy
 
 # Prompts over this many characters are tokenized off the event loop.
 _TOKENIZE_INLINE_CHARS = 2048

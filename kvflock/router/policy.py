@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from kvflock.worker.router.prefix_index import PrefixIndex
+from kvflock.router.prefix_index import PrefixIndex
 
 Policy = Literal["prefix-aware", "least-loaded", "round-robin"]
 POLICIES: tuple[Policy, ...] = ("prefix-aware", "least-loaded", "round-robin")

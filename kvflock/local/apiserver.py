@@ -17,8 +17,8 @@ and kubectl expect more of an API server, and `ApiServer` adds it around the emu
 - CustomResourceDefinitions installed from their manifests (discovery and storage);
 - the namespaces a new cluster has (default, kube-system, kube-public), and the
   namespaces resource's own URLs, which kmock 0.8 cannot parse;
-- for kubectl: the OpenAPI v3 documents of the CRDs (`kvflock.openapi`) and Tables for
-  `kubectl get` (`kvflock.tables`).
+- for kubectl: the OpenAPI v3 documents of the CRDs (`kvflock.local.openapi`) and Tables for
+  `kubectl get` (`kvflock.local.tables`).
 
 It serves tests (``tests/operator``) and the local cluster (``kvflock up``). Serve it with
 ``kmock.Server(api_server, port=...)`` inside a running event loop.
@@ -45,7 +45,7 @@ import kmock
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import parsing, rendering
 
-from kvflock import openapi, tables
+from kvflock.local import openapi, tables
 
 __all__ = ["ApiServer", "LabelSelector", "merge_diff"]
 

@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvflock.worker.router.fleet import Fleet
-from kvflock.worker.router.policy import RequestFeatures, Route
+from kvflock.router.fleet import Fleet
+from kvflock.router.policy import RequestFeatures, Route
+from kvflock.shared.metrics import ROUTER_HELD_REQUESTS
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -57,7 +58,7 @@ class RouterMetrics:
         self.prefix_blocks = Counter("kvflock_router_prefix_blocks",
                                      "Leading prompt blocks the chosen replica was believed to hold", registry=r)
         # The autoscaler reads `held` to scale up from zero replicas (kvflock.operator.workers).
-        self.held = Gauge("kvflock_router_held_requests", "Requests waiting for a replica that can take them",
+        self.held = Gauge(ROUTER_HELD_REQUESTS, "Requests waiting for a replica that can take them",
                           registry=r)
         self.hold_timeouts = Counter("kvflock_router_hold_timeouts",
                                      "Held requests answered 503 because no replica became ready in time", registry=r)

@@ -17,16 +17,17 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kvflock.operator.children import (
+from kvflock.router.config import RouterSettings, settings_from_configmap
+from kvflock.router.fleet import Endpoint, Fleet
+from kvflock.shared.names import (
     ANNOTATION_DRAINING,
     ANNOTATION_ENDPOINT,
+    DEFAULT_POOL,
     LABEL_POOL,
     LABEL_ROLE,
     LABEL_SERVICE,
     WORKER_PORT,
 )
-from kvflock.worker.router.config import RouterSettings, settings_from_configmap
-from kvflock.worker.router.fleet import DEFAULT_POOL, Endpoint, Fleet
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kvflock.worker.router.policy import ReplicaView
-
-DEFAULT_POOL = "default"
+from kvflock.router.policy import ReplicaView
+from kvflock.shared.names import DEFAULT_POOL
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from kvflock.follow import follow
-from kvflock.operator.children import ANNOTATION_ENDPOINT
+from kvflock.local.follow import follow
+from kvflock.shared.names import ANNOTATION_ENDPOINT
 
 __all__ = ["LocalLoadBalancer"]
 

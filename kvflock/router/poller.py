@@ -12,23 +12,14 @@ import asyncio
 import logging
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from kvflock.worker.router.fleet import Fleet, Replica
-from kvflock.worker.router.prefix_index import PrefixIndex
+from kvflock.router.fleet import Fleet, Replica
+from kvflock.router.prefix_index import PrefixIndex
+from kvflock.shared import metrics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 0.5
-
-
-def parse_worker_metrics(text: str) -> dict[str, float]:
-    """The worker's gauges that routing reads, by name (summed over label sets)."""
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
 
 
 class Poller:
@@ -53,7 +44,7 @@ class Poller:
         own_before = replica.in_flight
         try:
             ready = await self.client.get(f"{replica.url}/ready", timeout=self.timeout)
-            metrics = await self.client.get(f"{replica.url}/metrics", timeout=self.timeout)
+            scrape = await self.client.get(f"{replica.url}/metrics", timeout=self.timeout)
         except httpx.HTTPError as exc:
             if replica.reachable:
                 log.warning("replica %s (%s) is unreachable: %s", replica.id, replica.url, exc)
@@ -64,13 +55,13 @@ class Poller:
         replica.reachable = True
         replica.worker_ready = ready.status_code == 200
         replica.worker_draining = ready.status_code == 503 and _reason(ready) == "draining"
-        if metrics.status_code == 200:
-            values = parse_worker_metrics(metrics.text)
-            sequences = int(values.get("kvflock_requests_running", 0) + values.get("kvflock_requests_waiting", 0))
+        if scrape.status_code == 200:
+            values = metrics.parse_samples(scrape.text)
+            sequences = int(values.get(metrics.REQUESTS_RUNNING, 0) + values.get(metrics.REQUESTS_WAITING, 0))
             replica.observe_queue(sequences, max(own_before, replica.in_flight))
-            total = values.get("kvflock_kv_blocks_total", 0.0)
+            total = values.get(metrics.KV_BLOCKS_TOTAL, 0.0)
             if total > 0:
-                replica.kv_usage = values.get("kvflock_kv_blocks_used", 0.0) / total
+                replica.kv_usage = values.get(metrics.KV_BLOCKS_USED, 0.0) / total
                 self.index.set_capacity(replica.id, int(total))
 
 

@@ -1,0 +1,52 @@
+"""The Prometheus metrics that one part of kvflock reads from another, and the one parser of
+the text exposition they use: the operator reads the workers' and the router's, the router
+reads the workers'. The worker and router export them under these names."""
+
+from __future__ import annotations
+
+import re
+
+# A worker's load and KV cache (kvflock.worker.metrics).
+REQUESTS_RUNNING = "kvflock_requests_running"
+REQUESTS_WAITING = "kvflock_requests_waiting"
+KV_BLOCKS_USED = "kvflock_kv_blocks_used"
+KV_BLOCKS_TOTAL = "kvflock_kv_blocks_total"
+TIME_TO_FIRST_TOKEN = "kvflock_time_to_first_token_seconds"
+# The requests a router holds while no replica can take them (kvflock.router.metrics).
+ROUTER_HELD_REQUESTS = "kvflock_router_held_requests"
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})?\s+(?P<value>\S+)")
+_LE = re.compile(r'\ble="(?P<le>[^"]+)"')
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {sample name: sum over its label sets}. Lines that are not
+    samples (comments, anything malformed) are skipped: a scrape never fails on one bad line."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        totals[match["name"]] = totals.get(match["name"], 0.0) + value
+    return totals
+
+
+def parse_histogram_buckets(text: str, histogram: str) -> tuple[tuple[float, float], ...]:
+    """A histogram's cumulative buckets as (upper bound, count), by bound."""
+    buckets = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or match["name"] != f"{histogram}_bucket":
+            continue
+        le = _LE.search(match["labels"] or "")
+        if le is None:
+            continue
+        try:
+            buckets.append((float(le["le"]), float(match["value"])))
+        except ValueError:
+            continue
+    return tuple(sorted(buckets))
