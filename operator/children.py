@@ -19,14 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvflock.operator.crd import (
-    API_VERSION,
-    KIND,
-    InferenceServiceSpec,
-    KVCacheSpec,
-    PoolSpec,
-    SpeculativeSpec,
-)
+from kvflock.operator.crd import API_VERSION, KIND, InferenceServiceSpec, KVCacheSpec, PoolSpec, SpeculativeSpec
 from kvflock.shared.names import (
     ANNOTATION_AUTH_HASH,
     ANNOTATION_ENDPOINT,

@@ -34,12 +34,7 @@ from typing import Any
 
 from kvflock.operator import children, router_children
 from kvflock.operator.children import Owner
-from kvflock.operator.crd import (
-    Condition,
-    InferenceServiceSpec,
-    InferenceServiceStatus,
-    WorkerStatus,
-)
+from kvflock.operator.crd import Condition, InferenceServiceSpec, InferenceServiceStatus, WorkerStatus
 from kvflock.shared import names
 
 # Container waiting reasons that mean a worker will not come up without help.

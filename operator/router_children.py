@@ -17,13 +17,7 @@ from typing import Any
 from kvflock.operator import children
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import InferenceServiceSpec
-from kvflock.shared.names import (
-    ANNOTATION_SPEC_HASH,
-    LABEL_ROLE,
-    LABEL_SERVICE,
-    ROLE_ROUTER,
-    ROUTER_PORT,
-)
+from kvflock.shared.names import ANNOTATION_SPEC_HASH, LABEL_ROLE, LABEL_SERVICE, ROLE_ROUTER, ROUTER_PORT
 
 RBAC_GROUP = "rbac.authorization.k8s.io"
 

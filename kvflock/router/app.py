@@ -26,13 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kvflock.router.config import RouterSettings
 from kvflock.router.fleet import Endpoint, Fleet
 from kvflock.router.metrics import RouterMetrics
-from kvflock.router.policy import (
-    DEFAULT_LOAD_FACTOR,
-    DEFAULT_LOAD_SLACK,
-    Policy,
-    RequestFeatures,
-    Router,
-)
+from kvflock.router.policy import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK, Policy, RequestFeatures, Router
 from kvflock.router.poller import DEFAULT_INTERVAL, Poller
 from kvflock.router.prompt import PromptReader
 from kvflock.router.proxy import DEFAULT_MAX_ATTEMPTS, Proxy, error_response

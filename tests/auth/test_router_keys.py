@@ -8,13 +8,7 @@ import pytest
 
 from kvflock.router.app import RouterOptions
 from kvflock.shared.auth import AccessPolicy
-from tests.auth.conftest import (
-    INTERNAL_TOKEN,
-    OTHER_SERVICE_KEY,
-    USER_KEY,
-    client,
-    keys,
-)
+from tests.auth.conftest import INTERNAL_TOKEN, OTHER_SERVICE_KEY, USER_KEY, client, keys
 from tests.auth.test_worker_keys import assert_authentication_error
 
 PROMPT = [5, 17, 42, 99, 3, 250, 8]

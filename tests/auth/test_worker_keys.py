@@ -9,14 +9,7 @@ import openai
 import pytest
 
 from kvflock.shared.auth import AccessPolicy
-from tests.auth.conftest import (
-    ADMIN_TOKEN,
-    OTHER_SERVICE_KEY,
-    SECOND_USER_KEY,
-    USER_KEY,
-    client,
-    keys,
-)
+from tests.auth.conftest import ADMIN_TOKEN, OTHER_SERVICE_KEY, SECOND_USER_KEY, USER_KEY, client, keys
 
 POLICY = AccessPolicy(api_keys=keys(USER_KEY, SECOND_USER_KEY), admin_tokens=keys(ADMIN_TOKEN))
 CHAT = [{"role": "user", "content": "Say hi."}]

@@ -9,12 +9,7 @@ import pytest
 
 from kvflock.operator.children import Owner, engine_settings
 from kvflock.operator.crd import InferenceServiceSpec, PoolSpec, RouterSpec
-from kvflock.router.config import (
-    PoolConfig,
-    RouterConfig,
-    read_settings_file,
-    settings_from_configmap,
-)
+from kvflock.router.config import PoolConfig, RouterConfig, read_settings_file, settings_from_configmap
 from kvflock.router.policy import Pool
 
 

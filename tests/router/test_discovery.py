@@ -13,11 +13,7 @@ import kubernetes.client
 import pytest
 
 from kvflock.router.app import create_app
-from kvflock.router.discovery import (
-    KubernetesDiscovery,
-    endpoint_from_pod,
-    parse_worker_flag,
-)
+from kvflock.router.discovery import KubernetesDiscovery, endpoint_from_pod, parse_worker_flag
 from kvflock.router.policy import Pool
 from tests.operator.conftest import ServerThread
 from tests.router.conftest import MODEL, metric, token_prompt, wait_for
