@@ -99,14 +99,17 @@ class ModelSpec(_Model):
 class KVCacheSpec(_Model):
     """The paged KV cache and its offload tiers (GPU memory, then CPU memory, then disk)."""
 
-    blockSize: Literal[8, 16, 32, 64, 128] = Field(16, description="Tokens per KV block.")
+    blockSize: Literal[1, 2, 4, 8, 16, 32, 64, 128, 256] = Field(16, description="Tokens per KV block.")
     dtype: Literal["auto", "fp8"] = Field("auto", description="auto: the model's dtype; fp8: float8_e4m3fn.")
     gpuMemoryUtilization: float = Field(
-        0.9, ge=0.1, le=0.99, description="Share of GPU memory the worker may use (weights + KV cache)."
+        0.9, gt=0, le=1, description="Share of GPU memory the worker may use (weights + KV cache)."
     )
     cpuOffloadGiB: float = Field(0, ge=0, le=4096, description="Pinned CPU memory for evicted KV blocks (0: off).")
     diskOffloadGiB: float = Field(0, ge=0, le=65536, description="Disk space for evicted KV blocks (0: off).")
-    diskPath: str = Field("/var/cache/kvflock/kv", pattern=r"^/", description="Folder of the disk KV tier.")
+    diskPath: str = Field(
+        "/var/cache/kvflock/kv", pattern=r"^/",
+        description="Folder of the disk KV tier: the operator mounts an emptyDir of diskOffloadGiB there.",
+    )
 
 
 class SpeculativeSpec(_Model):
@@ -146,21 +149,31 @@ class SpeculativeSpec(_Model):
         return self
 
 
+# CEL: no KV offload tier (the quantities are numbers, which CEL compares as doubles only).
+_NO_OFFLOAD = "(double(self.kvCache.cpuOffloadGiB) == 0.0 && double(self.kvCache.diskOffloadGiB) == 0.0)"
+
+
 class EngineSpec(_Model):
-    """The inference engine's settings, passed to every worker."""
+    """The inference engine's settings, passed to every worker as its engine config file.
+
+    Each field is one of the engine's EngineConfig fields (kvflock.worker.config), with the same
+    default and bounds (tests/operator/test_engine_fields.py holds them to it): the same name in
+    camelCase, or the one `ENGINE_FIELD_NAMES` gives."""
 
     tensorParallelSize: Literal[1, 2, 4, 8] = Field(1, description="GPUs (ranks) per replica.")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="Weights' dtype.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
+        "auto", description="Weights' dtype (auto: bfloat16 on a GPU, float32 on CPU)."
+    )
     quantization: Literal["gptq", "int8", "int4"] | None = Field(
         None,
         description="Weight-only quantization of the linear layers (default: as the checkpoint is). gptq: require"
         " a GPTQ checkpoint; int8 (per channel) / int4 (groups of 128): quantize plain weights at load.",
     )
     maxModelLen: int | None = Field(
-        None, ge=16, le=1048576, description="Longest context in tokens (default: the model's own)."
+        None, ge=1, le=1048576, description="Longest context in tokens (default: the model's own)."
     )
-    maxNumSeqs: int = Field(256, ge=1, le=4096, description="Sequences batched together at most.")
-    maxNumBatchedTokens: int = Field(2048, ge=16, le=1048576, description="Token budget of one engine step.")
+    maxNumSeqs: int = Field(64, ge=1, le=4096, description="Sequences batched together at most.")
+    maxNumBatchedTokens: int = Field(2048, ge=1, le=1048576, description="Token budget of one engine step.")
     prefixCaching: bool = Field(True, description="Reuse the KV blocks of shared prompt prefixes.")
     kvCache: KVCacheSpec = Field(default_factory=KVCacheSpec)
     speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding (default: off).")
@@ -170,6 +183,10 @@ class EngineSpec(_Model):
             "x-kubernetes-validations": [
                 _cel("self.maxNumBatchedTokens >= self.kvCache.blockSize",
                      "maxNumBatchedTokens must hold at least one KV block"),
+                _cel(f"self.prefixCaching || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB, kvCache.diskOffloadGiB)"
+                     " needs prefixCaching"),
+                _cel(f"self.tensorParallelSize == 1 || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB,"
+                     " kvCache.diskOffloadGiB) works with tensorParallelSize 1 only"),
             ]
         }
     )
@@ -182,6 +199,56 @@ class EngineSpec(_Model):
                 f" (engine.kvCache.blockSize={self.kvCache.blockSize})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> EngineSpec:
+        if not (self.kvCache.cpuOffloadGiB or self.kvCache.diskOffloadGiB):
+            return self
+        if not self.prefixCaching:
+            raise ValueError("engine.kvCache.cpuOffloadGiB/diskOffloadGiB: KV offload needs engine.prefixCaching")
+        if self.tensorParallelSize > 1:
+            raise ValueError("engine.kvCache.cpuOffloadGiB/diskOffloadGiB: KV offload works with"
+                             f" engine.tensorParallelSize 1 only, got {self.tensorParallelSize}")
+        return self
+
+    def engine_config(self) -> dict[str, Any]:
+        """These settings under their EngineConfig names, as a worker's engine config file holds
+        them; unset ones (speculative decoding off, maxModelLen, quantization) are left out."""
+        return {engine_field_name(path): value for path, value in _leaves(self.model_dump()) if value is not None}
+
+
+# EngineConfig's names (kvflock.worker.config) of the `engine` fields whose own name, in snake_case,
+# is not it; every other field is its name in snake_case (maxNumSeqs: max_num_seqs).
+ENGINE_FIELD_NAMES = {
+    "prefixCaching": "enable_prefix_caching",
+    "kvCache.blockSize": "block_size",
+    "kvCache.dtype": "kv_cache_dtype",
+    "kvCache.gpuMemoryUtilization": "gpu_memory_utilization",
+    "kvCache.cpuOffloadGiB": "kv_offload_cpu_gib",
+    "kvCache.diskOffloadGiB": "kv_offload_disk_gib",
+    "kvCache.diskPath": "kv_offload_disk_path",
+    "speculative.method": "speculative_method",
+    "speculative.numTokens": "num_speculative_tokens",
+    "speculative.promptLookupMin": "prompt_lookup_min",
+    "speculative.promptLookupMax": "prompt_lookup_max",
+    "speculative.draftModel": "draft_model",
+}
+
+
+def engine_field_name(path: str) -> str:
+    """The EngineConfig field of an `engine` field, by its dotted path (kvCache.blockSize: block_size)."""
+    return ENGINE_FIELD_NAMES.get(path) or re.sub(r"(?<!^)([A-Z])", r"_\1", path).lower()
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, value) of every non-object value of a nested dict."""
+    leaves = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            leaves += _leaves(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
 
 
 class ResourcesSpec(_Model):
@@ -231,9 +298,9 @@ class AutoscalingSpec(_Model):
 class PoolEngineSpec(_Model):
     """Engine settings of one pool's workers; each one unset keeps the service's `engine` value."""
 
-    maxModelLen: int | None = Field(None, ge=16, le=1048576, description="Longest context in tokens.")
+    maxModelLen: int | None = Field(None, ge=1, le=1048576, description="Longest context in tokens.")
     maxNumSeqs: int | None = Field(None, ge=1, le=4096, description="Sequences batched together at most.")
-    maxNumBatchedTokens: int | None = Field(None, ge=16, le=1048576, description="Token budget of one engine step.")
+    maxNumBatchedTokens: int | None = Field(None, ge=1, le=1048576, description="Token budget of one engine step.")
 
 
 class PoolSpec(_Model):

@@ -1,9 +1,11 @@
 """Manifests of an InferenceService's router: its Pod, and the ServiceAccount, Role and
 RoleBinding that let it find the workers through the API server.
 
-The router pod runs `kvflock router --service <name>`: it lists and watches the service's
-worker Pods and reads the `<name>-engine` ConfigMap (pools, policy, hold timeout), exactly what
-its Role grants. The entry Service selects it (`children.entry_service`), so clients reach the
+The router pod runs `kvflock router --service <name> --block-size <the workers' KV block size>`:
+it lists and watches the service's worker Pods and reads the `<name>-engine` ConfigMap (pools,
+policy, hold timeout from its router.json), exactly what its Role grants. The block size, which
+it hashes prompt prefixes by, is a flag: the ConfigMap's engine files hold the workers' engine
+configs, under EngineConfig's names, which the router does not read. The entry Service selects it (`children.entry_service`), so clients reach the
 workers through it. It mounts the same access-control files as the workers (`children.auth_volumes`)
 and takes the router's share of the flags (`children.auth_args`). Plain functions, no I/O.
 """
@@ -56,6 +58,7 @@ def _router_args(owner: Owner, spec: InferenceServiceSpec) -> list[str]:
         "--namespace", owner.namespace,
         "--host", "0.0.0.0",
         "--port", str(ROUTER_PORT),
+        "--block-size", str(spec.engine.kvCache.blockSize),
         *children.auth_args(owner, spec, "router"),
     ]
 
