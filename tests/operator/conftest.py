@@ -12,7 +12,7 @@ from typing import Any
 import kmock
 import kubernetes.client
 import pytest
-from kvflock.operator.crd import render_crd
+from kvflock.operator.render import render_crd
 
 from kvflock.apiserver import ApiServer
 from tests.polling import wait_for  # noqa: F401  (re-exported to the tests here)

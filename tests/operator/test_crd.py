@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from kvflock.operator.crd import InferenceServiceSpec, format_errors, render_crd
-from kvflock.operator.render import crd_files
+from kvflock.operator.crd import InferenceServiceSpec, format_errors
+from kvflock.operator.render import crd_files, render_crd
 from pydantic import ValidationError
 
 from kvflock.cli import main
