@@ -123,3 +123,10 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     result = run_cli("serve", "--config", str(tmp_path / "engine.json"))
     assert result.returncode == 2
     assert "engine.json: cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_command_line_is_built_without_torch():
+    # The operator image has no torch, and its `kvflock operator` builds every subcommand's flags.
+    check = "import sys; from kvflock.cli import build_parser; build_parser(); assert 'torch' not in sys.modules"
+    result = subprocess.run([sys.executable, "-P", "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

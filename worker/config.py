@@ -213,8 +213,8 @@ class EngineConfig(BaseModel):
         try:
             return cls.model_validate({**settings, **overrides})
         except ValidationError as exc:
-            from_file = {str(e["loc"][0]) for e in exc.errors() if e["loc"] and e["loc"][0] not in overrides}
-            raise ValueError(f"{path}: {describe_errors(exc)}" if from_file else describe_errors(exc)) from None
+            in_file = any(e["loc"] and e["loc"][0] not in overrides for e in exc.errors())
+            raise ValueError(f"{path}: {describe_errors(exc)}" if in_file else describe_errors(exc)) from None
 
     def torch_device(self) -> "torch.device":
         import torch
@@ -239,7 +239,7 @@ def describe_errors(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field"
-        elif "input" in item and where and item["type"] not in ("missing",):
+        elif "input" in item and where and item["type"] != "missing":
             message += f" (got {item['input']!r})"
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
