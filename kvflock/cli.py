@@ -3,52 +3,99 @@
 import argparse
 import logging
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from pydantic import ValidationError
 
 from kvflock import __version__
 
+if TYPE_CHECKING:
+    from kvflock.worker.config import EngineConfig
+
 LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+# Flag names kept from before the flags were made from EngineConfig, beside the field's own.
+_FLAG_ALIASES = {"enable_prefix_caching": ("--prefix-caching",)}  # and so --no-prefix-caching
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, naming the flag (`--help` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag_type(annotation: Any) -> tuple[type, list[Any] | None]:
+    """The argparse type and choices of an EngineConfig field: `X | None` as X, Literal as its choices."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = list(typing.get_args(annotation))
+        return type(choices[0]), choices
+    return annotation, None
+
+
+def _add_engine_options(p: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
+    """`--config FILE` and one flag per EngineConfig field (worker/config.py), named after it: its type,
+    choices and help come from the field; its default and bounds stay with the model, which checks
+    what was given (a flag not given is absent from the parsed arguments)."""
+    from kvflock.worker.config import EngineConfig
+
+    group = p.add_argument_group(
+        "engine settings", "EngineConfig's fields; each flag given overrides the --config file's value")
+    group.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="engine config file: a JSON object of these settings by field name (max_num_seqs, ...)")
+    names = [name for name in EngineConfig.model_fields if name not in exclude]
+    for name in names:
+        field = EngineConfig.model_fields[name]
+        flags = [f"--{name.replace('_', '-')}", *_FLAG_ALIASES.get(name, ())]
+        kind, choices = _flag_type(field.annotation)
+        text = (field.description or "").replace("%", "%%")
+        if field.default is not None:
+            text += f" (default: {str(field.default).lower() if kind is bool else field.default})"
+        if kind is bool:
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=text)
+        else:
+            group.add_argument(*flags, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS,
+                               help=text)
+    p.set_defaults(engine_fields=names)
+
+
+def engine_config(args: argparse.Namespace) -> "EngineConfig":
+    """The engine settings of a parsed `serve` or `generate` command line: the --config file's,
+    overridden by the flags given."""
+    from kvflock.worker.config import EngineConfig
+
+    given = {name: getattr(args, name) for name in args.engine_fields if hasattr(args, name)}
+    return EngineConfig.from_file(args.config, **given) if args.config else EngineConfig(**given)
 
 
 def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("generate", help="answer a prompt offline with the engine")
-    p.add_argument("--model", default="demo", help="HF folder, .gguf file, or 'demo' (SmolLM2-135M-Instruct)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="the sampling seed")
     p.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    _add_speculative_options(p)
+    _add_engine_options(p, exclude=frozenset({"seed"}))  # --seed is the requests' own seed here
     p.set_defaults(func=_run_generate)
-
-
-def _add_speculative_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
-                   help="speculative decoding: ngram (prompt lookup) or draft (--draft-model); default: off")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens drafted per step and sequence")
-    p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix matched")
-    p.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix matched")
-    p.add_argument("--draft-model", default=None, help="draft: a small model with the target's vocabulary")
-
-
-def _speculative_settings(args: argparse.Namespace) -> dict:
-    return dict(speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
-                prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max,
-                draft_model=args.draft_model)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     from kvflock.worker.config import SamplingParams
+    from kvflock.worker.engine import LLMEngine
     from kvflock.worker.llm import LLM
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, **_speculative_settings(args))
+    llm = LLM.from_engine(LLMEngine(engine_config(args)))
     if args.raw:
         outputs = llm.generate(args.prompt, params)
     else:
@@ -145,43 +192,16 @@ def _add_access_options(p: argparse.ArgumentParser) -> None:
 
 def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker)")
-    p.add_argument("--model", default="demo", help="HF folder, .gguf file, or 'demo' (SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="the name clients ask for (default: --model)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quantization", default=None, choices=["gptq", "int8", "int4"],
-                   help="weight-only quantization (default: as the checkpoint is; int8/int4 quantize at load)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="ranks (processes, one GPU each) that this replica spans")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gib", type=float, default=None,
-                   help="KV cache size (default: 1 GiB on CPU; on CUDA what --gpu-memory-utilization leaves)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="share of the GPU's memory for weights, activations and KV cache")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="do not reuse the KV blocks of prompt prefixes seen before")
-    p.add_argument("--kv-offload-cpu-gib", type=float, default=0.0, help="CPU memory for KV blocks evicted from the GPU")
-    p.add_argument("--kv-offload-disk-gib", type=float, default=0.0, help="disk space for KV blocks evicted from CPU")
-    p.add_argument("--kv-offload-disk-path", default=None, help="folder of the disk KV tier (kept across restarts)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="launch each step while the previous one runs on the device (default: on with CUDA, one "
-                   "rank and no speculative decoding)")
-    _add_speculative_options(p)
     p.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; more get 429")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     _add_access_options(p)
     p.add_argument("--admin-token-file", default=None,
                    help="require this operator token on /admin/* (default: $KVFLOCK_ADMIN_TOKEN_FILE, else open)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port instead of --port")
+    _add_engine_options(p)
     p.set_defaults(func=_run_serve)
 
 
@@ -190,7 +210,6 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from kvflock.shared import auth
     from kvflock.worker.async_engine import AsyncEngine
-    from kvflock.worker.config import EngineConfig
     from kvflock.worker.engine import LLMEngine
     from kvflock.worker.server import WorkerState, create_app
 
@@ -204,23 +223,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     access = auth.AccessPolicy(api_keys=internal or api_keys,
                                admin_tokens=auth.keys_from(args.admin_token_file, auth.ADMIN_TOKEN_FILE_ENV),
                                requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
-    config = EngineConfig(
-        model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-        quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gib=args.kv_cache_memory_gib,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
-        enable_prefix_caching=args.enable_prefix_caching, kv_offload_cpu_gib=args.kv_offload_cpu_gib,
-        kv_offload_disk_gib=args.kv_offload_disk_gib, kv_offload_disk_path=args.kv_offload_disk_path,
-        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, **_speculative_settings(args),
-    )
+    config = engine_config(args)
 
     def load() -> AsyncEngine:
         engine = LLMEngine(config)
         engine.warm_up()
         return AsyncEngine(engine, args.max_queued_requests)
 
-    state = WorkerState(served_model_name=args.served_model_name or args.model)
+    state = WorkerState(served_model_name=args.served_model_name or config.model)
     server: uvicorn.Server | None = None
 
     def stop_on_load_error() -> None:
@@ -365,8 +375,9 @@ def _run_status(args: argparse.Namespace) -> int:
     return status(_state_dir(args))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvflock", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The `kvflock` command line with every subcommand."""
+    parser = _Parser(prog="kvflock", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kvflock {__version__}")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -381,7 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_status(sub)
     for subcommand in sub.choices.values():  # also after the subcommand; the main parser's default stands
         subcommand.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -389,6 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except ValidationError as exc:  # a model not built through EngineConfig.from_file, e.g. SamplingParams
+        from kvflock.worker.config import describe_errors
+
+        print(f"kvflock {args.command}: error: {describe_errors(exc)}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
         return 2

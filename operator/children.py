@@ -1,8 +1,12 @@
 """Manifests of an InferenceService's children: worker Pods, Services, ConfigMap, PodDisruptionBudget.
 
-Plain functions from the validated spec to Kubernetes objects as dicts; no I/O. The workers'
-spec hash covers the pod template and the engine settings, so any change to either rolls the
-workers (see `reconcile`). With `spec.auth`, the pods mount the user's API-key Secret and the
+Plain functions from the validated spec to Kubernetes objects as dicts; no I/O. A worker reads
+its engine settings from its engine config file, EngineConfig's fields as JSON (`engine_config`),
+which the engine ConfigMap holds (`engine.json`, and `engine-<pool>.json` for each of
+`router.pools`) and every worker pod mounts at /etc/kvflock: its command is `kvflock serve
+--config <that file>` plus what is not an engine setting (address, served name, access files).
+The workers' spec hash covers the pod template and the engine config, so any change to either
+rolls the workers (see `reconcile`); a worker reads the file only when it starts. With `spec.auth`, the pods mount the user's API-key Secret and the
 operator's own `<name>-internal` Secret (internal and admin tokens) as files, never as values;
 a keyed hash of both Secrets' contents (`auth_hash`, computed by the operator) joins the spec
 hash and the pod's `kvflock.dev/auth-hash` annotation, so a new key in the same Secret rolls
@@ -19,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvflock.operator.crd import API_VERSION, KIND, InferenceServiceSpec, KVCacheSpec, PoolSpec, SpeculativeSpec
+from kvflock.operator.crd import API_VERSION, KIND, InferenceServiceSpec, PoolSpec
 from kvflock.shared.names import (
     ANNOTATION_AUTH_HASH,
     ANNOTATION_ENDPOINT,
@@ -122,48 +126,30 @@ def _model_argument(spec: InferenceServiceSpec) -> str:
     return posixpath.normpath(posixpath.join(MODELS_DIR, model.path or "."))
 
 
-def _serve_args(owner: Owner, spec: InferenceServiceSpec) -> list[str]:
-    engine = spec.engine
+def engine_file(pool: str = DEFAULT_POOL) -> str:
+    """The engine ConfigMap's key, and file name under ENGINE_CONFIG_DIR, of a pool's engine config."""
+    return "engine.json" if pool == DEFAULT_POOL else f"engine-{pool}.json"
+
+
+def engine_config(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """A worker's engine config: EngineConfig's fields (kvflock.worker.config) from the spec."""
+    return {"model": _model_argument(spec), "load_format": spec.model.format, **spec.engine.engine_config()}
+
+
+def _serve_args(owner: Owner, spec: InferenceServiceSpec, pool: str) -> list[str]:
     args = [
         "kvflock", "serve",
-        "--model", _model_argument(spec),
+        "--config", f"{ENGINE_CONFIG_DIR}/{engine_file(pool)}",
         "--served-model-name", served_model_name(owner, spec),
         "--host", "0.0.0.0",
         "--port", str(WORKER_PORT),
-        "--load-format", spec.model.format,
-        "--tensor-parallel-size", str(engine.tensorParallelSize),
-        "--dtype", engine.dtype,
-        "--max-num-seqs", str(engine.maxNumSeqs),
-        "--max-num-batched-tokens", str(engine.maxNumBatchedTokens),
-        "--block-size", str(engine.kvCache.blockSize),
     ]
-    if engine.maxModelLen is not None:
-        args += ["--max-model-len", str(engine.maxModelLen)]
-    if engine.quantization is not None:
-        args += ["--quantization", engine.quantization]
-    if engine.speculative is not None:
-        args += _speculative_args(engine.speculative)
-    return args + _kv_cache_args(engine.kvCache, engine.prefixCaching) + auth_args(owner, spec, "worker")
-
-
-def _speculative_args(spec: SpeculativeSpec) -> list[str]:
-    args = ["--speculative-method", spec.method, "--num-speculative-tokens", str(spec.numTokens)]
-    if spec.method == "ngram":
-        args += ["--prompt-lookup-min", str(spec.promptLookupMin), "--prompt-lookup-max", str(spec.promptLookupMax)]
-    if spec.draftModel is not None:
-        args += ["--draft-model", spec.draftModel]
-    return args
-
-
-def _kv_cache_args(kv: KVCacheSpec, prefix_caching: bool) -> list[str]:
-    args = ["--kv-cache-dtype", kv.dtype, "--gpu-memory-utilization", str(kv.gpuMemoryUtilization)]
-    if not prefix_caching:
-        args.append("--no-prefix-caching")
-    if kv.cpuOffloadGiB > 0:
-        args += ["--kv-offload-cpu-gib", str(kv.cpuOffloadGiB)]
+    kv = spec.engine.kvCache
     if kv.diskOffloadGiB > 0:
-        args += ["--kv-offload-disk-gib", str(kv.diskOffloadGiB), "--kv-offload-disk-path", kv.diskPath]
-    return args
+        # Also in the file; on the command line too because it is where this pod mounts a volume
+        # (`_volumes`), and the local cluster's kubelet points mount paths there into the pod's folder.
+        args += ["--kv-offload-disk-path", kv.diskPath]
+    return args + auth_args(owner, spec, "worker")
 
 
 def auth_args(owner: Owner, spec: InferenceServiceSpec, role: str) -> list[str]:
@@ -269,11 +255,10 @@ def _probes(spec: InferenceServiceSpec) -> dict[str, Any]:
     }
 
 
-def worker_template(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
-    """The pod spec shared by all workers of the current spec."""
+def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAULT_POOL) -> dict[str, Any]:
+    """The pod spec shared by all workers of the current spec (of `pool`: its engine config file)."""
     volumes, mounts = _volumes(owner, spec)
     env = [
-        {"name": "KVFLOCK_ENGINE_CONFIG", "value": f"{ENGINE_CONFIG_DIR}/engine.json"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         *(var.model_dump(exclude_none=True) for var in spec.env),
     ]
@@ -287,7 +272,7 @@ def worker_template(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
                 "name": "worker",
                 "image": spec.image,
                 "imagePullPolicy": spec.imagePullPolicy,
-                "command": _serve_args(owner, spec),
+                "command": _serve_args(owner, spec, pool),
                 "ports": [{"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"}],
                 "env": env,
                 "resources": _resources(spec),
@@ -308,14 +293,13 @@ def worker_template(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
     return pod_spec
 
 
-def engine_settings(owner: Owner, spec: InferenceServiceSpec) -> dict[str, str]:
-    """The engine ConfigMap's data: every engine and router setting, as JSON files."""
-    engine = {
-        "model": {**spec.model.model_dump(exclude_none=True), "servedName": served_model_name(owner, spec)},
-        **spec.engine.model_dump(exclude_none=True),
-    }
+def engine_settings(spec: InferenceServiceSpec) -> dict[str, str]:
+    """The engine ConfigMap's data: each pool's engine config file and the router's settings."""
+    files = {engine_file(): engine_config(spec)}
+    for pool in spec.router.pools:  # a pool named "default" has the default file: its workers read it
+        files[engine_file(pool.name)] = engine_config(pool_spec(spec, pool))
     return {
-        "engine.json": json.dumps(engine, sort_keys=True, indent=2),
+        **{name: json.dumps(config, sort_keys=True, indent=2) for name, config in files.items()},
         "router.json": json.dumps(_router_config(spec), sort_keys=True, indent=2),
     }
 
@@ -335,10 +319,12 @@ def _router_config(spec: InferenceServiceSpec) -> dict[str, Any]:
 
 
 def spec_hash(owner: Owner, spec: InferenceServiceSpec, auth_hash: str | None = None) -> str:
-    """A short hash of what a worker runs: its pod template, its engine settings, and the
-    contents of the Secrets it mounts (`auth_hash`; pods read their keys once, at start)."""
+    """A short hash of what a worker runs: its pod template, its engine config, and the
+    contents of the Secrets it mounts (`auth_hash`; pods read their keys once, at start). The
+    template is the default pool's: a pool's workers differ in the name of their engine config
+    file only, which follows the pool as their names do."""
     payload = json.dumps(
-        {"template": worker_template(owner, spec), "engine": engine_settings(owner, spec)["engine.json"],
+        {"template": worker_template(owner, spec), "engine": engine_config(spec),
          **({"auth": auth_hash} if auth_hash else {})},
         sort_keys=True,
     )
@@ -353,7 +339,7 @@ def worker_pod(owner: Owner, spec: InferenceServiceSpec, index: int, template_ha
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: template_hash}
     if auth_hash:
         metadata["annotations"][ANNOTATION_AUTH_HASH] = auth_hash
-    spec_ = worker_template(owner, spec)
+    spec_ = worker_template(owner, spec, pool)
     # A DNS label unique within the workers' headless Service (the subdomain), however long the names.
     spec_["hostname"] = worker_name(owner, index) if pool == DEFAULT_POOL else f"{pool}-w-{index}"
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec_}
@@ -364,7 +350,7 @@ def engine_configmap(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(owner, engine_configmap_name(owner), {}),
-        "data": engine_settings(owner, spec),
+        "data": engine_settings(spec),
     }
 
 

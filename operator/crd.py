@@ -1,6 +1,6 @@
 """The InferenceService custom resource: pydantic models of its spec and status.
 
-These models are the single source of the CRD: `render_crd` turns them into the
+These models are the single source of the CRD: `kvflock.operator.render` turns them into the
 CustomResourceDefinition that `kvflock crds` writes to crds/inferenceservice.yaml, and the
 operator parses every object with them, so a spec that slips past the API server's schema
 (an old CRD, a cluster without CEL) still fails here, naming the field.
@@ -99,14 +99,17 @@ class ModelSpec(_Model):
 class KVCacheSpec(_Model):
     """The paged KV cache and its offload tiers (GPU memory, then CPU memory, then disk)."""
 
-    blockSize: Literal[8, 16, 32, 64, 128] = Field(16, description="Tokens per KV block.")
+    blockSize: Literal[1, 2, 4, 8, 16, 32, 64, 128, 256] = Field(16, description="Tokens per KV block.")
     dtype: Literal["auto", "fp8"] = Field("auto", description="auto: the model's dtype; fp8: float8_e4m3fn.")
     gpuMemoryUtilization: float = Field(
-        0.9, ge=0.1, le=0.99, description="Share of GPU memory the worker may use (weights + KV cache)."
+        0.9, gt=0, le=1, description="Share of GPU memory the worker may use (weights + KV cache)."
     )
     cpuOffloadGiB: float = Field(0, ge=0, le=4096, description="Pinned CPU memory for evicted KV blocks (0: off).")
     diskOffloadGiB: float = Field(0, ge=0, le=65536, description="Disk space for evicted KV blocks (0: off).")
-    diskPath: str = Field("/var/cache/kvflock/kv", pattern=r"^/", description="Folder of the disk KV tier.")
+    diskPath: str = Field(
+        "/var/cache/kvflock/kv", pattern=r"^/",
+        description="Folder of the disk KV tier: the operator mounts an emptyDir of diskOffloadGiB there.",
+    )
 
 
 class SpeculativeSpec(_Model):
@@ -146,21 +149,31 @@ class SpeculativeSpec(_Model):
         return self
 
 
+# CEL: no KV offload tier (the quantities are numbers, which CEL compares as doubles only).
+_NO_OFFLOAD = "(double(self.kvCache.cpuOffloadGiB) == 0.0 && double(self.kvCache.diskOffloadGiB) == 0.0)"
+
+
 class EngineSpec(_Model):
-    """The inference engine's settings, passed to every worker."""
+    """The inference engine's settings, passed to every worker as its engine config file.
+
+    Each field is one of the engine's EngineConfig fields (kvflock.worker.config), with the same
+    default and bounds (tests/operator/test_engine_fields.py holds them to it): the same name in
+    camelCase, or the one `ENGINE_FIELD_NAMES` gives."""
 
     tensorParallelSize: Literal[1, 2, 4, 8] = Field(1, description="GPUs (ranks) per replica.")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="Weights' dtype.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
+        "auto", description="Weights' dtype (auto: bfloat16 on a GPU, float32 on CPU)."
+    )
     quantization: Literal["gptq", "int8", "int4"] | None = Field(
         None,
         description="Weight-only quantization of the linear layers (default: as the checkpoint is). gptq: require"
         " a GPTQ checkpoint; int8 (per channel) / int4 (groups of 128): quantize plain weights at load.",
     )
     maxModelLen: int | None = Field(
-        None, ge=16, le=1048576, description="Longest context in tokens (default: the model's own)."
+        None, ge=1, le=1048576, description="Longest context in tokens (default: the model's own)."
     )
-    maxNumSeqs: int = Field(256, ge=1, le=4096, description="Sequences batched together at most.")
-    maxNumBatchedTokens: int = Field(2048, ge=16, le=1048576, description="Token budget of one engine step.")
+    maxNumSeqs: int = Field(64, ge=1, le=4096, description="Sequences batched together at most.")
+    maxNumBatchedTokens: int = Field(2048, ge=1, le=1048576, description="Token budget of one engine step.")
     prefixCaching: bool = Field(True, description="Reuse the KV blocks of shared prompt prefixes.")
     kvCache: KVCacheSpec = Field(default_factory=KVCacheSpec)
     speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding (default: off).")
@@ -170,6 +183,10 @@ class EngineSpec(_Model):
             "x-kubernetes-validations": [
                 _cel("self.maxNumBatchedTokens >= self.kvCache.blockSize",
                      "maxNumBatchedTokens must hold at least one KV block"),
+                _cel(f"self.prefixCaching || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB, kvCache.diskOffloadGiB)"
+                     " needs prefixCaching"),
+                _cel(f"self.tensorParallelSize == 1 || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB,"
+                     " kvCache.diskOffloadGiB) works with tensorParallelSize 1 only"),
             ]
         }
     )
@@ -182,6 +199,56 @@ class EngineSpec(_Model):
                 f" (engine.kvCache.blockSize={self.kvCache.blockSize})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> EngineSpec:
+        if not (self.kvCache.cpuOffloadGiB or self.kvCache.diskOffloadGiB):
+            return self
+        if not self.prefixCaching:
+            raise ValueError("engine.kvCache.cpuOffloadGiB/diskOffloadGiB: KV offload needs engine.prefixCaching")
+        if self.tensorParallelSize > 1:
+            raise ValueError("engine.kvCache.cpuOffloadGiB/diskOffloadGiB: KV offload works with"
+                             f" engine.tensorParallelSize 1 only, got {self.tensorParallelSize}")
+        return self
+
+    def engine_config(self) -> dict[str, Any]:
+        """These settings under their EngineConfig names, as a worker's engine config file holds
+        them; unset ones (speculative decoding off, maxModelLen, quantization) are left out."""
+        return {engine_field_name(path): value for path, value in _leaves(self.model_dump()) if value is not None}
+
+
+# EngineConfig's names (kvflock.worker.config) of the `engine` fields whose own name, in snake_case,
+# is not it; every other field is its name in snake_case (maxNumSeqs: max_num_seqs).
+ENGINE_FIELD_NAMES = {
+    "prefixCaching": "enable_prefix_caching",
+    "kvCache.blockSize": "block_size",
+    "kvCache.dtype": "kv_cache_dtype",
+    "kvCache.gpuMemoryUtilization": "gpu_memory_utilization",
+    "kvCache.cpuOffloadGiB": "kv_offload_cpu_gib",
+    "kvCache.diskOffloadGiB": "kv_offload_disk_gib",
+    "kvCache.diskPath": "kv_offload_disk_path",
+    "speculative.method": "speculative_method",
+    "speculative.numTokens": "num_speculative_tokens",
+    "speculative.promptLookupMin": "prompt_lookup_min",
+    "speculative.promptLookupMax": "prompt_lookup_max",
+    "speculative.draftModel": "draft_model",
+}
+
+
+def engine_field_name(path: str) -> str:
+    """The EngineConfig field of an `engine` field, by its dotted path (kvCache.blockSize: block_size)."""
+    return ENGINE_FIELD_NAMES.get(path) or re.sub(r"(?<!^)([A-Z])", r"_\1", path).lower()
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, value) of every non-object value of a nested dict."""
+    leaves = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            leaves += _leaves(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
 
 
 class ResourcesSpec(_Model):
@@ -231,9 +298,9 @@ class AutoscalingSpec(_Model):
 class PoolEngineSpec(_Model):
     """Engine settings of one pool's workers; each one unset keeps the service's `engine` value."""
 
-    maxModelLen: int | None = Field(None, ge=16, le=1048576, description="Longest context in tokens.")
+    maxModelLen: int | None = Field(None, ge=1, le=1048576, description="Longest context in tokens.")
     maxNumSeqs: int | None = Field(None, ge=1, le=4096, description="Sequences batched together at most.")
-    maxNumBatchedTokens: int | None = Field(None, ge=16, le=1048576, description="Token budget of one engine step.")
+    maxNumBatchedTokens: int | None = Field(None, ge=1, le=1048576, description="Token budget of one engine step.")
 
 
 class PoolSpec(_Model):
@@ -523,119 +590,3 @@ def format_errors(error: ValidationError) -> str:
         parts.append(f"spec.{where}: {message}" if where else f"spec: {message}")
     return "; ".join(parts)
 
-
-# ---- rendering the CustomResourceDefinition -------------------------------------------------
-
-_DROPPED_KEYS = {"title", "$defs"}
-
-
-def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    """Turn a pydantic JSON schema node into a Kubernetes structural OpenAPI v3 schema.
-
-    References are inlined, optional fields become plain (absent rather than null), free-form
-    objects preserve unknown fields, numeric exclusive bounds take the OpenAPI v3.0 form, and
-    nested objects and lists default to empty ones, so that the API server fills in the
-    defaults inside them and CEL rules can rely on them being present. Objects that the model
-    makes optional (`X | None`) get no such default: their absence means something (`auth`
-    off), and an empty one would miss its required fields.
-    """
-    if "$ref" in schema:
-        resolved = defs[schema["$ref"].rsplit("/", 1)[-1]]
-        return _structural({**resolved, **{k: v for k, v in schema.items() if k != "$ref"}}, defs)
-    if "anyOf" in schema:  # Optional[X] from pydantic: anyOf [X, null]
-        (option,) = [s for s in schema["anyOf"] if s.get("type") != "null"]
-        rest = {k: v for k, v in schema.items() if k != "anyOf" and not (k == "default" and v is None)}
-        return _structural({**option, **rest}, defs)
-    if schema.get("type") == "object" and schema.get("additionalProperties") is True:
-        return {
-            "type": "object",
-            "x-kubernetes-preserve-unknown-fields": True,
-            **({"description": schema["description"]} if "description" in schema else {}),
-        }
-    out: dict[str, Any] = {}
-    optional: set[str] = set()
-    for key, value in schema.items():
-        if key in _DROPPED_KEYS or (key == "additionalProperties" and value is False):
-            continue
-        if key == "properties":
-            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
-            optional = {name for name, sub in value.items() if {"type": "null"} in sub.get("anyOf", [])}
-        elif key in ("items", "additionalProperties"):
-            out[key] = _structural(value, defs)
-        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
-            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
-            out[key] = True
-        else:
-            out[key] = value
-    required = set(out.get("required", []))
-    for name, sub in out.get("properties", {}).items():
-        if name in required | optional or "default" in sub or sub.get("x-kubernetes-preserve-unknown-fields"):
-            continue
-        if sub.get("type") == "array":
-            sub["default"] = []
-        elif sub.get("type") == "object":
-            sub["default"] = {}
-    return out
-
-
-def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The structural OpenAPI v3 schema of a model, as a CRD version's schema wants it."""
-    schema = model.model_json_schema(by_alias=True, mode="validation")
-    return _structural(schema, schema.get("$defs", {}))
-
-
-def render_crd() -> dict[str, Any]:
-    """The InferenceService CustomResourceDefinition, rendered from the models."""
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": SHORT_NAMES,
-                "categories": ["kvflock"],
-            },
-            "scope": "Namespaced",
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "An InferenceService runs a language model on replicas of the"
-                            " kvflock engine behind one OpenAI-compatible endpoint.",
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": {**openapi_schema(InferenceServiceSpec), "default": {}},
-                                "status": openapi_schema(InferenceServiceStatus),
-                            },
-                        }
-                    },
-                    "subresources": {
-                        "status": {},
-                        "scale": {
-                            "specReplicasPath": ".spec.replicas",
-                            "statusReplicasPath": ".status.replicas",
-                            "labelSelectorPath": ".status.selector",
-                        },
-                    },
-                    "additionalPrinterColumns": [
-                        {"name": "Model", "type": "string", "jsonPath": ".status.model"},
-                        {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
-                        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
-                        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                }
-            ],
-        },
-    }

@@ -2,8 +2,9 @@
 RoleBinding that let it find the workers through the API server.
 
 The router pod runs `kvflock router --service <name>`: it lists and watches the service's
-worker Pods and reads the `<name>-engine` ConfigMap (pools, policy, hold timeout), exactly what
-its Role grants. The entry Service selects it (`children.entry_service`), so clients reach the
+worker Pods and reads the `<name>-engine` ConfigMap (its router.json: pools, policy, hold
+timeout and the block size it hashes prefixes by), exactly what its Role grants. The entry
+Service selects it (`children.entry_service`), so clients reach the
 workers through it. It mounts the same access-control files as the workers (`children.auth_volumes`)
 and takes the router's share of the flags (`children.auth_args`). Plain functions, no I/O.
 """

@@ -1,12 +1,23 @@
 """Configuration of the engine: the model's architecture, the engine's limits, and the
 per-request sampling parameters. Everything a user writes is a pydantic model, so a bad value
-fails with a ValueError that names the field."""
+fails with a ValueError that names the field.
 
+EngineConfig is the one declaration of every engine setting: its default, bounds and help text.
+`kvflock serve` and `kvflock generate` make their flags from it, `kvflock serve --config FILE`
+reads it from a JSON file of the same field names (what the operator mounts into worker pods),
+and a test holds the CRD's engine fields to it. This module imports torch only where a setting
+becomes a torch object, so the CLI and the operator read the settings without it.
+"""
+
+import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import torch
 
 _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -85,21 +96,17 @@ class ModelConfig:
         )
 
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
-
 class EngineConfig(BaseModel):
     """What a worker runs and within which limits (the CRD's `engine` section maps onto it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="HF folder, .gguf file, folder with one .gguf, or 'demo'")
-    load_format: Literal["auto", "hf", "gguf", "dummy"] = "auto"
+    model: str = Field(
+        "demo", description="HF folder, .gguf file, folder with one .gguf, or 'demo' (SmolLM2-135M-Instruct)"
+    )
+    load_format: Literal["auto", "hf", "gguf", "dummy"] = Field(
+        "auto", description="auto: from the path (a .gguf file or an HF folder); dummy: random weights"
+    )
     quantization: Literal["gptq", "int8", "int4"] | None = Field(
         None,
         description="weight-only quantization of the linear layers. None: as the checkpoint is (GPTQ when its "
@@ -112,13 +119,23 @@ class EngineConfig(BaseModel):
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    # At most 8: a replica's ranks are processes of one pod, on one node's GPUs.
     tensor_parallel_size: int = Field(
-        1, ge=1, description="ranks (processes, one GPU each) that one replica spans; must divide num_heads"
+        1, ge=1, le=8, description="ranks (processes, one GPU each) that one replica spans; must divide num_heads"
     )
-    max_model_len: int | None = Field(None, ge=1, description="defaults to the model's context")
-    max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step (prefill chunk budget)")
-    block_size: int = Field(16, ge=1, le=256)
+    max_model_len: int | None = Field(
+        None, ge=1, le=1048576, description="prompt plus output tokens of one sequence; defaults to the model's context"
+    )
+    # 64, not vLLM's 256: decode CUDA graphs are captured for every batch size up to it (1, 2, 4, then
+    # multiples of 8: 11 captures against 35), start-up time that a restarted replica pays in its
+    # recovery budget, and the KV cache, not this limit, bounds the batch of long sequences anyway.
+    max_num_seqs: int = Field(
+        64, ge=1, le=4096, description="sequences running at once (decode CUDA graphs are captured up to it)"
+    )
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, le=1048576, description="tokens per step; longer prompts are prefilled in chunks"
+    )
+    block_size: Literal[1, 2, 4, 8, 16, 32, 64, 128, 256] = Field(16, description="tokens per KV block")
     num_kv_blocks: int | None = Field(None, ge=2, description="KV blocks; default from kv_cache_memory_gib")
     kv_cache_memory_gib: float | None = Field(
         None, gt=0, description="KV cache size when num_kv_blocks is unset; default: 1 GiB on CPU, on CUDA "
@@ -136,8 +153,12 @@ class EngineConfig(BaseModel):
         "auto", description="auto: the model's dtype; fp8: float8 e4m3 with per-layer K/V scales (half of bf16)"
     )
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prefixes seen before")
-    kv_offload_cpu_gib: float = Field(0.0, ge=0, description="CPU memory for KV blocks evicted from the GPU pool")
-    kv_offload_disk_gib: float = Field(0.0, ge=0, description="disk space for KV blocks evicted from the CPU tier")
+    kv_offload_cpu_gib: float = Field(
+        0.0, ge=0, le=4096, description="CPU memory for KV blocks evicted from the GPU pool (0: off)"
+    )
+    kv_offload_disk_gib: float = Field(
+        0.0, ge=0, le=65536, description="disk space for KV blocks evicted from the CPU tier (0: off)"
+    )
     kv_offload_disk_path: str | None = Field(None, description="folder of the disk KV tier (kept across restarts)")
     speculative_method: Literal["ngram", "draft"] | None = Field(
         None, description="speculative decoding: ngram (prompt lookup) or draft (a small model); None: off"
@@ -148,6 +169,7 @@ class EngineConfig(BaseModel):
     draft_model: str | None = Field(
         None, description="draft: the small model (HF folder or .gguf) with the target's vocabulary"
     )
+    seed: int = Field(0, description="seed of the engine's random state (a request's own seed wins)")
 
     @model_validator(mode="after")
     def _check_speculative(self) -> "EngineConfig":
@@ -174,24 +196,53 @@ class EngineConfig(BaseModel):
         if self.kv_offload_disk_gib and not self.kv_offload_disk_path:
             raise ValueError("kv_offload_disk_path: required when kv_offload_disk_gib > 0")
         return self
-    seed: int = 0
 
-    @field_validator("block_size")
     @classmethod
-    def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"block_size must be a power of two, got {v}")
-        return v
+    def from_file(cls, path: str | Path, **overrides: Any) -> "EngineConfig":
+        """The settings of an engine config file (a JSON object of this model's fields), with
+        `overrides` (e.g. command-line flags) taking precedence. Errors name the file and field."""
+        path = Path(path)
+        try:
+            settings = json.loads(path.read_text())
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the engine config file ({exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: must be a JSON object of engine settings, got {type(settings).__name__}")
+        try:
+            return cls.model_validate({**settings, **overrides})
+        except ValidationError as exc:
+            in_file = any(e["loc"] and e["loc"][0] not in overrides for e in exc.errors())
+            raise ValueError(f"{path}: {describe_errors(exc)}" if in_file else describe_errors(exc)) from None
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self) -> "torch.device":
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
-        return _DTYPES[self.dtype]
+        return getattr(torch, self.dtype)
+
+
+def describe_errors(error: ValidationError) -> str:
+    """A one-line summary of a settings model's validation errors, each naming its field."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif "input" in item and where and item["type"] != "missing":
+            message += f" (got {item['input']!r})"
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
 
 
 class SamplingParams(BaseModel):

@@ -14,7 +14,7 @@ import kubernetes.client
 import pytest
 
 from kvflock.local.apiserver import ApiServer
-from kvflock.operator.crd import render_crd
+from kvflock.operator.render import render_crd
 from tests.polling import wait_for  # noqa: F401  (re-exported to the tests here)
 
 

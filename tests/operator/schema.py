@@ -8,7 +8,7 @@ from typing import Any
 
 import celpy
 import jsonschema
-from kvflock.operator.crd import render_crd
+from kvflock.operator.render import render_crd
 
 
 def crd_schema() -> dict[str, Any]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from kvflock.operator.crd import InferenceServiceSpec, format_errors, render_crd
-from kvflock.operator.render import crd_files
+from kvflock.operator.crd import InferenceServiceSpec, format_errors
+from kvflock.operator.render import crd_files, render_crd
 from pydantic import ValidationError
 
 from kvflock.cli import main
@@ -88,6 +88,9 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"engine": {"kvCache": {"blockSize": 7}}}, "spec.engine.kvCache.blockSize"),
     ({"engine": {"kvCache": {"gpuMemoryUtilization": 1.5}}}, "spec.engine.kvCache.gpuMemoryUtilization"),
     ({"engine": {"maxNumBatchedTokens": 16, "kvCache": {"blockSize": 32}}}, "maxNumBatchedTokens"),
+    ({"engine": {"prefixCaching": False, "kvCache": {"cpuOffloadGiB": 4}}}, "prefixCaching"),
+    ({"engine": {"tensorParallelSize": 2, "kvCache": {"diskOffloadGiB": 8}}, "resources": {"gpusPerReplica": 2}},
+     "tensorParallelSize"),
     ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "autoscaling.minReplicas"),
     ({"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 3}, "replicas": 1}, "replicas"),
     ({"engine": {"tensorParallelSize": 2}, "resources": {"gpusPerReplica": 1}}, "resources.gpusPerReplica"),

@@ -3,6 +3,7 @@ workers of their own, and the autoscaler writing replicas (to zero and back)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import kubernetes.client
@@ -61,8 +62,9 @@ def test_each_pool_gets_workers_with_its_own_settings(cluster: Cluster) -> None:
     assert sorted(pods) == ["chat-long-w-0", "chat-short-w-0", "chat-short-w-1"]
     assert {p.metadata.labels["kvflock.dev/pool"] for p in pods.values()} == {"short", "long"}
     short = pods["chat-short-w-0"].spec.containers[0]
-    assert short.command[short.command.index("--max-num-seqs") + 1] == "64"
-    assert short.command[short.command.index("--max-model-len") + 1] == "512"
+    assert short.command[short.command.index("--config") + 1] == "/etc/kvflock/engine-short.json"
+    engine = json.loads(cluster.core.read_namespaced_config_map("chat-engine", NS).data["engine-short.json"])
+    assert engine["max_num_seqs"] == 64 and engine["max_model_len"] == 512
     assert pods["chat-long-w-0"].spec.containers[0].resources.limits["memory"] == "16Gi"
 
     cluster.custom.patch_namespaced_custom_object_scale(GROUP, VERSION, NS, PLURAL, "chat", {"spec": {"replicas": 3}},

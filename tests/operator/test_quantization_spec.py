@@ -1,8 +1,9 @@
 """The engine's `quantization` setting: an enum in the CRD and the models, passed to the
-workers as `kvflock serve --quantization`."""
+workers in their engine config file (`kvflock serve --config`)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -16,19 +17,18 @@ from .schema import schema_errors
 OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
 
 
-def _command(engine: dict[str, Any]) -> list[str]:
+def _engine_config(engine: dict[str, Any]) -> dict[str, Any]:
     spec = InferenceServiceSpec.model_validate({"resources": {"gpusPerReplica": 0}, "engine": engine})
-    return children.worker_template(OWNER, spec)["containers"][0]["command"]
+    return json.loads(children.engine_configmap(OWNER, spec)["data"]["engine.json"])
 
 
 @pytest.mark.parametrize("quantization", ["gptq", "int8", "int4"])
-def test_quantization_becomes_a_serve_flag(quantization: str) -> None:
-    command = _command({"quantization": quantization})
-    assert command[command.index("--quantization") + 1] == quantization
+def test_quantization_goes_into_the_engine_config_file(quantization: str) -> None:
+    assert _engine_config({"quantization": quantization})["quantization"] == quantization
 
 
 def test_without_quantization_the_checkpoint_decides() -> None:
-    assert "--quantization" not in _command({})
+    assert "quantization" not in _engine_config({})
 
 
 def test_an_unknown_quantization_is_refused_by_schema_and_model() -> None:

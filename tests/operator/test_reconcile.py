@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any
 
 from kvflock.operator import children, router_children
@@ -102,11 +103,13 @@ def test_worker_pod_runs_kvflock_serve_with_the_engine_settings() -> None:
     assert meta["annotations"][names.ANNOTATION_SPEC_HASH] == current_hash(s)
     command = container["command"]
     assert command[:2] == ["kvflock", "serve"]
-    assert command[command.index("--model") + 1] == "/models/llama"
+    assert command[command.index("--config") + 1] == "/etc/kvflock/engine.json"
     assert command[command.index("--port") + 1] == "8000"
-    assert command[command.index("--load-format") + 1] == "auto"
-    assert command[command.index("--tensor-parallel-size") + 1] == "2"
-    assert command[command.index("--max-model-len") + 1] == "4096"
+    engine = json.loads(children.engine_configmap(OWNER, s)["data"]["engine.json"])
+    assert engine["model"] == "/models/llama"
+    assert engine["load_format"] == "auto"
+    assert engine["tensor_parallel_size"] == 2
+    assert engine["max_model_len"] == 4096
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kvflock.operator import children, router_children
@@ -97,10 +98,14 @@ def test_each_pool_gets_its_own_workers_with_its_settings() -> None:
     assert short["metadata"]["labels"][names.LABEL_POOL] == "short"
     assert short["spec"]["hostname"] == "short-w-0"
     command = short["spec"]["containers"][0]["command"]
-    assert command[command.index("--max-num-seqs") + 1] == "64" and command[command.index("--max-model-len") + 1] == "512"
+    assert command[command.index("--config") + 1] == "/etc/kvflock/engine-short.json"
+    files = children.engine_configmap(OWNER, s)["data"]
+    short_engine = json.loads(files["engine-short.json"])
+    assert short_engine["max_num_seqs"] == 64 and short_engine["max_model_len"] == 512
     long = pods["chat-long-w-0"]["spec"]["containers"][0]
     assert long["resources"]["limits"]["memory"] == "16Gi"
-    assert "--max-model-len" not in long["command"]
+    assert long["command"][long["command"].index("--config") + 1] == "/etc/kvflock/engine-long.json"
+    assert "max_model_len" not in json.loads(files["engine-long.json"])
 
 
 def test_spec_replicas_scales_the_pools_without_replicas_of_their_own() -> None:

@@ -1,8 +1,9 @@
 """The engine's speculative section: checked by schema and models alike, passed to the workers
-as `kvflock serve` flags."""
+in their engine config file (`kvflock serve --config`)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -20,28 +21,28 @@ def _service(spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "kvflock.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"}, "spec": spec}
 
 
-def _command(engine: dict[str, Any]) -> list[str]:
+def _engine_config(engine: dict[str, Any]) -> dict[str, Any]:
     spec = InferenceServiceSpec.model_validate({"resources": {"gpusPerReplica": 0}, "engine": engine})
-    return children.worker_template(OWNER, spec)["containers"][0]["command"]
+    return json.loads(children.engine_configmap(OWNER, spec)["data"]["engine.json"])
 
 
-def test_prompt_lookup_settings_become_serve_flags() -> None:
-    command = _command({"speculative": {"method": "ngram", "numTokens": 5, "promptLookupMax": 3}})
-    assert command[command.index("--speculative-method") + 1] == "ngram"
-    assert command[command.index("--num-speculative-tokens") + 1] == "5"
-    assert command[command.index("--prompt-lookup-min") + 1] == "2"
-    assert command[command.index("--prompt-lookup-max") + 1] == "3"
-    assert "--draft-model" not in command
+def test_prompt_lookup_settings_go_into_the_engine_config_file() -> None:
+    engine = _engine_config({"speculative": {"method": "ngram", "numTokens": 5, "promptLookupMax": 3}})
+    assert engine["speculative_method"] == "ngram"
+    assert engine["num_speculative_tokens"] == 5
+    assert engine["prompt_lookup_min"] == 2
+    assert engine["prompt_lookup_max"] == 3
+    assert "draft_model" not in engine
 
 
-def test_draft_model_settings_become_serve_flags() -> None:
-    command = _command({"speculative": {"method": "draft", "draftModel": "/models/small"}})
-    assert command[command.index("--speculative-method") + 1] == "draft"
-    assert command[command.index("--draft-model") + 1] == "/models/small"
+def test_draft_model_settings_go_into_the_engine_config_file() -> None:
+    engine = _engine_config({"speculative": {"method": "draft", "draftModel": "/models/small"}})
+    assert engine["speculative_method"] == "draft"
+    assert engine["draft_model"] == "/models/small"
 
 
 def test_no_speculative_section_means_no_speculation() -> None:
-    assert "--speculative-method" not in _command({})
+    assert "speculative_method" not in _engine_config({})
 
 
 @pytest.mark.parametrize(("speculative", "field"), [
