@@ -43,7 +43,7 @@ def test_version_is_the_distributions():
 
 def test_log_level_is_accepted_after_the_subcommand(tmp_path):
     result = run_cli("status", "--state-dir", str(tmp_path), "--log-level", "warning")
-    assert "No local cluster runs" in result.stdout, result.stderr
+    assert "no local cluster runs" in result.stdout, result.stderr
     result = run_cli("status", "--log-level", "loud")
     assert result.returncode == 2 and "--log-level" in result.stderr and "Traceback" not in result.stderr
 
