@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kvflock.operator.children import LABEL_ROLE, LABEL_SERVICE, WORKER_PORT
+from kvflock.operator.children import LABEL_ROLE, LABEL_SERVICE
 
 from .conftest import CHART, NAMESPACE, VALUES_ALL, Render, of_kind, one, run_helm, template_args
 from .metric_names import exported_metric_names, promql_metric_names, worker_exposition
@@ -69,7 +69,6 @@ def test_pod_monitors_select_the_operators_worker_and_router_pods(helm: Path) ->
         targets = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
         assert targets["inferenceservice"] == ["__meta_kubernetes_pod_label_kvflock_dev_service"]
         assert targets["instance"] == ["__meta_kubernetes_pod_name"]
-    assert WORKER_PORT == 8000  # the port named http in operator/children.py
 
 
 def test_worker_pods_port_is_named_http_as_the_monitors_expect() -> None:
