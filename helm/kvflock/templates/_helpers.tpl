@@ -130,3 +130,26 @@ drainTimeoutSeconds: 30
 {{- $spec := include "kvflock.inferenceServiceSpec" . | fromYaml }}
 {{- dig "model" "servedName" .Values.inferenceService.name $spec }}
 {{- end }}
+
+{{/* "true" when the chart renders the Prometheus Operator resources (values.yaml, monitoring.enabled). */}}
+{{- define "kvflock.monitoringEnabled" -}}
+{{- $enabled := toString .Values.monitoring.enabled }}
+{{- if or (eq $enabled "true") (and (eq $enabled "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* A number as the `le` label of a worker's histogram bucket: Python's float text (1 -> 1.0, 0.1 -> 0.1). */}}
+{{- define "kvflock.bucketLabel" -}}
+{{- $seconds := float64 . }}
+{{- if eq $seconds (floor $seconds) }}{{ printf "%.1f" $seconds }}{{ else }}{{ $seconds }}{{ end }}
+{{- end }}
+
+{{/* Labels of the monitors and the rule: the chart's, a component, and monitoring.labels. */}}
+{{- define "kvflock.monitoringLabels" -}}
+{{ include "kvflock.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- with .root.Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

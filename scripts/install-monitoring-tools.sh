@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what the chart's monitoring tests check with into the virtual environment $1:
+# promtool (from Debian's `prometheus` package, unpacked, the service not installed) into $1/bin,
+# and the Prometheus Operator's resource validators (the npm package
+# @kubernetes-models/prometheus-operator) under $1/lib/prometheus-operator-models.
+set -euo pipefail
+venv=${1:?usage: install-monitoring-tools.sh VENV_DIR}
+models_version=6.0.0  # generated from prometheus-operator's monitoring.coreos.com/v1 API types
+models="$venv/lib/prometheus-operator-models"
+mkdir -p "$venv/bin"
+
+if [ ! -x "$venv/bin/promtool" ]; then
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  # `apt-get download` needs the package lists; a fresh machine may not have fetched them yet.
+  if ! apt-cache show prometheus >/dev/null 2>&1; then apt-get update -qq; fi
+  (cd "$work" && apt-get download -qq prometheus)
+  dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
+  install -m 0755 "$work/root/usr/bin/promtool" "$venv/bin/promtool"
+fi
+"$venv/bin/promtool" --version >/dev/null
+
+if [ ! -d "$models/node_modules/@kubernetes-models/prometheus-operator" ]; then
+  mkdir -p "$models"
+  npm install --silent --no-audit --no-fund --no-save --prefix "$models" \
+    "@kubernetes-models/prometheus-operator@$models_version" >/dev/null
+fi
