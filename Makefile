@@ -8,7 +8,7 @@ PROMPT ?= What is the capital of France?
 
 .PHONY: demo up test wheel wheel-check test-latest lock venv clean
 
-$(BIN)/.installed: $(LOCK) pyproject.toml setup.py Makefile scripts/install-k8s-tools.sh scripts/install-monitoring-tools.sh
+$(BIN)/.installed: $(LOCK) pyproject.toml setup.py Makefile scripts/install-k8s-tools.sh scripts/install-monitoring-tools.sh tests/helm/validators/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	# Exactly the locked versions (torch is the CPU wheel), then kvflock itself without resolving again.
 	$(BIN)/pip install --quiet -r $(LOCK)

@@ -2,10 +2,10 @@
 # Installs what the chart's monitoring tests check with into the virtual environment $1:
 # promtool (from Debian's `prometheus` package, unpacked, the service not installed) into $1/bin,
 # and the Prometheus Operator's resource validators (the npm package
-# @kubernetes-models/prometheus-operator) under $1/lib/prometheus-operator-models.
+# @kubernetes-models/prometheus-operator, generated from its monitoring.coreos.com/v1 API types)
+# under $1/lib/prometheus-operator-models.
 set -euo pipefail
 venv=${1:?usage: install-monitoring-tools.sh VENV_DIR}
-models_version=6.0.0  # generated from prometheus-operator's monitoring.coreos.com/v1 API types
 models="$venv/lib/prometheus-operator-models"
 mkdir -p "$venv/bin"
 
@@ -20,8 +20,10 @@ if [ ! -x "$venv/bin/promtool" ]; then
 fi
 "$venv/bin/promtool" --version >/dev/null
 
-if [ ! -d "$models/node_modules/@kubernetes-models/prometheus-operator" ]; then
+# At the versions of tests/helm/validators/package-lock.json.
+lock_dir=$(cd "$(dirname "$0")/../tests/helm/validators" && pwd)
+if ! cmp -s "$lock_dir/package-lock.json" "$models/package-lock.json"; then
   mkdir -p "$models"
-  npm install --silent --no-audit --no-fund --no-save --prefix "$models" \
-    "@kubernetes-models/prometheus-operator@$models_version" >/dev/null
+  cp "$lock_dir/package.json" "$lock_dir/package-lock.json" "$models/"
+  npm ci --silent --no-audit --no-fund --prefix "$models" >/dev/null
 fi

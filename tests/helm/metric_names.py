@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 from kvflock.operator import metrics as operator_metrics
 from kvflock.worker.metrics import WorkerMetrics
-from kvflock.worker.router.fleet import Fleet
-from kvflock.worker.router.metrics import RouterMetrics
+from kvflock.router.fleet import Fleet
+from kvflock.router.metrics import RouterMetrics
 from kvflock.worker.spec_decode.verify import SpecDecodeStats
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families

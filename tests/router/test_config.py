@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvflock.operator.children import Owner, engine_settings
+from kvflock.operator.children import engine_settings
 from kvflock.operator.crd import InferenceServiceSpec, PoolSpec, RouterSpec
 from kvflock.router.config import PoolConfig, RouterConfig, read_settings_file, settings_from_configmap
 from kvflock.router.policy import Pool
@@ -37,7 +37,7 @@ def test_the_operator_writes_what_the_router_reads() -> None:
                    "pools": [{"name": "short", "maxPromptTokens": 64, "replicas": 1},
                              {"name": "long", "minPromptTokens": 64}]},
     })
-    settings = settings_from_configmap(engine_settings(Owner("svc", "default", "uid"), spec))
+    settings = settings_from_configmap(engine_settings(spec))
     assert settings.policy == "least-loaded" and settings.block_size == 32 and settings.hold_seconds == 5
     assert settings.pools == (Pool("short", 0, 64), Pool("long", 64, None))
 
