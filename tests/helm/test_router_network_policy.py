@@ -1,4 +1,5 @@
-"""The routers' NetworkPolicy: only the release's namespace and the chosen ones reach router pods."""
+"""The NetworkPolicies: only the release's namespace and the chosen ones reach router pods; workers only
+from routers, the operator and the named metrics scrapers."""
 
 from __future__ import annotations
 
@@ -40,3 +41,13 @@ def test_a_bad_namespace_name_fails_with_the_schemas_message(helm: Path) -> None
     done = run_helm(helm, "template", "x", str(CHART), "--set", "networkPolicy.routerIngressNamespaces={Bad_NS}",
                     check=False)
     assert done.returncode != 0 and "routerIngressNamespaces" in done.stderr
+
+
+def test_workers_admit_the_metrics_scrapers_namespaces_only_when_named(render: Render) -> None:
+    def sources(*sets: str) -> list:
+        policy = one(render(sets=["networkPolicy.enabled=true", *sets]), "NetworkPolicy", component="workers")
+        return policy["spec"]["ingress"][0]["from"]
+
+    scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert scraper not in sources()
+    assert scraper in sources("networkPolicy.metricsScraperNamespaces={monitoring}")
