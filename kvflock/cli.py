@@ -18,6 +18,17 @@ if TYPE_CHECKING:
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
+
+def _port(text: str) -> int:
+    """A TCP port number, refused by argparse (one line, naming the flag) outside 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {port}")
+    return port
+
 # Flag names kept from before the flags were made from EngineConfig, beside the field's own.
 _FLAG_ALIASES = {"enable_prefix_caching": ("--prefix-caching",)}  # and so --no-prefix-caching
 
@@ -146,8 +157,8 @@ def _add_operator(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
     p.add_argument("--context", default=None, help="kubeconfig context")
     p.add_argument("--probe-interval", type=float, default=5.0, help="seconds between reads of the workers' metrics")
-    p.add_argument("--health-port", type=int, default=None, help="serve /healthz for the kubelet's probes on this port")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--health-port", type=_port, default=None, help="serve /healthz for the kubelet's probes on this port")
+    p.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--verbose", "-v", action="count", default=0, help="more logging (-v: debug)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
     p.set_defaults(func=_run_operator)
@@ -194,13 +205,13 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker)")
     p.add_argument("--served-model-name", default=None, help="the name clients ask for (default: --model)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; more get 429")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     _add_access_options(p)
     p.add_argument("--admin-token-file", default=None,
                    help="require this operator token on /admin/* (default: $KVFLOCK_ADMIN_TOKEN_FILE, else open)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port instead of --port")
+    p.add_argument("--metrics-port", type=_port, default=None, help="serve /metrics on this port instead of --port")
     _add_engine_options(p)
     p.set_defaults(func=_run_serve)
 
@@ -252,7 +263,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_router(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("router", help="route OpenAI requests over an InferenceService's workers")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--worker", action="append", default=[], metavar="[POOL=]URL",
                    help="a worker's base URL, optionally in a pool (repeat); instead of --service")
     p.add_argument("--service", default=None, help="discover the workers of this InferenceService")
@@ -330,8 +341,8 @@ def _state_dir(args: argparse.Namespace) -> Path:
 def _add_up(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("up", help="run the local cluster: API server, operator, process kubelet, routers")
     _add_local_cluster_options(p)
-    p.add_argument("--api-port", type=int, default=16443, help="the API server's port on 127.0.0.1")
-    p.add_argument("--router-port", type=int, default=30080,
+    p.add_argument("--api-port", type=_port, default=16443, help="the API server's port on 127.0.0.1")
+    p.add_argument("--router-port", type=_port, default=30080,
                    help="the first InferenceService's router port on 127.0.0.1 (the next ones count up)")
     p.add_argument("--apply", "-f", type=Path, action="append", default=[], help="apply InferenceServices from a file")
     p.add_argument("--ask", default=None,

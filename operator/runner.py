@@ -35,7 +35,11 @@ def load_configuration(kubeconfig: str | None = None, context: str | None = None
             return configuration
         except kubernetes.config.ConfigException:
             pass
-    kubernetes.config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    try:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    except (kubernetes.config.ConfigException, OSError, ValueError) as exc:  # missing, unreadable or malformed
+        where = kubeconfig or "the default kubeconfig (~/.kube/config or $KUBECONFIG)"
+        raise ValueError(f"kubeconfig: cannot load {where}: {exc}") from exc
     return configuration
 
 

@@ -20,8 +20,9 @@ ALLOWED = {
     "operator": {"shared"},
     "local": {"shared", "operator.entry"},
 }
-# The operator's entry points, which the local cluster runs in its own process.
-OPERATOR_ENTRY = {"kvflock.operator.runner", "kvflock.operator.render"}
+# The operator's entry points, which the local cluster runs in its own process, and the CRD's
+# models, which it checks the manifests it applies against.
+OPERATOR_ENTRY = {"kvflock.operator.runner", "kvflock.operator.render", "kvflock.operator.crd"}
 
 
 def _modules() -> dict[str, Path]:

@@ -130,3 +130,22 @@ def test_the_command_line_is_built_without_torch():
     check = "import sys; from kvflock.cli import build_parser; build_parser(); assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-P", "-c", check], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_port_out_of_range_is_a_one_line_error():
+    result = run_cli("serve", "--port", "99999")
+    assert result.returncode == 2 and "--port: must be between 1 and 65535, got 99999" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_kubeconfig_is_a_one_line_error(tmp_path):
+    result = run_cli("operator", "--kubeconfig", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "kubeconfig: cannot load" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_up_refuses_a_malformed_manifest_before_starting_anything(tmp_path):
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text("apiVersion: [\n")
+    result = run_cli("up", "--state-dir", str(tmp_path / "state"), "--apply", str(manifest))
+    assert result.returncode == 2 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()

@@ -32,14 +32,19 @@ from typing import Any
 import kubernetes.client
 import yaml
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from kvflock.local.localcluster import LocalCluster, StateDir, default_state_dir
 from kvflock.local.process import kill_leftovers
+from kvflock.operator.crd import InferenceServiceSpec, check_name, format_errors
 
 __all__ = ["ask", "down", "status", "up", "wait_ready"]
 
 GROUP, VERSION, PLURAL, KIND = "kvflock.dev", "v1alpha1", "inferenceservices", "InferenceService"
 _MERGE_PATCH = "application/merge-patch+json"
+# The operator's Degraded reasons that waiting cannot cure: the spec must change first (a worker
+# that failed once is replaced, and is not among them).
+_HOPELESS = {"InvalidSpec", "AuthSecretMissing", "WorkerStuck"}
 
 
 def _alive(pid: int) -> bool:
@@ -128,6 +133,36 @@ def key_hint(kubeconfig: Path, namespace: str, service: dict[str, Any], url: str
             f"  (the openai client reads OPENAI_API_KEY; `kvflock up --ask` sends the key itself)")
 
 
+def read_manifests(path: Path) -> list[dict[str, Any]]:
+    """The InferenceServices and Secrets of a manifest file, checked as the API server would
+    check them (the CRD's own models) before anything starts: a ValueError naming the file,
+    the document and the field."""
+    try:
+        docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    for number, doc in enumerate(docs, 1):
+        where = f"{path}: document {number}"
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where}: not a Kubernetes object (a mapping with apiVersion and kind)")
+        is_service = doc.get("kind") == KIND and doc.get("apiVersion") == f"{GROUP}/{VERSION}"
+        if not is_service and not (doc.get("kind") == "Secret" and doc.get("apiVersion") == "v1"):
+            raise ValueError(f"{where}: kind {doc.get('kind')!r}: `kvflock up --apply` applies InferenceServices "
+                             f"({GROUP}/{VERSION}) and Secrets only; use kubectl for the rest")
+        name = (doc.get("metadata") or {}).get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: metadata.name: required")
+        if is_service:
+            try:
+                check_name(name)
+                InferenceServiceSpec.model_validate(doc.get("spec") or {})
+            except ValidationError as exc:
+                raise ValueError(f"{where} ({name}): {format_errors(exc)}") from exc
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+    return docs
+
+
 def apply(api_client: kubernetes.client.ApiClient, path: Path, namespace: str = "default") -> list[str]:
     """Create or update the InferenceServices (and Secrets) of a manifest file; the services' names.
 
@@ -136,12 +171,7 @@ def apply(api_client: kubernetes.client.ApiClient, path: Path, namespace: str = 
     """
     custom = kubernetes.client.CustomObjectsApi(api_client)
     core = kubernetes.client.CoreV1Api(api_client)
-    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-    for doc in docs:
-        is_service = doc.get("kind") == KIND and doc.get("apiVersion") == f"{GROUP}/{VERSION}"
-        if not is_service and not (doc.get("kind") == "Secret" and doc.get("apiVersion") == "v1"):
-            raise ValueError(f"{path}: kind {doc.get('kind')!r}: `kvflock up --apply` applies InferenceServices "
-                             f"({GROUP}/{VERSION}) and Secrets only; use kubectl for the rest")
+    docs = read_manifests(path)
     for doc in docs:
         if doc["kind"] == "Secret":
             _apply_secret(core, doc, namespace)
@@ -200,9 +230,13 @@ def wait_ready(api_client: kubernetes.client.ApiClient, namespace: str, name: st
             show(f"[{time.monotonic() - started:5.1f}s] {line}")
             last = line
         status = service.get("status") or {}
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        ready = (conditions.get("Ready") or {}).get("status") == "True"
         if ready and str(status.get("url", "")).startswith("http://127.0.0.1:"):
             return service
+        degraded = conditions.get("Degraded") or {}
+        if degraded.get("status") == "True" and degraded.get("reason") in _HOPELESS:
+            raise ValueError(f"{namespace}/{name} cannot become Ready: {degraded['reason']}: {degraded.get('message')}")
         time.sleep(0.5)
     conditions = (service.get("status") or {}).get("conditions") or []
     summary = "; ".join(f"{c['type']}={c['status']} ({c.get('reason')}: {c.get('message')})" for c in conditions)
@@ -280,6 +314,7 @@ def up(state_dir: Path, api_port: int, router_port: int, files: Sequence[Path], 
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"--apply: no such file: {path}")
+        read_manifests(path)  # a bad file fails before anything starts
     if detach:
         return _up_detached(state, api_port, router_port, files, prompt, timeout)
     # The API server logs every request and kopf every handler run: the cluster's own story

@@ -9,7 +9,7 @@ from pathlib import Path
 import kubernetes.client
 import pytest
 
-from kvflock.local.up import api_key, apply, key_hint
+from kvflock.local.up import api_key, apply, key_hint, read_manifests, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,3 +55,26 @@ def test_other_kinds_are_refused_naming_the_kind(api_client: kubernetes.client.A
     manifest.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     with pytest.raises(ValueError, match="kind 'ConfigMap'.*InferenceServices .* and Secrets only"):
         apply(api_client, manifest)
+
+
+def test_a_bad_spec_is_refused_naming_the_file_document_and_field(tmp_path: Path) -> None:
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text("apiVersion: kvflock.dev/v1alpha1\nkind: InferenceService\nmetadata: {name: chat}\n"
+                        "spec: {replicas: two}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: document 1 \(chat\): spec.replicas"):
+        read_manifests(manifest)
+    manifest.write_text("apiVersion: [\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        read_manifests(manifest)
+
+
+def test_waiting_stops_with_the_operators_reason_when_the_spec_cannot_run(
+        api_client: kubernetes.client.ApiClient) -> None:
+    custom = kubernetes.client.CustomObjectsApi(api_client)
+    custom.create_namespaced_custom_object("kvflock.dev", "v1alpha1", "default", "inferenceservices", {
+        "apiVersion": "kvflock.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "odd"}, "spec": {}})
+    degraded = {"type": "Degraded", "status": "True", "reason": "InvalidSpec", "message": "spec.engine: no good"}
+    custom.patch_namespaced_custom_object_status("kvflock.dev", "v1alpha1", "default", "inferenceservices", "odd",
+                                                 {"status": {"conditions": [degraded]}})
+    with pytest.raises(ValueError, match="default/odd cannot become Ready: InvalidSpec: spec.engine: no good"):
+        wait_ready(api_client, "default", "odd", timeout=600)
