@@ -28,15 +28,16 @@ import torch
 from kvflock.worker.attention import AttentionMetadata, select_attention_backend
 from kvflock.worker.config import EngineConfig, ModelConfig, SamplingParams
 from kvflock.worker.cuda_graphs import capture_batch_sizes
-from kvflock.worker.kv.block_pool import BlockPool
 from kvflock.worker.kv.disk import DiskBlockStore
+from kvflock.worker.kv.manager import KVCacheManager
 from kvflock.worker.kv.tiers import OffloadTiers
 from kvflock.worker.model.loader import LoadedModel, load
 from kvflock.worker.runner import allocate_kv_cache, kv_bytes_per_block
-from kvflock.worker.sampler import SampledTokens, Sampler, SampleResult
-from kvflock.worker.scheduler import ScheduledSequence, Scheduler
-from kvflock.worker.sequence import Sequence, TokenLogprobs
+from kvflock.worker.sampler import SampledTokens, Sampler
+from kvflock.worker.scheduler import Scheduler
+from kvflock.worker.sequence import SampleResult, Sequence, TokenLogprobs
 from kvflock.worker.spec_decode.speculator import load_draft_model, make_speculator
+from kvflock.worker.step_plan import ScheduledSequence, StepPlan
 from kvflock.worker.tp import make_runner
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,10 @@ class _Request:
 
 @dataclass
 class _LaunchedStep:
-    """A step queued on the device: the sequences that sample in it and their tokens (on the
-    device, or already on the host with speculative decoding)."""
+    """A step queued on the device: its plan, the items of it that sample, and their tokens (on
+    the device, or already on the host with speculative decoding)."""
 
+    plan: StepPlan
     sampling: list[ScheduledSequence]
     sampled: SampledTokens | None = None
     emitted: list[list[SampleResult]] | None = None
@@ -119,9 +121,8 @@ class LLMEngine:
         kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.kv_dtype, self.device,
                                      self.loaded.tp_size)
         self.tiers = self._offload_tiers(config, kv_cache)
-        self.pool = BlockPool(num_blocks, on_evict=self.tiers.offload if self.tiers else None)
-        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_prefix_caching, self.tiers)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, self.tiers)
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = make_runner(self.loaded, kv_cache, config.block_size)
         if self._use_cuda_graphs(config):
             verify_tokens = 1 + config.num_speculative_tokens if config.speculative_method else None
@@ -340,25 +341,24 @@ class LLMEngine:
         return outputs
 
     def _launch(self, previous: _LaunchedStep | None) -> _LaunchedStep | None:
-        """Schedule a step and queue it on the device, sampling included."""
+        """Schedule a step, carry out its KV transfers and queue it on the device, sampling
+        included."""
+        drafts = None
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running, self.max_model_len)
-        batch = self.scheduler.schedule()
-        if not batch.scheduled:
+            drafts = self.speculator.propose(self.scheduler.running, self.max_model_len)
+        plan = self._transfer_kv(self.scheduler.schedule(drafts))
+        if not plan.scheduled:
             return None
-        sampling = [item for item in batch.scheduled if item.samples]
-        if self.tiers is not None:
-            self.tiers.before_forward()
+        sampling = plan.sampling
         pending = None
         if previous is not None and previous.sampled is not None and any(
-                item.seq.num_pending_tokens for item in batch.scheduled):
+                item.seq.num_pending_tokens for item in plan.scheduled):
             pending = previous.sampled.token_ids
         started = time.perf_counter()
-        logits = self.runner.execute(batch, pending)
-        if self.tiers is not None and batch.num_tokens > len(batch.scheduled):
-            self.tiers.observe_prefill(batch.num_tokens, time.perf_counter() - started)
-        self.scheduler.on_step_done(batch)
-        step = _LaunchedStep(sampling)
+        logits = self.runner.execute(plan, pending)
+        if self.tiers is not None and plan.num_tokens > len(plan.scheduled):
+            self.tiers.observe_prefill(plan.num_tokens, time.perf_counter() - started)
+        step = _LaunchedStep(plan, sampling)
         if not sampling:
             step.emitted = []
         elif self.speculator is not None:
@@ -369,30 +369,31 @@ class LLMEngine:
                 item.seq.append_pending(row)
         return step
 
+    def _transfer_kv(self, plan: StepPlan) -> StepPlan:
+        """Carry out the plan's KV transfers before its forward pass: evicted blocks go down to
+        the CPU and disk tiers (queued, and issued before anything can overwrite them), then
+        the planned restores come up. A sequence whose restore falls short leaves the step."""
+        if self.tiers is None:  # without lower tiers the KV cache manager plans no transfers
+            return plan
+        transfers = plan.kv_transfers
+        # The restores' CPU copies must outlive the offloads, which may evict CPU blocks.
+        self.tiers.pin(transfers.restored_hashes)
+        for block, block_hash in transfers.offloads:
+            self.tiers.offload(block, block_hash)
+        if transfers.restores:
+            restored = [self.tiers.restore(r.block_hashes, r.block_ids) for r in transfers.restores]
+            plan = self.scheduler.on_kv_restored(plan, restored)
+        self.tiers.before_forward()
+        return plan
+
     def _complete(self, step: _LaunchedStep) -> list[RequestOutput]:
-        """Read the step's tokens, append them, apply stop conditions; the requests that
-        progressed."""
+        """Read the step's tokens and apply them (kvflock.worker.scheduler.Scheduler.update);
+        the requests that progressed."""
         emitted = step.emitted if step.sampled is None else [[result] for result in step.sampled.results()]
         progressed: dict[str, _Request] = {}
-        for item, results in zip(step.sampling, emitted):
-            seq = item.seq
-            if seq.is_finished:  # aborted, or ended by the step before while this one ran
-                continue
-            try:
-                for result in results:  # several after verified drafts; a stop drops the rest
-                    seq.append_token(result.token_id)
-                    if result.logprobs is not None:
-                        seq.logprobs.append(result.logprobs)
-                    self._update_text_and_stop(seq)
-                    if seq.finish_reason is not None:
-                        break
-            except Exception:
-                log.exception("request %s failed while finishing its step", seq.request_id)
-                seq.finish_reason = "error"
-            if seq.finish_reason is not None:
-                self._finish(seq)
-            elif item.num_draft_tokens:
-                self.scheduler.on_draft_verified(seq, len(results) - 1)
+        for seq in self.scheduler.update(step.plan, emitted, self._update_text_and_stop):
+            if seq.is_finished and self.speculator is not None:
+                self.speculator.release(seq)
             progressed[seq.request_id] = self._requests[seq.request_id]
 
         outputs = [self._output(r) for r in progressed.values()]
@@ -402,7 +403,6 @@ class LLMEngine:
         return outputs
 
     def _finish(self, seq: Sequence) -> None:
-        seq.drop_pending()
         self.scheduler.finish(seq)
         if self.speculator is not None:
             self.speculator.release(seq)

@@ -19,7 +19,7 @@ class _EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        scheduler, pool = self.engine.scheduler, self.engine.pool
+        scheduler, pool = self.engine.scheduler, self.engine.kv_manager.pool
         yield GaugeMetricFamily("kvflock_requests_running", "Sequences in the running batch", value=len(scheduler.running))
         yield GaugeMetricFamily("kvflock_requests_waiting", "Sequences waiting to be scheduled", value=len(scheduler.waiting))
         yield GaugeMetricFamily("kvflock_kv_blocks_total", "KV cache blocks that can be in use", value=pool.capacity)
