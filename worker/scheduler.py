@@ -158,14 +158,15 @@ class Scheduler:
             except Exception:
                 log.exception("request %s failed while finishing its step", seq.request_id)
                 seq.finish_reason = "error"
-            if seq.finish_reason is not None:
-                self.finish(seq)
-            elif item.num_draft_tokens:
+            if seq.finish_reason is None and item.num_draft_tokens:
                 seq.num_computed_tokens += len(results) - 1
                 self.kv.trim(seq)
+            self.kv.register_full_blocks(seq)  # a finished sequence's blocks stay findable once freed
+            if seq.finish_reason is not None:
+                self.finish(seq)
             progressed.append(seq)
         for item in plan.scheduled:
-            if not item.seq.is_finished:
+            if not item.samples and not item.seq.is_finished:
                 self.kv.register_full_blocks(item.seq)
         return progressed
 

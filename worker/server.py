@@ -68,7 +68,7 @@ class WorkerState:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
     def set_engine(self, engine: AsyncEngine) -> None:
-        self.metrics.watch(engine.engine)
+        self.metrics.watch(engine)
         self.engine = engine
 
     def serving_engine(self) -> AsyncEngine:
@@ -190,7 +190,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
     async def models() -> dict[str, Any]:
         model = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "kvflock"}
         if state.engine is not None:
-            model["max_model_len"] = state.engine.engine.max_model_len
+            model["max_model_len"] = state.engine.max_model_len
         return {"object": "list", "data": [model]}
 
     @app.post("/v1/completions")
@@ -254,7 +254,7 @@ def _params(build: Callable[[], Any]) -> Any:
 
 
 def _chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> str:
-    tokenizer = engine.engine.tokenizer
+    tokenizer = engine.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "messages: this model has no chat template; use /v1/completions", param="messages")
     conversation = [m.as_template_input() for m in body.messages]
@@ -357,7 +357,7 @@ class _Format:
         return prompt_index * self.n + completion.index
 
     def token_text(self, token_id: int) -> str:
-        tokenizer = self.engine.engine.tokenizer
+        tokenizer = self.engine.tokenizer
         return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
 
     def envelope(self, chunk: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
