@@ -3,10 +3,13 @@
 The engine and its tokenizer are touched only by the engine thread: requests to add or
 abort arrive through a command queue and are applied between steps, and each step's outputs
 are handed back to the event loop, into the queue of the request they belong to. A step
-that raises fails the requests in it, never the loop.
+that raises fails the requests in it, never the loop. Other threads read only what is
+published for them: the engine's stats after each step, and a tokenizer of their own (a fast
+tokenizer used by two threads at once can fail with "Already borrowed").
 """
 
 import asyncio
+import copy
 import logging
 import queue
 import threading
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvflock.worker.config import SamplingParams
-from kvflock.worker.engine import LLMEngine, RequestOutput
+from kvflock.worker.engine import EngineStats, LLMEngine, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,10 @@ class AsyncEngine:
         self._in_flight = 0
         self.last_step_at = time.monotonic()
         self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
+        self.max_model_len = engine.max_model_len
+        # The event loop's own copy, for chat templates and token texts.
+        self.tokenizer: Any = copy.deepcopy(engine.tokenizer)
+        self.stats: EngineStats = engine.stats()  # replaced by the engine thread, never changed in place
         self._thread = threading.Thread(target=self._run, name="kvflock-engine", daemon=True)
         self._thread.start()
 
@@ -112,6 +119,7 @@ class AsyncEngine:
                 self._step()
             else:
                 self.last_step_at = time.monotonic()  # idle, but turning
+            self.stats = self.engine.stats()
 
     def _next_commands(self) -> list[_Add | _Abort | None]:
         """Whatever arrived since the last step; when idle, wait (briefly) for something."""

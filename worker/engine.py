@@ -1,10 +1,12 @@
 """The engine's step loop: requests in, one scheduled model step at a time, outputs out.
 
-`LLMEngine.step()` schedules a batch, runs it, samples, appends tokens, applies stop
-conditions and reports every request that made progress. Bad requests are refused in
-`add_request` with a ValueError naming the field; a failure while finishing one request's
-step (e.g. its detokenization) ends that request with finish_reason "error" and leaves the
-others running.
+`LLMEngine.step()` schedules a step (kvflock.worker.scheduler), carries out its KV transfers,
+runs it, samples, has the scheduler apply the outcome (tokens, stop conditions from
+kvflock.worker.detokenizer) and reports every request that made progress. The KV cache is
+sized by kvflock.worker.kv.sizing; requests are checked by kvflock.worker.inputs. Bad
+requests are refused in `add_request` with a ValueError naming the field; a failure while
+finishing one request's step (e.g. its detokenization) ends that request with finish_reason
+"error" and leaves the others running.
 
 With async scheduling a step is launched (scheduled, queued on the device, sampled there)
 and completed (its tokens read, stop conditions applied) one call later: each `step()`
@@ -15,34 +17,32 @@ finishes has one more token computed by step n+1, which is dropped. Penalties ne
 token on the host, so a step that samples with them is completed before the next is launched.
 """
 
-import hashlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from kvflock.worker.attention import AttentionMetadata, select_attention_backend
+from kvflock.worker.attention import select_attention_backend
 from kvflock.worker.config import EngineConfig, ModelConfig, SamplingParams
 from kvflock.worker.cuda_graphs import capture_batch_sizes
-from kvflock.worker.kv.block_pool import BlockPool
-from kvflock.worker.kv.disk import DiskBlockStore
-from kvflock.worker.kv.tiers import OffloadTiers
+from kvflock.worker.detokenizer import Detokenizer
+from kvflock.worker.inputs import InputProcessor
+from kvflock.worker.kv.manager import KVCacheManager
+from kvflock.worker.kv.sizing import max_model_len, num_kv_blocks, offload_tiers
 from kvflock.worker.model.loader import LoadedModel, load
-from kvflock.worker.runner import allocate_kv_cache, kv_bytes_per_block
-from kvflock.worker.sampler import SampledTokens, Sampler, SampleResult
-from kvflock.worker.scheduler import ScheduledSequence, Scheduler
-from kvflock.worker.sequence import Sequence, TokenLogprobs
+from kvflock.worker.runner import allocate_kv_cache
+from kvflock.worker.sampler import SampledTokens, Sampler
+from kvflock.worker.scheduler import Scheduler
+from kvflock.worker.sequence import SampleResult, Sequence, TokenLogprobs
 from kvflock.worker.spec_decode.speculator import load_draft_model, make_speculator
+from kvflock.worker.spec_decode.verify import SpecDecodeStats
+from kvflock.worker.step_plan import ScheduledSequence, StepPlan
 from kvflock.worker.tp import make_runner
 
 log = logging.getLogger(__name__)
-
-_CPU_KV_CACHE_BYTES = 2**30
-_TP_ACTIVATION_MARGIN_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -65,6 +65,21 @@ class RequestOutput:
 
 
 @dataclass
+class EngineStats:
+    """A snapshot of the engine's gauges and counters, for metrics."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    num_preemptions: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    spec_decode: SpecDecodeStats | None  # None when speculative decoding is off
+
+
+@dataclass
 class _Request:
     request_id: str
     prompt: str | None
@@ -78,9 +93,10 @@ class _Request:
 
 @dataclass
 class _LaunchedStep:
-    """A step queued on the device: the sequences that sample in it and their tokens (on the
-    device, or already on the host with speculative decoding)."""
+    """A step queued on the device: its plan, the items of it that sample, and their tokens (on
+    the device, or already on the host with speculative decoding)."""
 
+    plan: StepPlan
     sampling: list[ScheduledSequence]
     sampled: SampledTokens | None = None
     emitted: list[list[SampleResult]] | None = None
@@ -106,10 +122,10 @@ class LLMEngine:
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.model_config: ModelConfig = self.loaded.config
         self.tokenizer: Any = self.loaded.tokenizer
-        self.max_model_len = self._max_model_len(config, self.model_config)
+        self.max_model_len = max_model_len(config, self.model_config)
         # Loaded before the KV cache is sized: its weights and its own KV cache take their share.
         self.draft = load_draft_model(config, self.loaded, self.max_model_len, draft)
-        num_blocks = self._num_blocks(config)
+        num_blocks = num_kv_blocks(config, self.loaded, self.kv_dtype, self.max_model_len, self.draft)
 
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -118,10 +134,9 @@ class LLMEngine:
 
         kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.kv_dtype, self.device,
                                      self.loaded.tp_size)
-        self.tiers = self._offload_tiers(config, kv_cache)
-        self.pool = BlockPool(num_blocks, on_evict=self.tiers.offload if self.tiers else None)
-        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_prefix_caching, self.tiers)
+        self.tiers = offload_tiers(config, self.loaded, kv_cache)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, self.tiers)
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = make_runner(self.loaded, kv_cache, config.block_size)
         if self._use_cuda_graphs(config):
             verify_tokens = 1 + config.num_speculative_tokens if config.speculative_method else None
@@ -129,6 +144,8 @@ class LLMEngine:
                                               verify_tokens)
         self.sampler = Sampler(self.eos_token_ids, self.device, config.seed)
         self.speculator = make_speculator(config, num_blocks, self.sampler, self.draft)
+        self._inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
+        self._detokenizer = Detokenizer(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.async_scheduling = self._use_async_scheduling(config)
@@ -151,144 +168,15 @@ class LLMEngine:
             return config.async_scheduling
         return self.device.type == "cuda" and self.loaded.replica is None and self.speculator is None
 
-    @staticmethod
-    def _max_model_len(config: EngineConfig, cfg: ModelConfig) -> int:
-        limit = cfg.max_position_embeddings
-        if cfg.sliding_window:
-            limit = min(limit, cfg.sliding_window)  # sliding-window attention is not implemented
-        if config.max_model_len is None:
-            return limit
-        if config.max_model_len > limit:
-            raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's context of {limit} tokens")
-        return config.max_model_len
-
-    def _num_blocks(self, config: EngineConfig) -> int:
-        needed = -(-self.max_model_len // config.block_size) + 1  # one full sequence, plus block 0
-        if config.num_kv_blocks is not None:
-            if config.num_kv_blocks < needed:
-                raise ValueError(
-                    f"num_kv_blocks: {config.num_kv_blocks} blocks of {config.block_size} tokens cannot hold "
-                    f"one sequence of max_model_len={self.max_model_len}; use at least {needed} or lower max_model_len"
-                )
-            return config.num_kv_blocks
-        per_block = kv_bytes_per_block(self.model_config, config.block_size, self.kv_dtype, self.loaded.tp_size)
-        if self.draft is not None:  # the draft model's pool has as many blocks
-            per_block += kv_bytes_per_block(self.draft.config, config.block_size, self.draft.dtype)
-        # Never more than every running sequence at full length can use.
-        useful = config.max_num_seqs * (needed - 1) + 1
-        if config.kv_cache_memory_gib is not None:
-            field, kv_bytes = "kv_cache_memory_gib", int(config.kv_cache_memory_gib * 2**30)
-        elif self.device.type == "cuda":
-            field, kv_bytes = "gpu_memory_utilization", self._profile_kv_bytes(config)
-        else:
-            field, kv_bytes = "kv_cache_memory_gib", _CPU_KV_CACHE_BYTES
-        blocks = min(kv_bytes // per_block, useful)
-        if blocks < needed:
-            raise ValueError(
-                f"{field}: leaves {kv_bytes / 2**30:.2f} GiB for the KV cache, {blocks} blocks, fewer than the "
-                f"{needed} that one sequence of max_model_len={self.max_model_len} needs"
-            )
-        return blocks
-
-    def _profile_kv_bytes(self, config: EngineConfig) -> int:
-        """GPU memory left for the KV cache: gpu_memory_utilization of the device, less what is
-        in use now (weights, CUDA context, other processes) and the peak of the largest step,
-        measured by running one (a prefill of max_num_batched_tokens tokens and the sampler's
-        sort over every row that can sample at once). The decode CUDA graphs' pool is covered
-        by the same margin once more."""
-        device = self.device
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        if self.loaded.replica is None:
-            self._profile_step(config)
-            activations = torch.cuda.max_memory_allocated(device) - before
-        else:  # the other ranks would have to join the forward pass; assume a generous margin
-            activations = _TP_ACTIVATION_MARGIN_BYTES
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(device)
-        kv_bytes = int(total * config.gpu_memory_utilization) - (total - free) - 2 * activations
-        log.info("GPU memory: %.1f GiB total, %.1f GiB in use, %.2f GiB peak of a step; %.1f GiB for the KV cache "
-                 "at gpu_memory_utilization=%.2f", total / 2**30, (total - free) / 2**30, activations / 2**30,
-                 max(kv_bytes, 0) / 2**30, config.gpu_memory_utilization)
-        return max(kv_bytes, 0)
-
-    @torch.inference_mode()
-    def _profile_step(self, config: EngineConfig) -> None:
-        tokens = min(config.max_num_batched_tokens, self.max_model_len)
-        # Rows that sample: one per sequence, 1 + k for a sequence verifying k drafts.
-        per_seq = 1 + config.num_speculative_tokens if config.speculative_method else 1
-        rows = min(config.max_num_seqs * per_seq, tokens)
-        kv_cache = allocate_kv_cache(self.model_config, 1, config.block_size, self.kv_dtype, self.device)
-        meta = AttentionMetadata(  # one sequence; nothing written (slot -1), every read from block 0
-            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
-            block_tables=torch.zeros((1, -(-tokens // config.block_size)), dtype=torch.int32, device=self.device),
-            context_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
-            cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
-            is_decode=tokens == 1,
-        )
-        model = self.loaded.model
-        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-        hidden = model(ids, torch.arange(tokens, device=self.device), kv_cache, meta)
-        logits = model.logits(hidden[-rows:])
-        logits.sort(dim=-1, descending=True)
-        torch.cuda.synchronize(self.device)
-
-    def _offload_tiers(self, config: EngineConfig, kv_cache: torch.Tensor) -> OffloadTiers | None:
-        """The CPU and disk tiers below the KV cache, sized in blocks from the config's GiB."""
-        if not config.kv_offload_cpu_gib and not config.kv_offload_disk_gib:
-            return None
-        block_bytes = kv_cache[0].numel() * kv_cache.element_size()
-        disk = None
-        if config.kv_offload_disk_gib:
-            assert config.kv_offload_disk_path is not None
-            identity = "|".join([repr(self.model_config), str(self.dtype), str(self.kv_dtype), str(tuple(kv_cache.shape[1:])),
-                                 self._weights_fingerprint()])
-            disk = DiskBlockStore(Path(config.kv_offload_disk_path), int(config.kv_offload_disk_gib * 2**30) // block_bytes,
-                                  identity.encode(), block_bytes)
-            log.info("disk KV tier at %s: %d blocks, %d found from earlier runs", config.kv_offload_disk_path,
-                     disk.capacity_blocks, len(disk))
-        return OffloadTiers(kv_cache, int(config.kv_offload_cpu_gib * 2**30) // block_bytes, disk)
-
-    def _weights_fingerprint(self) -> str:
-        """A hash of a sample of the weights: the disk tier must never serve another
-        checkpoint's KV, even one with the same architecture."""
-        sample = self.loaded.model.model.embed_tokens.weight[:4].detach().float().cpu().numpy().tobytes()
-        return hashlib.sha256(sample).hexdigest()
-
     # -- requests -----------------------------------------------------------------------
-
-    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer; pass token ids instead of text")
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt: must not be empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt: token ids must be integers in [0, {vocab}); got {bad[:3]}")
-        return None, ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
-        text, ids = self.tokenize(prompt)
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt: {len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}"
-            )
-        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens: {params.max_tokens} new tokens after a prompt of {len(ids)} exceed "
-                f"max_model_len={self.max_model_len}; ask for at most {self.max_model_len - len(ids)}"
-            )
-        request = _Request(request_id, text, ids)
+        prompt_in = self._inputs.process(prompt, params)
+        ids = prompt_in.token_ids
+        request = _Request(request_id, prompt_in.text, ids)
         for i in range(params.n):
             generator = None
             if params.seed is not None:
@@ -316,6 +204,13 @@ class LLMEngine:
             self.step()
         log.info("warm-up done in %.2fs", time.perf_counter() - started)
 
+    def stats(self) -> EngineStats:
+        pool, scheduler = self.kv_manager.pool, self.scheduler
+        spec = None if self.speculator is None else replace(self.speculator.stats)
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), pool.capacity, pool.capacity - pool.num_free,
+                           pool.num_cached, scheduler.num_preemptions, scheduler.prefix_queried_tokens,
+                           scheduler.prefix_hit_tokens, spec)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
@@ -340,25 +235,24 @@ class LLMEngine:
         return outputs
 
     def _launch(self, previous: _LaunchedStep | None) -> _LaunchedStep | None:
-        """Schedule a step and queue it on the device, sampling included."""
+        """Schedule a step, carry out its KV transfers and queue it on the device, sampling
+        included."""
+        drafts = None
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running, self.max_model_len)
-        batch = self.scheduler.schedule()
-        if not batch.scheduled:
+            drafts = self.speculator.propose(self.scheduler.running, self.max_model_len)
+        plan = self._transfer_kv(self.scheduler.schedule(drafts))
+        if not plan.scheduled:
             return None
-        sampling = [item for item in batch.scheduled if item.samples]
-        if self.tiers is not None:
-            self.tiers.before_forward()
+        sampling = plan.sampling
         pending = None
         if previous is not None and previous.sampled is not None and any(
-                item.seq.num_pending_tokens for item in batch.scheduled):
+                item.seq.num_pending_tokens for item in plan.scheduled):
             pending = previous.sampled.token_ids
         started = time.perf_counter()
-        logits = self.runner.execute(batch, pending)
-        if self.tiers is not None and batch.num_tokens > len(batch.scheduled):
-            self.tiers.observe_prefill(batch.num_tokens, time.perf_counter() - started)
-        self.scheduler.on_step_done(batch)
-        step = _LaunchedStep(sampling)
+        logits = self.runner.execute(plan, pending)
+        if self.tiers is not None and plan.num_tokens > len(plan.scheduled):
+            self.tiers.observe_prefill(plan.num_tokens, time.perf_counter() - started)
+        step = _LaunchedStep(plan, sampling)
         if not sampling:
             step.emitted = []
         elif self.speculator is not None:
@@ -369,30 +263,31 @@ class LLMEngine:
                 item.seq.append_pending(row)
         return step
 
+    def _transfer_kv(self, plan: StepPlan) -> StepPlan:
+        """Carry out the plan's KV transfers before its forward pass: evicted blocks go down to
+        the CPU and disk tiers (queued, and issued before anything can overwrite them), then
+        the planned restores come up. A sequence whose restore falls short leaves the step."""
+        if self.tiers is None:  # without lower tiers the KV cache manager plans no transfers
+            return plan
+        transfers = plan.kv_transfers
+        # The restores' CPU copies must outlive the offloads, which may evict CPU blocks.
+        self.tiers.pin(transfers.restored_hashes)
+        for block, block_hash in transfers.offloads:
+            self.tiers.offload(block, block_hash)
+        if transfers.restores:
+            restored = [self.tiers.restore(r.block_hashes, r.block_ids) for r in transfers.restores]
+            plan = self.scheduler.on_kv_restored(plan, restored)
+        self.tiers.before_forward()
+        return plan
+
     def _complete(self, step: _LaunchedStep) -> list[RequestOutput]:
-        """Read the step's tokens, append them, apply stop conditions; the requests that
-        progressed."""
+        """Read the step's tokens and apply them (kvflock.worker.scheduler.Scheduler.update);
+        the requests that progressed."""
         emitted = step.emitted if step.sampled is None else [[result] for result in step.sampled.results()]
         progressed: dict[str, _Request] = {}
-        for item, results in zip(step.sampling, emitted):
-            seq = item.seq
-            if seq.is_finished:  # aborted, or ended by the step before while this one ran
-                continue
-            try:
-                for result in results:  # several after verified drafts; a stop drops the rest
-                    seq.append_token(result.token_id)
-                    if result.logprobs is not None:
-                        seq.logprobs.append(result.logprobs)
-                    self._update_text_and_stop(seq)
-                    if seq.finish_reason is not None:
-                        break
-            except Exception:
-                log.exception("request %s failed while finishing its step", seq.request_id)
-                seq.finish_reason = "error"
-            if seq.finish_reason is not None:
-                self._finish(seq)
-            elif item.num_draft_tokens:
-                self.scheduler.on_draft_verified(seq, len(results) - 1)
+        for seq in self.scheduler.update(step.plan, emitted, self._detokenizer.check_stop):
+            if seq.is_finished and self.speculator is not None:
+                self.speculator.release(seq)
             progressed[seq.request_id] = self._requests[seq.request_id]
 
         outputs = [self._output(r) for r in progressed.values()]
@@ -402,31 +297,9 @@ class LLMEngine:
         return outputs
 
     def _finish(self, seq: Sequence) -> None:
-        seq.drop_pending()
         self.scheduler.finish(seq)
         if self.speculator is not None:
             self.speculator.release(seq)
-
-    def _update_text_and_stop(self, seq: Sequence) -> None:
-        p, token = seq.params, seq.output_token_ids[-1]
-        if self.tokenizer is not None:
-            previous_len = len(seq.output_text)
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
-            # Hold back a trailing partial UTF-8 character until its remaining bytes arrive.
-            seq.output_text = text.rstrip("\ufffd")
-            for stop in p.stop:
-                at = seq.output_text.find(stop, max(0, previous_len - len(stop) + 1))
-                if at != -1:
-                    seq.output_text = seq.output_text[:at]
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                    return
-        if token in p.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-        elif not p.ignore_eos and token in self.eos_token_ids:
-            seq.finish_reason = "stop"
-        elif ((p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens)
-              or seq.num_known_tokens >= self.max_model_len):
-            seq.finish_reason = "length"
 
     def _output(self, request: _Request) -> RequestOutput:
         completions = [

@@ -1,5 +1,5 @@
 """The worker's Prometheus metrics (prefix `kvflock_`): latency histograms and token counters
-fed by the server, and gauges read from the engine at scrape time."""
+fed by the server, and gauges read at scrape time from the stats the engine thread publishes."""
 
 from collections.abc import Iterator
 
@@ -7,31 +7,32 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvflock.worker.engine import LLMEngine
+from kvflock.worker.async_engine import AsyncEngine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class _EngineCollector(Collector):
-    """Reads the scheduler and the block pool when Prometheus scrapes; no bookkeeping twice."""
+    """Reads the engine's latest stats snapshot when Prometheus scrapes; no bookkeeping twice,
+    and nothing of the engine touched from the scrape thread."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        scheduler, pool = self.engine.scheduler, self.engine.pool
-        yield GaugeMetricFamily("kvflock_requests_running", "Sequences in the running batch", value=len(scheduler.running))
-        yield GaugeMetricFamily("kvflock_requests_waiting", "Sequences waiting to be scheduled", value=len(scheduler.waiting))
-        yield GaugeMetricFamily("kvflock_kv_blocks_total", "KV cache blocks that can be in use", value=pool.capacity)
-        yield GaugeMetricFamily("kvflock_kv_blocks_used", "KV cache blocks in use", value=pool.capacity - pool.num_free)
-        yield CounterMetricFamily("kvflock_preemptions", "Sequences preempted for lack of KV blocks", value=scheduler.num_preemptions)
+        stats = self.engine.stats
+        yield GaugeMetricFamily("kvflock_requests_running", "Sequences in the running batch", value=stats.num_running)
+        yield GaugeMetricFamily("kvflock_requests_waiting", "Sequences waiting to be scheduled", value=stats.num_waiting)
+        yield GaugeMetricFamily("kvflock_kv_blocks_total", "KV cache blocks that can be in use", value=stats.kv_blocks_total)
+        yield GaugeMetricFamily("kvflock_kv_blocks_used", "KV cache blocks in use", value=stats.kv_blocks_used)
+        yield CounterMetricFamily("kvflock_preemptions", "Sequences preempted for lack of KV blocks", value=stats.num_preemptions)
         yield CounterMetricFamily("kvflock_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                                  value=scheduler.prefix_queried_tokens)
+                                  value=stats.prefix_queried_tokens)
         yield CounterMetricFamily("kvflock_prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                  value=scheduler.prefix_hit_tokens)
-        yield GaugeMetricFamily("kvflock_kv_blocks_cached", "KV blocks holding a known prefix", value=pool.num_cached)
-        if self.engine.speculator is not None:
-            spec = self.engine.speculator.stats
+                                  value=stats.prefix_hit_tokens)
+        yield GaugeMetricFamily("kvflock_kv_blocks_cached", "KV blocks holding a known prefix", value=stats.kv_blocks_cached)
+        if stats.spec_decode is not None:
+            spec = stats.spec_decode
             yield CounterMetricFamily("kvflock_spec_decode_draft_tokens", "Tokens drafted for speculative decoding",
                                       value=spec.num_drafted_tokens)
             yield CounterMetricFamily("kvflock_spec_decode_accepted_tokens", "Drafted tokens the model accepted",
@@ -56,5 +57,5 @@ class WorkerMetrics:
         self.generation_tokens = Counter("kvflock_generation_tokens", "Generated tokens", registry=r)
         self.requests = Counter("kvflock_requests", "Finished requests by finish reason", ["finish_reason"], registry=r)
 
-    def watch(self, engine: LLMEngine) -> None:
+    def watch(self, engine: AsyncEngine) -> None:
         self.registry.register(_EngineCollector(engine))

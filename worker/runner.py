@@ -1,6 +1,7 @@
-"""Runs one scheduled step on the model: packs the scheduler's output into one flat integer
-tensor, unpacks it on the model's device into the batch tensors and the attention metadata,
-runs the forward pass, returns the logits of the sequences that sample this step.
+"""Runs one scheduled step on the model: packs the step plan (kvflock.worker.step_plan) into
+one flat integer tensor, unpacks it on the model's device into the batch tensors and the
+attention metadata, runs the forward pass, returns the logits of the sequences that sample
+this step.
 
 The packed form is what tensor-parallel rank 0 broadcasts to the other ranks each step
 (kvflock.worker.tp): a handful of integers per token, never Python objects.
@@ -19,7 +20,7 @@ from kvflock.worker.config import ModelConfig
 from kvflock.worker.cuda_graphs import DecodeGraphs
 from kvflock.worker.model.llama import LlamaForCausalLM
 from kvflock.worker.model.parallel import kv_heads_per_rank
-from kvflock.worker.scheduler import SchedulerOutput
+from kvflock.worker.step_plan import StepPlan
 
 
 def allocate_kv_cache(
@@ -64,7 +65,7 @@ class StepInputs:
     tokens_per_seq: int | None = None  # when every sequence has this many new tokens
 
 
-def pack_step(batch: SchedulerOutput, block_size: int, pin_memory: bool = False) -> tuple[StepShape, torch.Tensor]:
+def pack_step(plan: StepPlan, block_size: int, pin_memory: bool = False) -> tuple[StepShape, torch.Tensor]:
     """The step as one int64 CPU tensor: input ids, positions, slot mapping (per token),
     context lengths, cu_seqlens, the rows that sample, then the block tables row by row.
     `pin_memory` puts it in pinned memory, so its copy to the GPU can be queued."""
@@ -75,23 +76,24 @@ def pack_step(batch: SchedulerOutput, block_size: int, pin_memory: bool = False)
     context_lens: list[int] = []
     sample_rows: list[int] = []
     bs = block_size
-    for item in batch.scheduled:
-        seq, start, drafts = item.seq, item.seq.num_computed_tokens, item.num_draft_tokens
+    for item in plan.scheduled:
+        start, drafts = item.start, item.num_draft_tokens
         end = start + item.num_new_tokens
-        input_ids.extend(seq.token_ids[start:end - drafts] + seq.draft_token_ids[:drafts])
+        input_ids.extend(item.token_ids)
+        input_ids.extend(item.draft_token_ids)
         positions.extend(range(start, end))
-        table = seq.block_table
+        table = item.block_ids
         slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
         cu_seqlens.append(cu_seqlens[-1] + item.num_new_tokens)
         context_lens.append(end)
         if item.samples:  # a sequence verifying drafts samples after each of them too
             sample_rows.extend(range(cu_seqlens[-1] - 1 - drafts, cu_seqlens[-1]))
 
-    max_blocks = max(len(item.seq.block_table) for item in batch.scheduled)
+    max_blocks = max(len(item.block_ids) for item in plan.scheduled)
     tables: list[int] = []
-    for item in batch.scheduled:
-        tables += item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))
-    shape = StepShape(len(input_ids), len(batch.scheduled), len(sample_rows), max_blocks)
+    for item in plan.scheduled:
+        tables += item.block_ids + [0] * (max_blocks - len(item.block_ids))
+    shape = StepShape(len(input_ids), len(plan.scheduled), len(sample_rows), max_blocks)
     fields = input_ids + positions + slots + context_lens + cu_seqlens + sample_rows + tables
     return shape, torch.tensor(fields, dtype=torch.int64, pin_memory=pin_memory)
 
@@ -135,16 +137,16 @@ class ModelRunner:
             self.verify_graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, batch_sizes,
                                               tokens_per_seq=verify_tokens)
 
-    def execute(self, batch: SchedulerOutput, pending: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [num_sampling_rows, vocab] in the order of `batch.scheduled`: one row per
+    def execute(self, plan: StepPlan, pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [num_sampling_rows, vocab] in the order of `plan.scheduled`: one row per
         sampling sequence, 1 + num_draft_tokens for one that verifies drafts. `pending`: the
-        previous step's sampled tokens, which the batch's placeholders stand for."""
-        shape, packed = pack_step(batch, self.block_size, pin_memory=self.device.type == "cuda")
+        previous step's sampled tokens, which the plan's placeholders stand for."""
+        shape, packed = pack_step(plan, self.block_size, pin_memory=self.device.type == "cuda")
         inputs = unpack_step(shape, packed.to(self.device, non_blocking=True))
         if pending is not None:
             inputs.input_ids = fill_pending(inputs.input_ids, pending)
-        first = batch.scheduled[0].num_new_tokens
-        if all(item.num_new_tokens == first for item in batch.scheduled):
+        first = plan.scheduled[0].num_new_tokens
+        if all(item.num_new_tokens == first for item in plan.scheduled):
             inputs.tokens_per_seq = first
         logits = self.run(inputs)
         assert logits is not None, "only tensor-parallel rank 0 executes scheduled batches"

@@ -10,18 +10,11 @@ them without the host) with their copy to the host queued, and `SampledTokens.re
 for that copy: the step's one synchronization.
 """
 
-from dataclasses import dataclass
 
 import torch
 
-from kvflock.worker.sequence import Sequence, TokenLogprobs
+from kvflock.worker.sequence import SampleResult, Sequence, TokenLogprobs
 from kvflock.worker.transfer import HostCopy, to_device
-
-
-@dataclass
-class SampleResult:
-    token_id: int
-    logprobs: TokenLogprobs | None
 
 
 def _ids(values: list[int], device: torch.device) -> torch.Tensor:

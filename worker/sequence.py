@@ -1,7 +1,8 @@
 """One sequence being generated: its tokens, its KV blocks and how far the model has read it.
 
 A request with `n` completions owns `n` sequences. The scheduler moves sequences between
-waiting and running; the engine appends sampled tokens and decides when one is finished.
+waiting and running and appends the tokens each step emits; the KV cache manager
+(kvflock.worker.kv.manager) holds their blocks.
 
 With async scheduling a sequence is scheduled again before the host knows the token its last
 step sampled: that token is pending, and `token_ids` ends with a placeholder for it (a
@@ -9,12 +10,16 @@ negative number that tells the runner which row of that step's sampled tokens, s
 device, to read). `append_token` fills the oldest placeholder once the value arrives.
 """
 
+from __future__ import annotations
+
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch and the config stay out of the torch-free scheduler's imports
+    import torch
 
-from kvflock.worker.config import SamplingParams
+    from kvflock.worker.config import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -33,6 +38,14 @@ class TokenLogprobs:
 
 
 @dataclass
+class SampleResult:
+    """One token a step emitted for a sequence, with its logprobs when they were asked for."""
+
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
+@dataclass
 class Sequence:
     seq_id: int
     request_id: str
@@ -41,22 +54,13 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    # Prefix caching: hashes of the sequence's full blocks, and how many of its blocks the
-    # pool knows as cached.
-    block_hashes: list[int] = field(default_factory=list)
-    num_cached_blocks: int = 0
+    num_computed_tokens: int = 0  # tokens whose KV is computed, or queued to be by a launched step
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     output_text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_preemptions: int = 0
-    # Speculative decoding: tokens proposed to follow token_ids, checked by the next step;
-    # the drafter's distribution at each of them ([len, vocab]), None for a point mass.
-    draft_token_ids: list[int] = field(default_factory=list)
-    draft_probs: torch.Tensor | None = None
     num_pending_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -105,7 +109,3 @@ class Sequence:
         """Forget the pending tokens (the sequence finished before they arrived)."""
         del self.token_ids[self.num_known_tokens:]
         self.num_pending_tokens = 0
-
-    def clear_draft(self) -> None:
-        self.draft_token_ids = []
-        self.draft_probs = None

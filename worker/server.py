@@ -69,7 +69,7 @@ class WorkerState:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
     def set_engine(self, engine: AsyncEngine) -> None:
-        self.metrics.watch(engine.engine)
+        self.metrics.watch(engine)
         self.engine = engine
 
     def serving_engine(self) -> AsyncEngine:
@@ -191,7 +191,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
     async def models() -> dict[str, Any]:
         model = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "kvflock"}
         if state.engine is not None:
-            model["max_model_len"] = state.engine.engine.max_model_len
+            model["max_model_len"] = state.engine.max_model_len
         return {"object": "list", "data": [model]}
 
     @app.post("/v1/completions")
@@ -256,7 +256,7 @@ def _params(build: Callable[[], Any]) -> Any:
 
 def _chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> str:
     try:
-        return render_chat(engine.engine.tokenizer, [m.as_template_input() for m in body.messages])
+        return render_chat(engine.tokenizer, [m.as_template_input() for m in body.messages])
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
 
@@ -354,7 +354,7 @@ class _Format:
         return prompt_index * self.n + completion.index
 
     def token_text(self, token_id: int) -> str:
-        tokenizer = self.engine.engine.tokenizer
+        tokenizer = self.engine.tokenizer
         return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
 
     def envelope(self, chunk: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:

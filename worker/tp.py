@@ -33,7 +33,7 @@ from kvflock.worker.model.llama import LlamaForCausalLM
 from kvflock.worker.model.loader import LoadedModel, load, read_model_config, resolve_model
 from kvflock.worker.model.parallel import TPGroup, check_tp_size
 from kvflock.worker.runner import ModelRunner, StepShape, allocate_kv_cache, pack_step, unpack_step
-from kvflock.worker.scheduler import SchedulerOutput
+from kvflock.worker.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ class TPModelRunner(ModelRunner):
         self.replica = replica
         replica.allocate_kv_cache(kv_cache.shape[0], block_size)
 
-    def execute(self, batch: SchedulerOutput, pending: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(self, plan: StepPlan, pending: torch.Tensor | None = None) -> torch.Tensor:
         assert pending is None, "the other ranks cannot read tokens pending on rank 0 (no async scheduling)"
-        shape, packed = pack_step(batch, self.block_size)
+        shape, packed = pack_step(plan, self.block_size)
         try:
             self.replica.broadcast_step(shape, packed)
             logits = self.run(unpack_step(shape, packed.to(self.device)))

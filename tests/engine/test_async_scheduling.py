@@ -75,7 +75,7 @@ def test_async_outputs_equal_step_at_a_time_outputs(tiny_engine, seed):
     overlapped = tiny_engine(async_scheduling=True, **LIMITS)
     _assert_same_outputs(tiny_engine(async_scheduling=False, **LIMITS), overlapped, _mixed_workload(seed))
     assert overlapped.scheduler.num_preemptions > 0, "the pool must be small enough to preempt"
-    assert overlapped.pool.num_free == overlapped.pool.capacity
+    assert overlapped.kv_manager.pool.num_free == overlapped.kv_manager.pool.capacity
 
 
 def test_stop_strings_end_requests_at_the_same_token(smollm2):
@@ -130,7 +130,7 @@ def test_abort_while_a_step_is_in_flight_keeps_the_others_and_frees_every_block(
     assert sorted(done) == ["a", "c"]
     for request_id in done:
         assert _completions(done[request_id]) == _completions(expected[request_id])
-    assert engine.pool.num_free == engine.pool.capacity
+    assert engine.kv_manager.pool.num_free == engine.kv_manager.pool.capacity
 
 
 def test_async_scheduling_refuses_what_needs_tokens_on_the_host():

@@ -52,7 +52,7 @@ def test_bad_prompt_fails_alone_and_the_engine_keeps_serving(tiny_engine, prompt
         finished += [o for o in engine.step() if o.finished]
     assert [o.request_id for o in finished] == ["good"]
     assert len(finished[0].outputs[0].token_ids) == 6
-    assert engine.pool.num_free == engine.pool.capacity
+    assert engine.kv_manager.pool.num_free == engine.kv_manager.pool.capacity
 
 
 def test_max_tokens_beyond_the_context_is_refused(tiny_engine):
@@ -80,4 +80,4 @@ def test_a_bad_prompt_in_a_batch_leaves_nothing_behind(tiny_engine):
     with pytest.raises(ValueError, match="prompt"):
         llm.generate([PROMPT, []], SamplingParams())
     assert not llm.engine.has_unfinished_requests()
-    assert llm.engine.pool.num_free == llm.engine.pool.capacity
+    assert llm.engine.kv_manager.pool.num_free == llm.engine.kv_manager.pool.capacity

@@ -25,5 +25,5 @@ def test_every_block_returns_after_finish_abort_and_preemption(tiny_engine, seed
 
     assert not engine.has_unfinished_requests()
     assert engine.scheduler.num_preemptions > 0
-    assert engine.pool.num_free == engine.pool.capacity
-    assert all(engine.pool.ref_count(b) == 0 for b in range(engine.pool.num_blocks))
+    assert engine.kv_manager.pool.num_free == engine.kv_manager.pool.capacity
+    assert all(engine.kv_manager.pool.ref_count(b) == 0 for b in range(engine.kv_manager.pool.num_blocks))

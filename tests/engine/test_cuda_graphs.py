@@ -69,7 +69,7 @@ def test_kv_cache_fills_what_gpu_memory_utilization_leaves(dummy_model):
     engine = LLMEngine(EngineConfig(model=dummy_model, load_format="dummy", device="cuda", max_model_len=256,
                                     max_num_seqs=2048, gpu_memory_utilization=share))
     used = total - torch.cuda.mem_get_info()[0]
-    assert engine.pool.num_blocks > 1000
+    assert engine.kv_manager.pool.num_blocks > 1000
     assert used <= share * total
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLMEngine(EngineConfig(model=dummy_model, load_format="dummy", device="cuda", max_model_len=256,

@@ -47,7 +47,7 @@ def test_tiny_model_greedy_matches_transformers(arch, scenario, async_scheduling
     assert all(len(set(o.outputs[0].token_ids)) > 1 for o in outputs), "degenerate reference"
     if scenario == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
-    assert llm.engine.pool.num_free == llm.engine.pool.capacity
+    assert llm.engine.kv_manager.pool.num_free == llm.engine.kv_manager.pool.capacity
 
 
 SMOLLM2_QUESTIONS = [
@@ -97,7 +97,7 @@ def test_smollm2_greedy_matches_transformers(scenario, async_scheduling, smollm2
     assert [o.outputs[0].token_ids for o in outputs] == smollm2_reference
     if scenario == "preemption":
         assert engine.scheduler.num_preemptions > 0
-    assert engine.pool.num_free == engine.pool.capacity
+    assert engine.kv_manager.pool.num_free == engine.kv_manager.pool.capacity
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ def test_evicted_prefix_comes_back_from_cpu(tiny_models, prompts, reference):
     assert _evict_then_ask_again(llm, prompts) == reference
     tiers = llm.engine.tiers
     assert tiers.restored_blocks["cpu"] == 9  # 39 usable prompt tokens: 9 full blocks
-    assert llm.engine.pool.num_free == llm.engine.pool.capacity
+    assert llm.engine.kv_manager.pool.num_free == llm.engine.kv_manager.pool.capacity
     assert tiers.num_cpu_cached <= tiers.num_cpu_blocks
 
 
@@ -104,7 +104,7 @@ def test_preempted_sequences_resume_from_the_cpu_tier(tiny_models):
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain.generate(batch, params)]
     assert swapping.engine.scheduler.num_preemptions > 0
     assert swapping.engine.tiers.restored_blocks["cpu"] > 0
-    assert swapping.engine.pool.num_free == swapping.engine.pool.capacity
+    assert swapping.engine.kv_manager.pool.num_free == swapping.engine.kv_manager.pool.capacity
 
 
 def test_offload_settings_are_validated(tiny_models, tmp_path):

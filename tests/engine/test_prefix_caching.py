@@ -38,7 +38,7 @@ def test_shared_prefix_is_reused_and_outputs_do_not_change(tiny_models):
     reference = uncached.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in first + rest] == [o.outputs[0].token_ids for o in reference]
     assert uncached.engine.scheduler.prefix_hit_tokens == 0
-    assert cached.engine.pool.num_free == cached.engine.pool.capacity
+    assert cached.engine.kv_manager.pool.num_free == cached.engine.kv_manager.pool.capacity
 
 
 def test_a_fully_cached_prompt_still_computes_its_last_token(tiny_models):

@@ -135,7 +135,7 @@ def test_greedy_output_is_identical_with_speculative_decoding(drafter, llama64, 
         assert stats.acceptance_rate > 0.9 and stats.tokens_per_step > 3
     if drafter == "draft-other":
         assert stats.acceptance_rate < 0.5, "the rejection path must be exercised"
-    assert engine.pool.num_free == engine.pool.capacity
+    assert engine.kv_manager.pool.num_free == engine.kv_manager.pool.capacity
 
 
 def test_a_stop_inside_accepted_drafts_ends_the_output_there(llama64):
@@ -148,7 +148,7 @@ def test_a_stop_inside_accepted_drafts_ends_the_output_there(llama64):
 
     assert out.outputs[0].token_ids == plain[:plain.index(stop) + 1]
     assert out.outputs[0].finish_reason == "stop"
-    assert engine.pool.num_free == engine.pool.capacity
+    assert engine.kv_manager.pool.num_free == engine.kv_manager.pool.capacity
 
 
 @pytest.fixture(scope="module")
@@ -285,9 +285,9 @@ def test_blocks_return_and_only_accepted_tokens_reach_the_prefix_cache(drafter, 
     assert engine.scheduler.num_preemptions > 0 and stats.num_drafted_tokens > 0
     if drafter == "draft-self":  # a random model copies no prompt, but agrees with itself
         assert stats.num_accepted_tokens > 0
-    assert engine.pool.num_free == engine.pool.capacity
+    assert engine.kv_manager.pool.num_free == engine.kv_manager.pool.capacity
     real_prefixes = {h for tokens in sequences.values() for h in hash_blocks(tokens, 4)}
-    assert set(engine.pool._block_of) <= real_prefixes, "a block holding rejected drafts was cached"
+    assert set(engine.kv_manager.pool._block_of) <= real_prefixes, "a block holding rejected drafts was cached"
 
 
 # -- settings and metrics ----------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_greedy_output_is_identical_with_speculative_decoding_under_tensor_paral
     try:
         assert _greedy(llm.engine, prompts) == plain
         assert llm.engine.speculator.stats.acceptance_rate > 0.9
-        assert llm.engine.pool.num_free == llm.engine.pool.capacity
+        assert llm.engine.kv_manager.pool.num_free == llm.engine.kv_manager.pool.capacity
     finally:
         llm.engine.loaded.replica.shutdown()
 

@@ -51,7 +51,7 @@ def test_greedy_output_with_tensor_parallelism_equals_one_rank(arch, tp, tp_llm,
     assert token_ids(llm, prompts) == reference
     assert all(len(set(ids)) > 1 for ids in reference), "degenerate reference"
     assert llm.engine.scheduler.num_preemptions > 0
-    assert llm.engine.pool.num_free == llm.engine.pool.capacity
+    assert llm.engine.kv_manager.pool.num_free == llm.engine.kv_manager.pool.capacity
 
 
 @pytest.mark.parametrize("arch,tp,kv_heads", [("llama", 2, 1), ("llama", 4, 1), ("qwen2", 2, 2), ("qwen2", 4, 1)])

@@ -1,5 +1,5 @@
 """The draft-model drafter: a small model with the target's vocabulary proposes the next tokens
-autoregressively, over its own paged KV cache and block pool.
+autoregressively, over its own paged KV cache, whose blocks its own KV cache manager keeps (no prefix caching).
 
 Each sequence has a mirror here: the sequence's tokens, the drafts last proposed after them,
 and the draft model's blocks. Before proposing, a mirror keeps the KV of the tokens the target
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflock.worker.kv.block_pool import BlockPool
+from kvflock.worker.kv.manager import KVCacheManager
 from kvflock.worker.model.loader import LoadedModel
 from kvflock.worker.runner import ModelRunner, allocate_kv_cache
-from kvflock.worker.scheduler import ScheduledSequence, SchedulerOutput
 from kvflock.worker.sequence import Sequence, SequenceStatus
 from kvflock.worker.spec_decode.drafters import Draft
 from kvflock.worker.spec_decode.verify import draw, target_probs
+from kvflock.worker.step_plan import ScheduledSequence, StepPlan
 
 
 @dataclass
@@ -31,10 +31,9 @@ class _Mirror:
 class DraftModelDrafter:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, max_num_batched_tokens: int,
                  generator: torch.Generator) -> None:
-        self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.generator = generator  # for sequences without a seed of their own
-        self.pool = BlockPool(num_blocks)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
         kv_cache = allocate_kv_cache(loaded.config, num_blocks, block_size, loaded.dtype, loaded.device)
         self.runner = ModelRunner(loaded.model, kv_cache, block_size)
         self._mirrors: dict[int, _Mirror] = {}
@@ -59,7 +58,7 @@ class DraftModelDrafter:
     def release(self, seq: Sequence) -> None:
         mirror = self._mirrors.pop(seq.seq_id, None)
         if mirror is not None:
-            self.pool.free(mirror.kv.block_table[::-1])
+            self.kv.free(mirror.kv)
 
     # -- mirrors ------------------------------------------------------------------------
 
@@ -86,13 +85,6 @@ class DraftModelDrafter:
         mirror.synced_len = seq.num_tokens
         return kv
 
-    def _reserve(self, kv: Sequence, num_new_tokens: int) -> bool:
-        needed = -(-(kv.num_computed_tokens + num_new_tokens) // self.block_size) - len(kv.block_table)
-        if not self.pool.can_allocate(needed):
-            return False
-        kv.block_table.extend(self.pool.allocate(max(0, needed)))
-        return True
-
     # -- forward passes -----------------------------------------------------------------
 
     def _catch_up(self, mirrors: list[Sequence | None]) -> dict[int, torch.Tensor]:
@@ -108,10 +100,10 @@ class DraftModelDrafter:
                 n = min(kv.num_tokens - kv.num_computed_tokens, budget)
                 if n == 0:
                     break  # the budget is spent; the rest goes in the next chunk
-                if not self._reserve(kv, n):
+                if not self.kv.allocate(kv, n):
                     mirrors[i] = None
                     continue
-                items.append(ScheduledSequence(kv, n))
+                items.append(ScheduledSequence.of(kv, n, self.kv.block_ids(kv)))
                 order.append(i)
                 budget -= n
             if not items:
@@ -126,14 +118,14 @@ class DraftModelDrafter:
         for i in indices:
             kv = mirrors[i]
             assert kv is not None
-            if self._reserve(kv, 1):
-                items.append(ScheduledSequence(kv, 1))
+            if self.kv.allocate(kv, 1):
+                items.append(ScheduledSequence.of(kv, 1, self.kv.block_ids(kv)))
                 order.append(i)
         return self._run(items, order) if items else {}
 
     def _run(self, items: list[ScheduledSequence], order: list[int]) -> dict[int, torch.Tensor]:
         sampling = [i for item, i in zip(items, order) if item.samples]
-        logits = self.runner.execute(SchedulerOutput(items, []))
+        logits = self.runner.execute(StepPlan(items))
         for item in items:
             item.seq.num_computed_tokens += item.num_new_tokens
         return dict(zip(sampling, logits))

@@ -14,12 +14,12 @@ import torch
 from kvflock.worker.attention import select_attention_backend
 from kvflock.worker.config import EngineConfig, SamplingParams
 from kvflock.worker.model.loader import LoadedModel, load
-from kvflock.worker.sampler import Sampler, SampleResult
-from kvflock.worker.scheduler import ScheduledSequence
-from kvflock.worker.sequence import Sequence
+from kvflock.worker.sampler import Sampler
+from kvflock.worker.sequence import SampleResult, Sequence
 from kvflock.worker.spec_decode.draft_model import DraftModelDrafter
 from kvflock.worker.spec_decode.drafters import Drafter, NgramDrafter
 from kvflock.worker.spec_decode.verify import SpecDecodeStats, accept_greedy, accept_sampled, target_probs
+from kvflock.worker.step_plan import ScheduledSequence
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +31,22 @@ def can_draft(seq: Sequence) -> bool:
 
 
 class Speculator:
+    """Proposes drafts for the scheduler to plan, and keeps the drafter's distributions at them
+    for the verification, which reads the drafts the plan kept (a prefix of each proposal)."""
+
     def __init__(self, drafter: Drafter, num_speculative_tokens: int, sampler: Sampler) -> None:
         self.drafter = drafter
         self.num_speculative_tokens = num_speculative_tokens
         self.sampler = sampler
         self.stats = SpecDecodeStats()
+        self._draft_probs: dict[int, torch.Tensor | None] = {}  # seq_id -> [len, vocab] of the last proposal
 
-    def propose(self, running: list[Sequence], max_model_len: int) -> None:
-        """Set the drafts of the running sequences that decode next, as many as they can still
-        use (never past max_tokens or max_model_len)."""
+    def propose(self, running: list[Sequence], max_model_len: int) -> dict[int, list[int]]:
+        """Drafts for the running sequences that decode next, by seq_id, as many as they can
+        still use (never past max_tokens or max_model_len)."""
+        self._draft_probs.clear()
         seqs, limits = [], []
         for seq in running:
-            seq.clear_draft()
             if seq.num_computed_tokens + 1 != seq.num_tokens or not can_draft(seq):
                 continue
             limit = min(self.num_speculative_tokens, max_model_len - seq.num_tokens)
@@ -52,9 +56,12 @@ class Speculator:
                 seqs.append(seq)
                 limits.append(limit)
         if not seqs:
-            return
+            return {}
+        drafts = {}
         for seq, draft in zip(seqs, self.drafter.propose(seqs, limits)):
-            seq.draft_token_ids, seq.draft_probs = draft.token_ids, draft.probs
+            drafts[seq.seq_id] = draft.token_ids
+            self._draft_probs[seq.seq_id] = draft.probs
+        return drafts
 
     def release(self, seq: Sequence) -> None:
         self.drafter.release(seq)
@@ -82,12 +89,14 @@ class Speculator:
         probs = dict(zip(sampled_rows, target_probs(logits[sampled_rows], [items[i].seq.params for i in sampled
                                                                             for _ in rows[i]]))) if sampled else {}
         for i in drafted:
-            seq = items[i].seq
+            seq, draft = items[i].seq, items[i].draft_token_ids
             if seq.params.greedy:
-                tokens = accept_greedy(seq.draft_token_ids, [argmax[r] for r in rows[i]])
+                tokens = accept_greedy(draft, [argmax[r] for r in rows[i]])
             else:
                 p = torch.stack([probs[r] for r in rows[i]])
-                tokens = accept_sampled(seq.draft_token_ids, p, seq.draft_probs, seq.generator or self.sampler.generator)
+                q = self._draft_probs.get(seq.seq_id)
+                q = None if q is None else q[:len(draft)]
+                tokens = accept_sampled(draft, p, q, seq.generator or self.sampler.generator)
             self.stats.record(items[i].num_draft_tokens, len(tokens) - 1)
             emitted[i] = [SampleResult(t, None) for t in tokens]
         return emitted
