@@ -25,17 +25,17 @@ import time
 from pathlib import Path
 
 import torch
+from kernel_bench import copy_bandwidth  # bench/kernel_bench.py
+from offline import make_conversations  # bench/offline.py
 
 from kvflock.kernels import quant_matmul as qm
 from kvflock.worker.attention import AttentionMetadata, select_attention_backend
 from kvflock.worker.config import ModelConfig, SamplingParams
 from kvflock.worker.llm import LLM
-from kvflock.worker.model.loader import ModelSource, load_model
+from kvflock.worker.model.loader import load_model
 from kvflock.worker.model.quant import QUANTIZED_PROJECTIONS, RTN_SPECS, QuantSpec, quantize_rtn, replace_linears
+from kvflock.worker.model.source import ModelSource
 from kvflock.worker.runner import allocate_kv_cache
-
-from kernel_bench import copy_bandwidth  # bench/kernel_bench.py
-from offline import make_conversations  # bench/offline.py
 
 LLAMA3_8B = ModelConfig(
     architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,

@@ -312,7 +312,8 @@ def _run_router(args: argparse.Namespace) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     elif args.model:
-        from kvflock.worker.model.loader import load_tokenizer, resolve_model
+        from kvflock.worker.model.source import resolve_model
+        from kvflock.worker.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(resolve_model(args.model))
     policy = {"prefix": "prefix-aware", "least-load": "least-loaded"}.get(args.policy, args.policy)

@@ -119,9 +119,8 @@ class EngineConfig(BaseModel):
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    # At most 8: a replica's ranks are processes of one pod, on one node's GPUs.
     tensor_parallel_size: int = Field(
-        1, ge=1, le=8, description="ranks (processes, one GPU each) that one replica spans; must divide num_heads"
+        1, ge=1, description="ranks (processes, one GPU each) that one replica spans; must divide num_heads"
     )
     max_model_len: int | None = Field(
         None, ge=1, le=1048576, description="prompt plus output tokens of one sequence; defaults to the model's context"

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvflock.shared import metrics
 from kvflock.worker.async_engine import AsyncEngine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -21,10 +22,10 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self.engine.stats
-        yield GaugeMetricFamily("kvflock_requests_running", "Sequences in the running batch", value=stats.num_running)
-        yield GaugeMetricFamily("kvflock_requests_waiting", "Sequences waiting to be scheduled", value=stats.num_waiting)
-        yield GaugeMetricFamily("kvflock_kv_blocks_total", "KV cache blocks that can be in use", value=stats.kv_blocks_total)
-        yield GaugeMetricFamily("kvflock_kv_blocks_used", "KV cache blocks in use", value=stats.kv_blocks_used)
+        yield GaugeMetricFamily(metrics.REQUESTS_RUNNING, "Sequences in the running batch", value=stats.num_running)
+        yield GaugeMetricFamily(metrics.REQUESTS_WAITING, "Sequences waiting to be scheduled", value=stats.num_waiting)
+        yield GaugeMetricFamily(metrics.KV_BLOCKS_TOTAL, "KV cache blocks that can be in use", value=stats.kv_blocks_total)
+        yield GaugeMetricFamily(metrics.KV_BLOCKS_USED, "KV cache blocks in use", value=stats.kv_blocks_used)
         yield CounterMetricFamily("kvflock_preemptions", "Sequences preempted for lack of KV blocks", value=stats.num_preemptions)
         yield CounterMetricFamily("kvflock_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                   value=stats.prefix_queried_tokens)
@@ -50,7 +51,7 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("kvflock_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(metrics.TIME_TO_FIRST_TOKEN, "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("kvflock_inter_token_latency_seconds", "Time between output tokens", buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kvflock_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("kvflock_prompt_tokens", "Prompt tokens of accepted requests", registry=r)

@@ -30,8 +30,9 @@ import torch.distributed as dist
 from kvflock.worker.attention import AttentionBackend, select_attention_backend
 from kvflock.worker.config import EngineConfig
 from kvflock.worker.model.llama import LlamaForCausalLM
-from kvflock.worker.model.loader import LoadedModel, load, read_model_config, resolve_model
+from kvflock.worker.model.loader import LoadedModel, load
 from kvflock.worker.model.parallel import TPGroup, check_tp_size
+from kvflock.worker.model.source import read_model_config, resolve_model
 from kvflock.worker.runner import ModelRunner, StepShape, allocate_kv_cache, pack_step, unpack_step
 from kvflock.worker.step_plan import StepPlan
 

