@@ -72,8 +72,8 @@ def test_short_and_long_prompts_land_in_their_pools(cluster: Cluster, tiny_model
     wait_for(lambda: _ready(cluster, "pooled"), 180, "the pooled service to be Ready")
     workers = {p["metadata"]["labels"]["kvflock.dev/pool"]: p for p in cluster.workers("pooled")}
     assert sorted(p["metadata"]["name"] for p in workers.values()) == ["pooled-long-w-0", "pooled-short-w-0"]
-    short_command = workers["short"]["spec"]["containers"][0]["command"]
-    assert short_command[short_command.index("--max-model-len") + 1] == "128"
+    short_url = workers["short"]["metadata"]["annotations"]["kvflock.dev/endpoint"]
+    assert httpx.get(f"{short_url}/v1/models", timeout=10).json()["data"][0]["max_model_len"] == 128
 
     url = _status(cluster, "pooled")["url"]
     answered = {"short": [_complete(url, 16) for _ in range(3)], "long": [_complete(url, 160) for _ in range(3)]}

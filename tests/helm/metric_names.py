@@ -7,13 +7,15 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-from kvflock.operator import metrics as operator_metrics
-from kvflock.worker.metrics import WorkerMetrics
-from kvflock.router.fleet import Fleet
-from kvflock.router.metrics import RouterMetrics
-from kvflock.worker.spec_decode.verify import SpecDecodeStats
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from kvflock.operator import metrics as operator_metrics
+from kvflock.router.fleet import Fleet
+from kvflock.router.metrics import RouterMetrics
+from kvflock.worker.engine import EngineStats
+from kvflock.worker.metrics import WorkerMetrics
+from kvflock.worker.spec_decode.verify import SpecDecodeStats
 
 # The samples a family of each type exposes, for families that have none yet (labelled metrics
 # before their first use): histograms their buckets, sum and count, counters their _total.
@@ -32,9 +34,9 @@ def _sample_names(text: str) -> set[str]:
 def worker_exposition() -> str:
     """A worker's /metrics text, its engine gauges read from a stand-in engine with speculative decoding."""
     metrics = WorkerMetrics()
-    scheduler = SimpleNamespace(running=[], waiting=[], num_preemptions=0, prefix_queried_tokens=0, prefix_hit_tokens=0)
-    pool = SimpleNamespace(capacity=100, num_free=100, num_cached=0)
-    metrics.watch(SimpleNamespace(scheduler=scheduler, pool=pool, speculator=SimpleNamespace(stats=SpecDecodeStats())))
+    stats = EngineStats(num_running=0, num_waiting=0, kv_blocks_total=100, kv_blocks_used=0, kv_blocks_cached=0,
+                        num_preemptions=0, prefix_queried_tokens=0, prefix_hit_tokens=0, spec_decode=SpecDecodeStats())
+    metrics.watch(SimpleNamespace(stats=stats))
     return generate_latest(metrics.registry).decode()
 
 
