@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from kvflock.worker.sequence import Sequence
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one is made per sequence and step, and frozen ones build slower
 class ScheduledSequence:
     """One sequence's share of a step. `seq` says whom the step is for (the sampler reads its
     parameters, the post-step update advances it); the runner reads only the other fields."""

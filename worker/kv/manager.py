@@ -64,10 +64,13 @@ class KVCacheManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give the sequence the blocks for `num_new_tokens` more tokens; False (and nothing
         allocated) when too few are free."""
-        need = self.num_blocks_needed(seq, num_new_tokens)
+        block_ids = self._blocks(seq).block_ids
+        need = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(block_ids)
+        if need <= 0:
+            return True
         if not self.pool.can_allocate(need):
             return False
-        self._blocks(seq).block_ids.extend(self.pool.allocate(need))
+        block_ids.extend(self.pool.allocate(need))
         return True
 
     def start(self, seq: Sequence) -> int:
