@@ -27,13 +27,17 @@ def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.Completed
     return result
 
 
+def venv_tool(name: str, installer: str) -> Path:
+    """A binary `make venv` installs next to the venv's Python (with `installer`)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.skip(f"no {name} at {path}: run `make venv` ({installer} installs it)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def helm() -> Path:
-    """The helm 3 binary `make venv` installs next to the venv's Python."""
-    path = Path(sys.executable).parent / "helm"
-    if not path.exists():
-        pytest.skip(f"no helm at {path}: run `make venv` (scripts/install-k8s-tools.sh installs it)")
-    return path
+    return venv_tool("helm", "scripts/install-k8s-tools.sh")
 
 
 def template_args(values: Sequence[Path] = (), sets: Sequence[str] = (), chart: Path = CHART) -> list[str]:

@@ -5,14 +5,13 @@ others, and thresholds from values reach the expressions."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from .conftest import Render, one
+from .conftest import Render, one, venv_tool
 
 UNIT_TESTS = Path(__file__).with_name("alerts-test.yaml")
 MONITORING_ON = ["monitoring.enabled=true"]
@@ -20,11 +19,7 @@ MONITORING_ON = ["monitoring.enabled=true"]
 
 @pytest.fixture(scope="session")
 def promtool() -> Path:
-    """The promtool `make venv` installs next to the venv's Python (scripts/install-monitoring-tools.sh)."""
-    path = Path(sys.executable).parent / "promtool"
-    if not path.exists():
-        pytest.skip(f"no promtool at {path}: run `make venv`")
-    return path
+    return venv_tool("promtool", "scripts/install-monitoring-tools.sh")
 
 
 def run_promtool(promtool: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
