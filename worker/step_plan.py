@@ -24,6 +24,7 @@ class ScheduledSequence:
     draft_token_ids: list[int]  # drafts that follow token_ids, verified by this step
     block_ids: list[int]  # the sequence's block table
     samples: bool  # the step reaches the sequence's last token: it samples a new one (or verifies the drafts)
+    num_new_tokens: int  # tokens this step computes for the sequence, drafts included (the runner reads it often)
 
     @classmethod
     def of(cls, seq: Sequence, num_tokens: int, block_ids: list[int],
@@ -31,16 +32,13 @@ class ScheduledSequence:
         """The next `num_tokens` of `seq` after its computed ones, then the drafts."""
         start = seq.num_computed_tokens
         end = start + num_tokens
-        return cls(seq, start, seq.token_ids[start:end], draft_token_ids or [], block_ids, end == seq.num_tokens)
+        drafts = draft_token_ids or []
+        return cls(seq, start, seq.token_ids[start:end], drafts, block_ids, end == seq.num_tokens,
+                   num_tokens + len(drafts))
 
     @property
     def num_draft_tokens(self) -> int:
         return len(self.draft_token_ids)
-
-    @property
-    def num_new_tokens(self) -> int:
-        """Tokens this step computes for the sequence, drafts included."""
-        return len(self.token_ids) + len(self.draft_token_ids)
 
 
 @dataclass(frozen=True, eq=False)
