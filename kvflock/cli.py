@@ -29,6 +29,7 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {port}")
     return port
 
+
 # Flag names kept from before the flags were made from EngineConfig, beside the field's own.
 _FLAG_ALIASES = {"enable_prefix_caching": ("--prefix-caching",)}  # and so --no-prefix-caching
 
@@ -168,11 +169,7 @@ def _run_operator(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from kvflock.operator.runner import (
-        OperatorOptions,
-        load_configuration,
-        run_operator,
-    )
+    from kvflock.operator.runner import OperatorOptions, load_configuration, run_operator
 
     if args.quiet or args.verbose:  # main() configured logging from --log-level already
         logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.DEBUG)
@@ -270,7 +267,8 @@ def _add_router(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p.add_argument("--namespace", "-n", default="default", help="the InferenceService's namespace")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
     p.add_argument("--config", default=None,
-                   help="a router.json file (policy, pools, holdTimeoutSeconds, blockSize) instead of the <service>-engine ConfigMap")
+                   help="a router.json file (policy, pools, holdTimeoutSeconds, blockSize) instead of the "
+                        "<service>-engine ConfigMap")
     p.add_argument("--policy", default=None, choices=["prefix-aware", "prefix", "least-loaded", "least-load", "round-robin"],
                    help="how replicas are chosen (default: the settings' policy, else prefix-aware)")
     p.add_argument("--block-size", type=int, default=None,

@@ -33,6 +33,7 @@ from kvflock.shared.names import (
     LABEL_REPLICA,
     LABEL_ROLE,
     LABEL_SERVICE,
+    ROLE_ROUTER,
     ROLE_WORKER,
     WORKER_PORT,
 )
@@ -334,7 +335,7 @@ def spec_hash(owner: Owner, spec: InferenceServiceSpec, auth_hash: str | None = 
 def worker_pod(owner: Owner, spec: InferenceServiceSpec, index: int, template_hash: str,
                auth_hash: str | None = None, pool: str = DEFAULT_POOL) -> dict[str, Any]:
     """A worker of `pool` (its `spec` from `pool_spec` for one of `router.pools`)."""
-    labels = {LABEL_ROLE: "worker", LABEL_REPLICA: str(index), LABEL_POOL: pool}
+    labels = {LABEL_ROLE: ROLE_WORKER, LABEL_REPLICA: str(index), LABEL_POOL: pool}
     metadata = _metadata(owner, worker_name(owner, index, pool), labels)
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: template_hash}
     if auth_hash:
@@ -359,7 +360,7 @@ def workers_service(owner: Owner) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, workers_service_name(owner), {LABEL_ROLE: "worker"}),
+        "metadata": _metadata(owner, workers_service_name(owner), {LABEL_ROLE: ROLE_WORKER}),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -374,10 +375,10 @@ def entry_service(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, owner.name, {LABEL_ROLE: "router"}),
+        "metadata": _metadata(owner, owner.name, {LABEL_ROLE: ROLE_ROUTER}),
         "spec": {
             "type": spec.router.serviceType,
-            "selector": {LABEL_SERVICE: owner.name, LABEL_ROLE: "router"},
+            "selector": {LABEL_SERVICE: owner.name, LABEL_ROLE: ROLE_ROUTER},
             "ports": [{"name": "http", "port": spec.router.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }

@@ -31,14 +31,13 @@ import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
 from kvflock.local.follow import follow
-from kvflock.shared.names import ANNOTATION_ENDPOINT
+from kvflock.shared.names import ANNOTATION_ENDPOINT, LABEL_ROLE, LABEL_SERVICE, ROLE_ROUTER
 
 __all__ = ["LocalLoadBalancer"]
 
 log = logging.getLogger(__name__)
 
-ENTRY_SELECTOR = "kvflock.dev/role=router"
-LABEL_SERVICE = "kvflock.dev/service"
+ENTRY_SELECTOR = f"{LABEL_ROLE}={ROLE_ROUTER}"
 _MERGE_PATCH = "application/merge-patch+json"
 _CHUNK = 1 << 16
 # How long a new connection waits for a ready pod before it is closed.

@@ -36,11 +36,11 @@ from pydantic import ValidationError
 
 from kvflock.local.localcluster import LocalCluster, StateDir, default_state_dir
 from kvflock.local.process import kill_leftovers
-from kvflock.operator.crd import InferenceServiceSpec, check_name, format_errors
+from kvflock.operator.crd import GROUP, KIND, PLURAL, VERSION, InferenceServiceSpec, check_name, format_errors
+from kvflock.shared.names import ANNOTATION_ENDPOINT, LABEL_SERVICE
 
 __all__ = ["ask", "down", "status", "up", "wait_ready"]
 
-GROUP, VERSION, PLURAL, KIND = "kvflock.dev", "v1alpha1", "inferenceservices", "InferenceService"
 _MERGE_PATCH = "application/merge-patch+json"
 # The operator's Degraded reasons that waiting cannot cure: the spec must change first (a worker
 # that failed once is replaced, and is not among them).
@@ -224,7 +224,7 @@ def wait_ready(api_client: kubernetes.client.ApiClient, namespace: str, name: st
     while time.monotonic() - started < timeout and not (stop and stop.is_set()):
         service = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         pods = api_client.sanitize_for_serialization(
-            core.list_namespaced_pod(namespace, label_selector=f"kvflock.dev/service={name}").items)
+            core.list_namespaced_pod(namespace, label_selector=f"{LABEL_SERVICE}={name}").items)
         line = _progress_line(service, pods)
         if show is not None and line != last:
             show(f"[{time.monotonic() - started:5.1f}s] {line}")
@@ -406,9 +406,9 @@ def status(state_dir: Path) -> int:
             for cond in st.get("conditions") or []:
                 if cond["type"] == "Degraded" and cond["status"] == "True":
                     print(f"  Degraded: {cond.get('reason')}: {cond.get('message')}")
-            pods = core.list_namespaced_pod(meta["namespace"], label_selector=f"kvflock.dev/service={meta['name']}")
+            pods = core.list_namespaced_pod(meta["namespace"], label_selector=f"{LABEL_SERVICE}={meta['name']}")
             for pod in pods.items:
                 restarts = sum(cs.restart_count for cs in pod.status.container_statuses or [])
-                endpoint = (pod.metadata.annotations or {}).get("kvflock.dev/endpoint", "-")
+                endpoint = (pod.metadata.annotations or {}).get(ANNOTATION_ENDPOINT, "-")
                 print(f"  {pod.metadata.name}: {pod.status.phase}, restarts {restarts}, {endpoint}")
     return 0

@@ -26,6 +26,7 @@ from kvflock.shared.names import (
     LABEL_POOL,
     LABEL_ROLE,
     LABEL_SERVICE,
+    ROLE_WORKER,
     WORKER_PORT,
 )
 
@@ -76,7 +77,7 @@ class KubernetesDiscovery:
 
     @property
     def selector(self) -> str:
-        return f"{LABEL_SERVICE}={self.service},{LABEL_ROLE}=worker"
+        return f"{LABEL_SERVICE}={self.service},{LABEL_ROLE}={ROLE_WORKER}"
 
     @property
     def configmap_name(self) -> str:
