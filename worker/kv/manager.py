@@ -45,10 +45,6 @@ class KVCacheManager:
         self._transfers = KVTransfers()
         self._offloading: set[int] = set()  # hashes of the recorded offloads
 
-    @property
-    def num_free_blocks(self) -> int:
-        return self.pool.num_free
-
     def block_ids(self, seq: Sequence) -> list[int]:
         """A copy of the sequence's block table (a step plan must not change under the runner)."""
         return list(self._blocks(seq).block_ids)
