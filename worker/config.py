@@ -244,6 +244,27 @@ def describe_errors(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class StructuredOutput(BaseModel):
+    """A constraint on the generated text, enforced token by token: exactly one field is set.
+    The OpenAI fields (`response_format`) and vLLM's (`structured_outputs`, `guided_*`) map onto it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_schema: dict[str, Any] | None = Field(None, description="JSON that validates against this JSON Schema")
+    json_object: bool = Field(False, description="any JSON object")
+    regex: str | None = Field(None, description="text matching this regular expression")
+    choice: list[str] | None = Field(None, min_length=1, description="exactly one of these strings")
+    grammar: str | None = Field(None, description="text of this EBNF grammar")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutput":
+        given = [name for name, value in self if value not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of json_schema, json_object, regex, choice, grammar must be set; got "
+                             f"{given or 'none'}")
+        return self
+
+
 class SamplingParams(BaseModel):
     """How one request's tokens are chosen and when it stops (OpenAI and vLLM semantics)."""
 
@@ -265,6 +286,7 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives to report per token")
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = Field(None, description="constrain the output to a grammar")
 
     @field_validator("stop", mode="before")
     @classmethod
