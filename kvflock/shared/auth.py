@@ -1,9 +1,9 @@
 """Access control shared by the worker and the router: who may call /v1/* and /admin/*.
 
 Both apps wrap themselves in `AccessControl`, so the rules live in one place: the kubelet's
-probes (/health, /ready) and /metrics stay open, /v1/* needs `Authorization: Bearer <key>` with
-an accepted key (as the OpenAI client sends it), and /admin/* needs the operator's token when
-one is configured. Keys are compared in constant time over every accepted key, and never
+probes (/health, /ready) and /metrics stay open, everything else needs `Authorization: Bearer <key>`
+with an accepted key (as the OpenAI client sends it), and /admin/* needs the operator's token (with
+API keys on and no admin token, /admin/* is closed: it can take a worker out of service). Keys are compared in constant time over every accepted key, and never
 logged or echoed: a refusal says what was wrong, not what was sent. Optional per-key limits
 (requests and tokens per minute) answer 429 with Retry-After, before any GPU work starts.
 """
@@ -66,12 +66,23 @@ class AccessPolicy:
             raise ValueError("admin token: must differ from every API key, so that no user key opens /admin/*")
 
     def required(self, path: str) -> tuple[tuple[bytes, ...], str]:
-        """The keys that `path` accepts (empty: open) and what to call them in a refusal."""
-        if path == "/v1" or path.startswith("/v1/"):
-            return self.api_keys, "API key"
+        """The keys that `path` accepts (empty: open) and what to call them in a refusal.
+
+        Fail closed: with API keys on, every path but the probes and /metrics needs a key
+        (/docs, /openapi.json, /version and any path added later too), and /admin/* needs an
+        admin token, refusing everyone while none is configured."""
+        if path in OPEN_PATHS:
+            return (), ""
         if path == "/admin" or path.startswith("/admin/"):
-            return self.admin_tokens, "admin token"
-        return (), ""
+            return (self.admin_tokens or (CLOSED if self.api_keys else ())), "admin token"
+        return self.api_keys, "API key"
+
+
+# Open whatever the keys: the kubelet's probes, and /metrics, which holds no request content and
+# which Prometheus scrapes (the chart's NetworkPolicy says from where).
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# No presented key equals this (keys are stripped, non-empty lines), so a path that accepts only it is closed.
+CLOSED = (b" closed ",)
 
 
 def bearer_header(key: bytes) -> str:
@@ -177,6 +188,9 @@ class AccessControl:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         accepted, what = self.policy.required(scope["path"])
+        if accepted is CLOSED:
+            return await _refuse(send, f"{scope['path']} is closed: this server has API keys but no {what}; "
+                                       "start it with --admin-token-file", 403, "permission_error", [])
         if accepted:
             presented = _presented(scope)
             if presented is None:

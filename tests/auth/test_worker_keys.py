@@ -104,3 +104,21 @@ def test_no_key_reaches_the_logs(start_worker, caplog):
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
     for key in (USER_KEY, "sk-wrong-key-for-logs", OTHER_SERVICE_KEY, ADMIN_TOKEN):
         assert key not in logged
+
+
+def test_admin_is_closed_when_keys_are_on_but_no_admin_token_is(start_worker):
+    url = start_worker(AccessPolicy(api_keys=keys(USER_KEY)))
+    for headers in ({}, {"Authorization": f"Bearer {USER_KEY}"}, {"Authorization": "Bearer anything"}):
+        refused = httpx.post(f"{url}/admin/drain", headers=headers)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["type"] == "permission_error"
+        assert "--admin-token-file" in refused.json()["error"]["message"]
+    assert httpx.get(f"{url}/ready").status_code == 200, "a refused drain must not drain"
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/no-such-path"])
+def test_with_keys_on_every_path_but_probes_and_metrics_needs_a_key(start_worker, path):
+    url = start_worker(POLICY)
+    assert_authentication_error(httpx.get(f"{url}{path}"))
+    assert httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {USER_KEY}"}).status_code != 401
+    assert httpx.get(f"{url}/metrics").status_code == 200
