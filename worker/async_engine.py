@@ -68,6 +68,17 @@ class AsyncEngine:
         return self._in_flight
 
     @property
+    def capacity(self) -> int:
+        """Requests that may be in flight at once: running ones plus the queue."""
+        return self.engine.config.max_num_seqs + self.max_queued_requests
+
+    def check_room(self, num_requests: int) -> None:
+        """Raise EngineOverloaded unless `num_requests` more fit now, so that a request of several
+        prompts is refused whole, before any of them is computed."""
+        if self._in_flight + num_requests > self.capacity:
+            raise EngineOverloaded(f"{self._in_flight} requests in flight; the queue is full")
+
+    @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -78,8 +89,7 @@ class AsyncEngine:
         validation is raised before the first output; leaving early aborts the request."""
         if not self.is_alive:
             raise EngineDead("the engine thread has stopped")
-        if self._in_flight >= self.engine.config.max_num_seqs + self.max_queued_requests:
-            raise EngineOverloaded(f"{self._in_flight} requests in flight; the queue is full")
+        self.check_room(1)
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future = loop.create_future()
         outputs: asyncio.Queue = asyncio.Queue()

@@ -280,7 +280,7 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="the range torch's generators take")
     stop: list[str] = Field(default_factory=list, description="stop strings (not included in the output)")
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False

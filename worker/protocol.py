@@ -1,22 +1,54 @@
 """The OpenAI API's request bodies as pydantic models, and their mapping onto SamplingParams.
 
 Unknown fields are ignored (clients send many optional ones); fields that would change the
-answer in ways the engine does not implement are refused with a clear message.
+answer in ways the engine does not implement are refused with a clear message. Validation is
+strict: JSON's types are taken as they are (`true` is not the token id 1, `3.0` is not `n` 3), and
+text must be valid Unicode (a lone UTF-16 surrogate, which JSON's escapes can carry, is refused
+before it reaches the tokenizer).
 """
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvflock.worker.api_errors import FieldError
 from kvflock.worker.config import SamplingParams
+
+_STRICT = ConfigDict(extra="ignore", strict=True)
+
+
+def _first_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string in `value` holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _first_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _first_surrogate(data, "")
+        if where is not None:
+            raise FieldError(where, "contains a lone UTF-16 surrogate, which is not valid Unicode text")
+        return data
 
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -97,12 +129,14 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
+    model_config = _STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None

@@ -35,10 +35,14 @@ async def start_requests(metrics: WorkerMetrics, engine: AsyncEngine, requests: 
                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every request and wait until each is accepted and has its first output, so that
     a refusal becomes an HTTP error before any byte of the answer is sent."""
+    if len(requests) > engine.capacity:
+        raise ApiError(400, f"prompt: {len(requests)} prompts exceed the {engine.capacity} this server holds at once "
+                       "(max_num_seqs + max_queued_requests); send them in several requests", param="prompt")
     base = uuid.uuid4().hex
     generators = [engine.generate(f"{base}-{i}", prompt, params) for i, (prompt, params) in enumerate(requests)]
     firsts: list[RequestOutput] = []
     try:
+        engine.check_room(len(requests))
         for gen in generators:
             firsts.append(await gen.__anext__())
     except BaseException as exc:
