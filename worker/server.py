@@ -26,6 +26,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kvflock.shared.version import __version__
+from kvflock.shared import api_doc
 from kvflock.shared.auth import AccessControl, AccessPolicy
 from kvflock.shared.chat import render_chat
 from kvflock.worker.api_errors import RETRY_AFTER_SECONDS, ApiError, build_or_400, validation_error
@@ -122,7 +124,8 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         if state.engine is not None:
             state.engine.shutdown()
 
-    app = FastAPI(title="kvflock worker", lifespan=lifespan)
+    app = FastAPI(title="kvflock worker", version=__version__, lifespan=lifespan)
+    api_doc.publish(app, access)
     app.state.worker = state
 
     @app.exception_handler(ApiError)
@@ -142,7 +145,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
             return ApiError(400, f"the body is not valid JSON: {first.get('msg')}", param="body").response()
         return validation_error(exc.errors()).response()
 
-    @app.get("/health")
+    @app.get("/health", responses=api_doc.errors(500))
     async def health() -> Response:
         engine = state.engine
         if state.load_error is not None:
@@ -151,7 +154,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
             return JSONResponse({"status": "engine loop stopped"}, status_code=500)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", responses=api_doc.errors(503))
     async def ready() -> Response:
         if state.engine is None or state.draining or not state.engine.is_alive:
             reason = "draining" if state.draining else "loading" if state.engine is None else "engine stopped"
@@ -159,7 +162,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         return JSONResponse({"ready": True})
 
     if serve_metrics:
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=Response, responses=api_doc.METRICS)
         async def metrics() -> Response:
             return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -167,14 +170,14 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         in_flight = state.engine.num_in_flight if state.engine else 0
         return {"draining": state.draining, "in_flight": in_flight, "drained": state.draining and in_flight == 0}
 
-    @app.post("/admin/drain")
+    @app.post("/admin/drain", include_in_schema=False)  # the operator's, not part of the published API
     async def drain() -> dict[str, Any]:
         if not state.draining:
             log.info("draining: no new requests are taken")
         state.draining = True
         return drain_status()
 
-    @app.get("/admin/drain")
+    @app.get("/admin/drain", include_in_schema=False)
     async def drain_progress() -> dict[str, Any]:
         return drain_status()
 
@@ -185,7 +188,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
             model["max_model_len"] = state.engine.max_model_len
         return {"object": "list", "data": [model]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=api_doc.GENERATION)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrived = time.monotonic()
         engine = _prepare(state, body.model)
@@ -195,7 +198,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         formatter = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", state.served_model_name, body.n, engine)
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, len(prompts), arrived)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=api_doc.GENERATION)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrived = time.monotonic()
         engine = _prepare(state, body.model)

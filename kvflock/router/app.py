@@ -22,6 +22,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from kvflock.router.config import RouterSettings
 from kvflock.router.fleet import Endpoint, Fleet
@@ -30,7 +31,10 @@ from kvflock.router.policy import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK, Polic
 from kvflock.router.poller import DEFAULT_INTERVAL, Poller
 from kvflock.router.prompt import PromptReader
 from kvflock.router.proxy import DEFAULT_MAX_ATTEMPTS, Proxy, error_response
+from kvflock.shared.version import __version__
+from kvflock.shared import api_doc
 from kvflock.shared.auth import AccessControl, AccessPolicy
+from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
 
 # Prompts over this many characters are tokenized off the event loop.
 _TOKENIZE_INLINE_CHARS = 2048
@@ -118,14 +122,20 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
             await asyncio.gather(*tasks, return_exceptions=True)
             await client.aclose()
 
-    app = FastAPI(title="kvflock router", lifespan=lifespan)
+    app = FastAPI(title="kvflock router", version=__version__, lifespan=lifespan)
     app.state.router = state
+    api_doc.publish(app, options.access)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        # Starlette's own refusals (unknown path, wrong method) in OpenAI's shape.
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "replicas": len(fleet.replicas)}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=api_doc.errors(503))
     async def ready() -> Response:
         """Whether it takes requests: some replica serves, or it holds requests until one does."""
         serving = sum(1 for view in fleet.views(clock()) if view.serving)
@@ -133,7 +143,7 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
             return JSONResponse({"ready": False, "reason": "no replica is ready"}, status_code=503)
         return JSONResponse({"ready": True, "replicas": serving})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=api_doc.METRICS)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -145,21 +155,24 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except ValueError as exc:
-            return error_response(400, f"the body is not valid JSON: {exc}", "invalid_request_error")
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
+            return error_response(400, f"the body is not valid JSON: {exc}", "invalid_request_error", param="body")
         if not isinstance(body, dict):
-            return error_response(400, "the body must be a JSON object", "invalid_request_error")
+            return error_response(400, "the body must be a JSON object", "invalid_request_error", param="body")
+        where = first_lone_surrogate(body)
+        if where is not None:
+            return error_response(400, f"{where}: {LONE_SURROGATE}", "invalid_request_error", param=where)
         if reader.tokenizer is not None and len(raw) > _TOKENIZE_INLINE_CHARS:
             features = await asyncio.to_thread(reader.features, path, body)
         else:
             features = reader.features(path, body)
         return await state.proxy.forward(request, path, raw, features)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=api_doc.GENERATION)
     async def completions(request: Request) -> Response:
         return await generate(request, "/v1/completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=api_doc.GENERATION)
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "/v1/chat/completions")
 

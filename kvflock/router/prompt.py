@@ -58,10 +58,10 @@ class PromptReader:
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             return [prompt]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        if _is_token_ids(prompt):
             return [prompt]
         if isinstance(prompt, list):
-            return [p for p in prompt if isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p))]
+            return [p for p in prompt if isinstance(p, str) or _is_token_ids(p)]
         return []
 
     def _units(self, prompt: str | list[int]) -> str | list[int]:
@@ -77,6 +77,16 @@ class PromptReader:
             return render_chat(self.tokenizer, messages)
         except ValueError:  # the worker answers bad messages with its own 400; route as plain text
             return "".join(f"{m.get('role', '')}\n{_content_text(m.get('content'))}\n" for m in messages if isinstance(m, dict))
+
+
+def _is_token_ids(value: Any) -> bool:
+    """Whether `value` can be a prompt of token ids; anything else is left to the worker to refuse."""
+    return isinstance(value, list) and bool(value) and all(
+        type(t) is int and 0 <= t < _MAX_TOKEN_ID for t in value)
+
+
+# Token ids are hashed as 64-bit integers (kvflock.shared.hashing); no vocabulary comes near.
+_MAX_TOKEN_ID = 2**63
 
 
 def _content_text(content: Any) -> str:

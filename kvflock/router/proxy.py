@@ -47,9 +47,10 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
                          "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
 
 
-def error_response(status: int, message: str, type_: str, retry_after: int | None = None) -> JSONResponse:
+def error_response(status: int, message: str, type_: str, retry_after: int | None = None,
+                   param: str | None = None) -> JSONResponse:
     """An OpenAI-style error body, as the workers write them."""
-    body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
+    body = {"error": {"message": message, "type": type_, "param": param, "code": None}}
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse(body, status_code=status, headers=headers)
 
