@@ -58,6 +58,11 @@ class OperatorOptions:
     # Whether the operator sees the files its workers see (the local cluster, whose workers are
     # processes on its machine): then a model path it cannot find is one the workers cannot find.
     shares_worker_files: bool = False
+    # The kopf peering object's name for leader election between operator replicas (None: run
+    # standalone), and how long a replica's keep-alive counts: a killed leader is replaced
+    # after at most this long.
+    peering: str | None = None
+    peering_lifetime: int = 10
 
 
 @dataclass
