@@ -57,6 +57,8 @@ def model_problem(spec: InferenceServiceSpec, shares_worker_files: bool) -> str 
         path = Path(children.engine_config(spec)["model"])
     else:
         return None
+    if not path.exists():
+        return f"{field}: {path} does not exist; the workers would not find the model"
     try:
         shape = _cached_shape(path)
     except FileNotFoundError as exc:
