@@ -160,6 +160,11 @@ def _add_operator(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--probe-interval", type=float, default=5.0, help="seconds between reads of the workers' metrics")
     p.add_argument("--health-port", type=_port, default=None, help="serve /healthz for the kubelet's probes on this port")
     p.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--peering", default=None, metavar="NAME",
+                   help="elect a leader among operator replicas through this kopf peering object (a "
+                        "ClusterKopfPeering, or a KopfPeering with --namespace); default: run standalone")
+    p.add_argument("--peering-lifetime", type=int, default=10, metavar="SECONDS",
+                   help="how long a replica's keep-alive counts: a killed leader is replaced within it (default 10)")
     p.add_argument("--verbose", "-v", action="count", default=0, help="more logging (-v: debug)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
     p.set_defaults(func=_run_operator)
@@ -178,7 +183,10 @@ def _run_operator(args: argparse.Namespace) -> int:
 
         start_http_server(args.metrics_port)
     configuration = load_configuration(args.kubeconfig, args.context)
-    options = OperatorOptions(probe_interval=args.probe_interval)
+    if args.peering_lifetime < 2:
+        raise ValueError(f"--peering-lifetime: must be at least 2 seconds, got {args.peering_lifetime}")
+    options = OperatorOptions(probe_interval=args.probe_interval, peering=args.peering,
+                              peering_lifetime=args.peering_lifetime)
     # kopf stops gracefully on SIGINT and SIGTERM.
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port is not None else None
     asyncio.run(run_operator(configuration, namespaces=args.namespace, options=options, liveness_endpoint=liveness))

@@ -278,6 +278,9 @@ def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAUL
                 "env": env,
                 "resources": _resources(spec),
                 "volumeMounts": mounts,
+                # A worker that dies says why in its last log lines; they become the termination
+                # message, which the operator puts in the service's Degraded condition.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 **_probes(spec),
             }
         ],
@@ -315,6 +318,7 @@ def _router_config(spec: InferenceServiceSpec) -> dict[str, Any]:
                    **({"maxPromptTokens": p.maxPromptTokens} if p.maxPromptTokens is not None else {})}
                   for p in router.pools],
         "holdTimeoutSeconds": router.holdTimeoutSeconds,
+        "scaleFromZero": spec.autoscaling.enabled and spec.autoscaling.minReplicas == 0,
         "blockSize": spec.engine.kvCache.blockSize,
     }
 

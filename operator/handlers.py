@@ -21,13 +21,14 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from kvflock.operator import children, credentials, metrics, scaling, workers
+from kvflock.operator import children, credentials, metrics, model_check, scaling, workers
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import (
     GROUP,
     KIND,
     PLURAL,
     VERSION,
+    Condition,
     InferenceServiceSpec,
     InferenceServiceStatus,
     check_name,
@@ -54,6 +55,14 @@ class OperatorOptions:
     probe_interval: float = 5.0  # seconds between reads of the workers' /ready and /metrics
     probe_timeout: float = 2.0  # seconds a worker may take to answer one of them
     retry_backoff: float = 3.0  # seconds before kopf retries a handler that failed
+    # Whether the operator sees the files its workers see (the local cluster, whose workers are
+    # processes on its machine): then a model path it cannot find is one the workers cannot find.
+    shares_worker_files: bool = False
+    # The kopf peering object's name for leader election between operator replicas (None: run
+    # standalone), and how long a replica's keep-alive counts: a killed leader is replaced
+    # after at most this long.
+    peering: str | None = None
+    peering_lifetime: int = 10
 
 
 @dataclass
@@ -124,6 +133,11 @@ class Runtime:
             self._report_invalid(body, previous, message, now, generation)
             metrics.passes.labels(outcome="invalid_spec").inc()
             return
+        problem = model_check.model_problem(spec, self.options.shares_worker_files)
+        if problem is not None:
+            self._report_invalid(body, previous, problem, now, generation, reason="InvalidModel")
+            metrics.passes.labels(outcome="invalid_model").inc()
+            return
         auth = self._auth_state(owner, spec) if spec.auth is not None else credentials.AuthState()
         if auth.problem is not None:
             self._report_invalid(body, previous, auth.problem, now, generation, reason="AuthSecretMissing")
@@ -147,6 +161,7 @@ class Runtime:
         status = plan.status.model_copy(update={"autoscaler": previous.autoscaler}).model_dump(mode="json")
         if status != previous.model_dump(mode="json"):
             self.cluster.patch_service_status(namespace, name, status)
+        _warn_when_degraded(body, previous, plan.status)
         metrics.passes.labels(outcome="acted" if plan.actions else "steady").inc()
 
     def _report_invalid(
@@ -159,7 +174,7 @@ class Runtime:
         meta = body["metadata"]
         self.cluster.patch_service_status(meta["namespace"], meta["name"], status.model_dump(mode="json"))
         if before is None or before.reason != reason or before.message != message:
-            what = "Invalid spec" if reason == "InvalidSpec" else "Missing API keys"
+            what = {"InvalidSpec": "Invalid spec", "InvalidModel": "The model cannot run"}.get(reason, "Missing API keys")
             kopf.warn(body, reason=reason, message=f"{what}, nothing changed: {message}")
 
     def _internal_tokens(self, owner: Owner) -> dict[str, bytes]:
@@ -243,6 +258,17 @@ def _previous_status(body: Mapping[str, Any]) -> InferenceServiceStatus:
         return InferenceServiceStatus.model_validate(raw)
     except ValidationError:
         return InferenceServiceStatus()
+
+
+def _warn_when_degraded(body: Mapping[str, Any], previous: InferenceServiceStatus,
+                        status: InferenceServiceStatus) -> None:
+    """One Warning Event when the service turns Degraded, or Degraded for another reason."""
+    def degraded(conditions: list[Condition]) -> Condition | None:
+        return next((c for c in conditions if c.type == "Degraded" and c.status == "True"), None)
+
+    now, before = degraded(status.conditions), degraded(previous.conditions)
+    if now is not None and (before is None or before.reason != now.reason):
+        kopf.warn(dict(body), reason=now.reason, message=now.message)
 
 
 def _owner_name(body: Mapping[str, Any]) -> str | None:

@@ -37,6 +37,11 @@ RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
     ("", "secrets", ("get", "list", "watch", "create")),
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),  # kopf's resource scanning
     ("", "namespaces", ("list", "watch")),  # kopf's namespace observation
+    # Leader election between operator replicas (kopf's peering): each writes its keep-alive into
+    # the peering object's status and watches the others'. Cluster-wide operators use the
+    # ClusterKopfPeering, namespaced ones a KopfPeering.
+    ("kopf.dev", "clusterkopfpeerings", ("get", "list", "watch", "patch")),
+    ("kopf.dev", "kopfpeerings", ("get", "list", "watch", "patch")),
 ]
 
 _MERGE_PATCH = "application/merge-patch+json"

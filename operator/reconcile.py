@@ -5,6 +5,9 @@ diffs them against what exists, and returns the actions that close the gap toget
 the status to record. Its rules, in the order they apply:
 
 - A failed worker (phase Failed or Succeeded) is deleted and a new one created at once.
+- Degraded is True while a worker is stuck (its image cannot be pulled, ...) or while one whose
+  container failed (a crash, a failed probe) has not turned Ready since: through a crash loop's
+  back-offs and restarts alike, with the failure's own message, until the worker serves again.
 - Missing workers are created, each named <name>-w-<n> with the lowest free n.
 - With `router.pools`, each pool is its own group of workers (<name>-<pool>-w-<n>, label
   kvflock.dev/pool=<pool>) with the pool's replicas, resources and engine settings, and every
@@ -19,9 +22,10 @@ the status to record. Its rules, in the order they apply:
   (surge one), and once it is ready one worker of an older spec is drained and removed.
 - Services, the engine ConfigMap and the PodDisruptionBudget are created or patched
   until they contain what the spec asks.
-- The router pod (and its ServiceAccount, Role and RoleBinding) is created; a failed one, or
-  one of an older spec, is deleted and created afresh. The service is Ready only while its
-  router is.
+- Two router pods (and their ServiceAccount, Role, RoleBinding and PodDisruptionBudget) are
+  created; a failed one is deleted and created afresh; on a spec change a router of the new spec
+  is added first and an older one deleted only once the new ones are ready. The service is
+  Ready only while a router is.
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ from kvflock.operator.children import Owner
 from kvflock.operator.crd import Condition, InferenceServiceSpec, InferenceServiceStatus, WorkerStatus
 from kvflock.shared import names
 
-# Container waiting reasons that mean a worker will not come up without help.
-_STUCK_REASONS = frozenset(
-    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"}
-)
+# Container waiting reasons that mean a worker will not come up without help. A crash loop is
+# not among them: a crashed worker is reported from its last termination (`WorkerPod.failure`),
+# the same during the back-off and the restart after it.
+_STUCK_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"})
+# Pod conditions carry whole seconds, and a container's death turns its pod unready within about
+# a second; a Ready transition later than this after the last failure means it was Ready since.
+_READY_AFTER_FAILURE = datetime.timedelta(seconds=2)
 
 
 def _parse_time(value: str | None) -> datetime.datetime | None:
@@ -67,6 +74,7 @@ class WorkerPod:
     stuck_reason: str | None = None
     stuck_message: str = ""
     pool: str = names.DEFAULT_POOL
+    failure: str | None = None  # its container's last failure, while it has not been Ready since
 
     @classmethod
     def from_manifest(cls, pod: Mapping[str, Any]) -> WorkerPod:
@@ -75,9 +83,8 @@ class WorkerPod:
         annotations = meta.get("annotations") or {}
         labels = meta.get("labels") or {}
         index_text = labels.get(names.LABEL_REPLICA) or meta["name"].rsplit("-", 1)[-1]
-        ready = any(
-            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
-        )
+        ready_condition = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        ready = ready_condition.get("status") == "True"
         stuck = next(
             (
                 cs["state"]["waiting"]
@@ -97,11 +104,31 @@ class WorkerPod:
             stuck_reason=stuck["reason"] if stuck else None,
             stuck_message=(stuck or {}).get("message", ""),
             pool=labels.get(names.LABEL_POOL) or names.DEFAULT_POOL,
+            failure=None if ready else _last_failure(status, _parse_time(ready_condition.get("lastTransitionTime"))),
         )
 
     @property
     def failed(self) -> bool:
         return self.phase in ("Failed", "Succeeded")
+
+
+def _last_failure(status: Mapping[str, Any], unready_since: datetime.datetime | None) -> str | None:
+    """The container's last failed run (exit code, reason, and its own last words: the
+    termination message, which `FallbackToLogsOnError` fills from its log), or None when it
+    has none or turned Ready after it. It stays the same through a crash loop's back-off and
+    restarts, so the condition it feeds does not flap."""
+    for container in status.get("containerStatuses") or []:
+        terminated = ((container.get("state") or {}).get("terminated")
+                      or (container.get("lastState") or {}).get("terminated"))
+        if not terminated or terminated.get("exitCode") == 0:
+            continue
+        finished = _parse_time(terminated.get("finishedAt"))
+        if finished is not None and unready_since is not None and unready_since - finished >= _READY_AFTER_FAILURE:
+            continue  # it was Ready after this failure and went unready for another reason
+        text = f"{terminated.get('reason') or 'Error'} (exit code {terminated.get('exitCode')})"
+        message = " ".join(str(terminated.get("message") or "").split())
+        return f"{text}: {message}" if message else text
+    return None
 
 
 @dataclass(frozen=True)
@@ -231,6 +258,7 @@ def _sync_objects(owner: Owner, spec: InferenceServiceSpec, observed: Observed) 
         children.workers_service(owner),
         children.entry_service(owner, spec),
         children.disruption_budget(owner),
+        router_children.router_disruption_budget(owner),
         router_children.router_service_account(owner),
         router_children.router_role(owner),
         router_children.router_role_binding(owner),
@@ -239,30 +267,65 @@ def _sync_objects(owner: Owner, spec: InferenceServiceSpec, observed: Observed) 
     return [a for a in actions if a is not None]
 
 
-def _sync_router(owner: Owner, spec: InferenceServiceSpec, observed: Observed) -> tuple[list[Action], bool, str | None]:
-    """The router pod's actions, whether it is ready, and what is wrong with it, if anything.
+def _router_index(owner: Owner, name: str) -> int | None:
+    prefix = router_children.router_pod_name(owner, 0)[:-1]
+    suffix = name[len(prefix):] if name.startswith(prefix) else ""
+    return int(suffix) if suffix.isdigit() else None
 
-    It holds no state worth draining (a request in flight on a replaced router fails like one
-    on a lost connection), so a failed router, or one of an older spec, is deleted and the
-    next pass creates it afresh.
+
+def _sync_router(owner: Owner, spec: InferenceServiceSpec, observed: Observed) -> tuple[list[Action], bool, str | None]:
+    """The router pods' actions, whether one of them is ready, and what is wrong, if anything.
+
+    Routers hold no state worth draining, so a failed one is deleted and replaced at once. A
+    spec change surges: a router of the new spec is added, and an older one is deleted only
+    once every new one is ready, so the entry Service always has a ready router.
     """
-    desired = router_children.router_pod(owner, spec, observed.auth_hash)
-    name = desired["metadata"]["name"]
-    current = observed.objects.get(("Pod", name))
-    if current is None:
-        return [Action("create", "Pod", name, "Created", f"Created router {name}", desired)], False, None
-    meta, status = current.get("metadata") or {}, current.get("status") or {}
-    if meta.get("deletionTimestamp"):
-        return [], False, None
-    phase = status.get("phase") or "Pending"
-    if phase in ("Failed", "Succeeded"):
-        message = f"Router {name} {phase.lower()}; replacing it"
-        return [Action("delete", "Pod", name, "Replaced", message)], False, f"router {name} {phase.lower()} and was replaced"
-    wanted_hash = desired["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH]
-    if (meta.get("annotations") or {}).get(names.ANNOTATION_SPEC_HASH) != wanted_hash:
-        return [Action("delete", "Pod", name, "RouterUpdated", f"Replacing router {name}: its spec changed")], False, None
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-    return [], ready, None
+    wanted_hash = router_children.router_pod(owner, spec, observed.auth_hash)["metadata"]["annotations"][
+        names.ANNOTATION_SPEC_HASH]
+    routers: dict[int, Mapping[str, Any]] = {}
+    for (kind, name), manifest in observed.objects.items():
+        index = _router_index(owner, name) if kind == "Pod" else None
+        if index is not None:
+            routers[index] = manifest
+    actions: list[Action] = []
+    problems: list[str] = []
+    current: list[tuple[int, bool]] = []  # (index, ready) of the live routers of this spec
+    old: list[tuple[int, bool]] = []
+    for index, manifest in sorted(routers.items()):
+        meta, status = manifest.get("metadata") or {}, manifest.get("status") or {}
+        name = meta["name"]
+        if meta.get("deletionTimestamp"):
+            continue
+        phase = status.get("phase") or "Pending"
+        if phase in ("Failed", "Succeeded"):
+            actions.append(Action("delete", "Pod", name, "Replaced", f"Router {name} {phase.lower()}; replacing it"))
+            problems.append(f"router {name} {phase.lower()} and was replaced")
+            continue
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        same = (meta.get("annotations") or {}).get(names.ANNOTATION_SPEC_HASH) == wanted_hash
+        (current if same else old).append((index, ready))
+    wanted = router_children.ROUTER_REPLICAS
+    live = len(current) + len(old)
+    # One router beyond the wanted number while older ones are being replaced (the surge).
+    room = wanted + (1 if old else 0) - live
+    taken = set(routers)
+    for _ in range(max(0, min(wanted - len(current), room))):
+        index = next(i for i in range(len(taken) + 1) if i not in taken)
+        taken.add(index)
+        manifest = router_children.router_pod(owner, spec, observed.auth_hash, index)
+        name = manifest["metadata"]["name"]
+        actions.append(Action("create", "Pod", name, "Created", f"Created router {name}", manifest))
+    if old and current and all(ready for _, ready in current) and live > wanted:
+        # The new routers serve: retire the older ones beyond the wanted number, unready ones first.
+        for index, _ in sorted(old, key=lambda r: r[1])[: live - wanted]:
+            name = router_children.router_pod_name(owner, index)
+            actions.append(Action("delete", "Pod", name, "RouterUpdated", f"Replaced router {name}: its spec changed"))
+    elif not old and len(current) > wanted:
+        for index, _ in sorted(current, key=lambda r: (r[1], -r[0]))[: len(current) - wanted]:
+            name = router_children.router_pod_name(owner, index)
+            actions.append(Action("delete", "Pod", name, "Removed", f"Removed surplus router {name}"))
+    ready = any(r for _, r in current + old)
+    return actions, ready, "; ".join(problems) or None
 
 
 @dataclass(frozen=True)
@@ -337,6 +400,8 @@ class _WorkerPlan:
                 if pod.stuck_reason:
                     text = f"worker {pod.name}: {pod.stuck_reason}: {pod.stuck_message}".rstrip(": ")
                     self.degraded.append(("WorkerStuck", text))
+                elif pod.failure:
+                    self.degraded.append(("WorkerCrashed", f"worker {pod.name} failed and is not ready again: {pod.failure}"))
         return active
 
     def scale_and_roll(self, active: list[WorkerPod]) -> None:

@@ -1,5 +1,7 @@
-"""Manifests of an InferenceService's router: its Pod, and the ServiceAccount, Role and
-RoleBinding that let it find the workers through the API server.
+"""Manifests of an InferenceService's routers: their Pods (`ROUTER_REPLICAS` of them, so that
+one restarting or replaced never leaves the entry Service without a router), their
+PodDisruptionBudget, and the ServiceAccount, Role and RoleBinding that let them find the workers
+through the API server.
 
 The router pod runs `kvflock router --service <name>`: it lists and watches the service's
 worker Pods and reads the `<name>-engine` ConfigMap (its router.json: pools, policy, hold
@@ -22,6 +24,10 @@ from kvflock.shared.names import ANNOTATION_SPEC_HASH, LABEL_ROLE, LABEL_SERVICE
 
 RBAC_GROUP = "rbac.authorization.k8s.io"
 
+# Routers behind the entry Service. They hold no state worth keeping (each finds the workers
+# itself), so two are enough to keep one serving while the other restarts or is replaced.
+ROUTER_REPLICAS = 2
+
 # (apiGroup, resource, verbs) the router's own calls need: kvflock.router.discovery lists
 # and watches the worker pods and reads the engine ConfigMap. The operator must hold these
 # verbs itself to grant them (Kubernetes refuses to let a Role escalate its creator's rights).
@@ -32,8 +38,12 @@ ROUTER_RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
 
 
 def router_name(owner: Owner) -> str:
-    """The name of the router Pod and of its ServiceAccount, Role and RoleBinding."""
+    """The name of the routers' ServiceAccount, Role, RoleBinding and PodDisruptionBudget."""
     return f"{owner.name}-router"
+
+
+def router_pod_name(owner: Owner, index: int) -> str:
+    return f"{router_name(owner)}-{index}"
 
 
 def router_selector(owner: Owner) -> dict[str, str]:
@@ -88,15 +98,25 @@ def _router_pod_spec(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]
     }
 
 
-def router_pod(owner: Owner, spec: InferenceServiceSpec, auth_hash: str | None = None) -> dict[str, Any]:
-    """The router Pod, annotated with the hash of its spec and of the keys it reads at start
-    (`auth_hash`, as for the workers): a change to either replaces it."""
+def router_pod(owner: Owner, spec: InferenceServiceSpec, auth_hash: str | None = None, index: int = 0) -> dict[str, Any]:
+    """Router Pod number `index`, annotated with the hash of its spec and of the keys it reads
+    at start (`auth_hash`, as for the workers): a change to either replaces it."""
     pod_spec = _router_pod_spec(owner, spec)
-    metadata = _metadata(owner, router_name(owner))
+    metadata = _metadata(owner, router_pod_name(owner, index))
     payload = json.dumps({"spec": pod_spec, **({"auth": auth_hash} if auth_hash else {})}, sort_keys=True)
     digest = hashlib.sha256(payload.encode()).hexdigest()[:12]
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: digest}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def router_disruption_budget(owner: Owner) -> dict[str, Any]:
+    """Voluntary disruptions (node drains) leave at least one router running."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, router_name(owner)),
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": router_selector(owner)}},
+    }
 
 
 def router_service_account(owner: Owner) -> dict[str, Any]:

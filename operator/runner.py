@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from kvflock.operator.kube import Cluster
 __all__ = ["OperatorOptions", "load_configuration", "run_operator"]
 
 FINALIZER = "kvflock.dev/finalizer"
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
 
 
 def load_configuration(kubeconfig: str | None = None, context: str | None = None) -> kubernetes.client.Configuration:
@@ -73,6 +75,8 @@ def _settings(options: OperatorOptions) -> kopf.OperatorSettings:
     # timer exit; kopf looks again only every `cancellation_polling` seconds (60 by default),
     # so a deletion could wait a minute for a probe that takes milliseconds.
     settings.background.cancellation_polling = 0.5
+    settings.peering.lifetime = options.peering_lifetime
+    settings.peering.stealth = True  # keep-alives every few seconds would drown the log
     return settings
 
 
@@ -96,13 +100,19 @@ async def run_operator(
         return _connection(configuration)
 
     runtime = Runtime(Cluster(kubernetes.client.ApiClient(configuration)), options)
+    # Leader election: kopf pauses every operator that sees a live peer of a higher priority, and
+    # all of them when priorities tie, so each replica draws its own; the highest one leads and
+    # the next takes over once the leader's keep-alive expires (or at once when it stops cleanly).
+    priority = random.randrange(1, 2**31) if options.peering else None
     await kopf.operator(
         registry=registry,
         settings=_settings(options),
         memo=kopf.Memo(runtime=runtime),
         namespaces=list(namespaces),
         clusterwide=not namespaces,
-        standalone=True,
+        standalone=options.peering is None,
+        peering_name=options.peering,
+        priority=priority,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
         liveness_endpoint=liveness_endpoint,

@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from kvflock.operator import autoscale, router_children, workers
+from kvflock.operator import autoscale, workers
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import AutoscalerStatus, InferenceServiceSpec
 from kvflock.operator.kube import Cluster
@@ -84,9 +84,10 @@ class Autoscaler:
             return
         owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
         pods, objects = self.cluster.list_children(owner)
-        router = objects.get(("Pod", router_children.router_name(owner)))
-        router_url = workers.worker_url(router) if router is not None else None
-        held = (workers.read_held(router_url, self.probe_timeout) if router_url else None) or 0
+        routers = [o for (kind, _), o in objects.items()
+                   if kind == "Pod" and (o["metadata"].get("labels") or {}).get(names.LABEL_ROLE) == names.ROLE_ROUTER]
+        router_urls = [url for url in map(workers.worker_url, routers) if url]
+        held = sum(workers.read_held(url, self.probe_timeout) or 0 for url in router_urls)  # every router holds its own
         replicas = spec.replicas
         with self._lock:
             history = self._histories.get(key)

@@ -43,7 +43,7 @@ def smollm2_hf():
     """transformers' own reading of the same GGUF file: the reference for greedy outputs."""
     from transformers import AutoModelForCausalLM
 
-    from kvflock.worker.model.source import demo_model_path
+    from kvflock.shared.model_files import demo_model_path
 
     path = demo_model_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

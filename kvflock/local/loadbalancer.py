@@ -12,7 +12,10 @@ robin, at the address the process kubelet published in the pod's ``kvflock.dev/e
 annotation), and publishes the address in the Service's own ``kvflock.dev/endpoint``
 annotation, from which the operator writes ``status.url`` (the URL column of
 ``kubectl get infsvc``). A connection that finds no ready pod waits a few seconds for one
-(a restarting router) and is then closed, as kube-proxy rejects it.
+(a restarting router) and is then closed, as kube-proxy rejects it. A pod that refuses the
+connection (it died before its status said so) is skipped for the next ones and the connection
+goes to another ready pod: nothing of the client's has been sent yet, so that retry is safe;
+once bytes flow, a pod's death ends the connection.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ _CHUNK = 1 << 16
 # How long a new connection waits for a ready pod before it is closed.
 _WAIT_FOR_ENDPOINT_SECONDS = 5.0
 _ENDPOINT_CHECK_SECONDS = 0.1
+# How long a pod that refused a connection gets no new ones (its status may lag its death).
+_DOWN_SECONDS = 2.0
 
 
 def _ready(pod: Mapping[str, Any]) -> bool:
@@ -91,6 +96,7 @@ class _Route:
     port: int = 0
     server: asyncio.Server | None = None
     turns: itertools.count[int] = field(default_factory=itertools.count)
+    down_until: dict[str, float] = field(default_factory=dict)  # pods that refused a connection
 
     @property
     def url(self) -> str:
@@ -230,12 +236,14 @@ class LocalLoadBalancer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(route.server.wait_closed(), 5)
 
-    async def _endpoint(self, route: _Route) -> str | None:
-        """The next ready pod's address, waiting briefly while there is none."""
+    async def _endpoint(self, route: _Route, refused: set[str]) -> str | None:
+        """The next ready pod's address (not one that `refused` this connection), waiting
+        briefly while there is none."""
         deadline = time.monotonic() + _WAIT_FOR_ENDPOINT_SECONDS
         while True:
             with self._lock:
-                endpoints = ready_endpoints(self._pods, route.namespace, route.selector)
+                endpoints = [e for e in ready_endpoints(self._pods, route.namespace, route.selector)
+                             if e not in refused and route.down_until.get(e, 0.0) <= time.monotonic()]
             if endpoints:
                 return endpoints[next(route.turns) % len(endpoints)]
             if time.monotonic() >= deadline or self._stop.is_set():
@@ -245,15 +253,19 @@ class LocalLoadBalancer:
     async def _forward(self, route: _Route, client_reader: asyncio.StreamReader,
                        client_writer: asyncio.StreamWriter) -> None:
         upstream_writer: asyncio.StreamWriter | None = None
+        refused: set[str] = set()
         try:
-            endpoint = await self._endpoint(route)
-            if endpoint is None:
-                return
-            host, _, port = endpoint.rpartition(":")
-            try:
-                upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
-            except OSError:
-                return
+            while True:
+                endpoint = await self._endpoint(route, refused)
+                if endpoint is None:
+                    return
+                host, _, port = endpoint.rpartition(":")
+                try:
+                    upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+                    break
+                except OSError:
+                    refused.add(endpoint)
+                    route.down_until[endpoint] = time.monotonic() + _DOWN_SECONDS
             to_upstream = asyncio.ensure_future(_copy(client_reader, upstream_writer, half_close=True))
             try:
                 await _copy(upstream_reader, client_writer, half_close=False)

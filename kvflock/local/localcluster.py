@@ -148,7 +148,8 @@ class _OperatorThread:
     def _main(self) -> None:
         from kvflock.operator.runner import OperatorOptions, run_operator
 
-        options = OperatorOptions(probe_interval=self.probe_interval)
+        # The kubelet runs the workers on this machine: a model path missing here is missing for them.
+        options = OperatorOptions(probe_interval=self.probe_interval, shares_worker_files=True)
         try:
             asyncio.run(run_operator(self.configuration, options=options, stop_flag=self._stop,
                                      ready_flag=self._ready))

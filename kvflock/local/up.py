@@ -43,8 +43,9 @@ __all__ = ["ask", "down", "status", "up", "wait_ready"]
 
 _MERGE_PATCH = "application/merge-patch+json"
 # The operator's Degraded reasons that waiting cannot cure: the spec must change first (a worker
-# that failed once is replaced, and is not among them).
-_HOPELESS = {"InvalidSpec", "AuthSecretMissing", "WorkerStuck"}
+# pod that failed once is replaced, and is not among them; one whose container crashed on its
+# way to its first Ready will crash again).
+_HOPELESS = {"InvalidSpec", "InvalidModel", "AuthSecretMissing", "WorkerStuck", "WorkerCrashed"}
 
 
 def _alive(pid: int) -> bool:

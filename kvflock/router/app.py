@@ -98,7 +98,7 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0), limits=limits)
     hold = settings.hold_seconds if options.hold_seconds is None else options.hold_seconds
     state = RouterState(fleet, router, reader, metrics, Proxy(fleet, router, metrics, client, options.max_attempts, clock,
-                                                                  options.internal_token, hold))
+                                                                  options.internal_token, hold, settings.scale_from_zero))
 
     def apply_settings(new: RouterSettings) -> None:
         router.pools = new.pools
@@ -108,6 +108,7 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
             reader.block_size = new.block_size
         if options.hold_seconds is None:
             state.proxy.hold_seconds = new.hold_seconds
+        state.proxy.scale_from_zero = new.scale_from_zero
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -39,6 +39,9 @@ class RouterConfig(BaseModel):
     pools: list[PoolConfig] = Field(default_factory=list)
     holdTimeoutSeconds: int = Field(60, ge=0, le=3600)
     blockSize: int = Field(DEFAULT_BLOCK_SIZE, ge=1)
+    # Whether a replica may appear where none exists (the autoscaler scales from zero when a
+    # request is held), so that a request is held even while there is no worker at all.
+    scaleFromZero: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class RouterSettings:
     pools: tuple[Pool, ...] = ()
     block_size: int = DEFAULT_BLOCK_SIZE
     hold_seconds: float = 0.0  # how long a request waits while no replica can take it
+    scale_from_zero: bool = False  # hold requests while no worker exists: the autoscaler adds one
 
 
 def settings_from_json(router_json: str, where: str = "router.json") -> RouterSettings:
@@ -56,7 +60,7 @@ def settings_from_json(router_json: str, where: str = "router.json") -> RouterSe
         raise ValueError(f"{where}: not valid router settings: {exc}") from exc
     pools = tuple(Pool(p.name, p.minPromptTokens, p.maxPromptTokens) for p in config.pools)
     return RouterSettings(policy=config.policy, pools=pools, block_size=config.blockSize,
-                          hold_seconds=float(config.holdTimeoutSeconds))
+                          hold_seconds=float(config.holdTimeoutSeconds), scale_from_zero=config.scaleFromZero)
 
 
 def settings_from_configmap(data: Mapping[str, str] | None) -> RouterSettings:

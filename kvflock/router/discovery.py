@@ -5,7 +5,9 @@ kvflock.dev/role=worker` with the synchronous kubernetes client in a thread, and
 new list of endpoints to the event loop. A pod's address is its `kvflock.dev/endpoint`
 annotation (the local cluster's process kubelet writes it) or `podIP:8000`; its pool is its
 `kvflock.dev/pool` label; a pod that is not Ready, being deleted, or marked draining by the
-operator takes no new requests. Each (re)list also reads the `<name>-engine` ConfigMap, so
+operator takes no new requests. A pod without an address yet is listed too (it is starting), and
+one whose container crash-loops or cannot start, or that failed, is marked as not coming: the
+router waits for a starting replica, never for one of those. Each (re)list also reads the `<name>-engine` ConfigMap, so
 pool and policy changes reach the router within one watch period.
 """
 
@@ -32,6 +34,11 @@ from kvflock.shared.names import (
 
 log = logging.getLogger(__name__)
 
+# Container waiting reasons of a pod that will not become ready without a change.
+_HOPELESS_WAITING = frozenset(
+    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"}
+)
+
 # Seconds a watch runs before the pods and the ConfigMap are listed afresh.
 WATCH_PERIOD = 10
 
@@ -47,8 +54,20 @@ def parse_worker_flag(value: str) -> Endpoint:
     return Endpoint(id=url, url=url, pool=pool)
 
 
-def endpoint_from_pod(pod: Mapping[str, Any]) -> Endpoint | None:
-    """A worker Pod (as a dict, camelCase) -> its endpoint, or None while it has no address."""
+def _may_become_ready(status: Mapping[str, Any]) -> bool:
+    """Whether the pod is starting or running, rather than failed or stuck in a loop; a
+    container that just died (terminated, not yet restarted) counts as crash-looping."""
+    if status.get("phase") in ("Failed", "Succeeded"):
+        return False
+    for container in status.get("containerStatuses") or []:
+        state = container.get("state") or {}
+        if (state.get("waiting") or {}).get("reason") in _HOPELESS_WAITING or "terminated" in state:
+            return False
+    return True
+
+
+def endpoint_from_pod(pod: Mapping[str, Any]) -> Endpoint:
+    """A worker Pod (as a dict, camelCase) -> its endpoint (with no URL while it has no address)."""
     metadata = pod.get("metadata") or {}
     status = pod.get("status") or {}
     annotations = metadata.get("annotations") or {}
@@ -58,12 +77,13 @@ def endpoint_from_pod(pod: Mapping[str, Any]) -> Endpoint | None:
     elif status.get("podIP"):
         url = f"http://{status['podIP']}:{WORKER_PORT}"
     else:
-        return None
+        url = ""
     conditions = status.get("conditions") or []
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
     terminating = bool(metadata.get("deletionTimestamp")) or ANNOTATION_DRAINING in annotations
     pool = (metadata.get("labels") or {}).get(LABEL_POOL, DEFAULT_POOL)
-    return Endpoint(id=metadata["name"], url=url, pool=pool, pod_ready=ready, terminating=terminating)
+    return Endpoint(id=metadata["name"], url=url, pool=pool, pod_ready=ready and bool(url), terminating=terminating,
+                    may_become_ready=_may_become_ready(status))
 
 
 class KubernetesDiscovery:
@@ -158,5 +178,4 @@ class KubernetesDiscovery:
 
 
 def _endpoints(pods: Mapping[str, Mapping[str, Any]]) -> list[Endpoint]:
-    endpoints = (endpoint_from_pod(pod) for pod in pods.values())
-    return sorted((e for e in endpoints if e is not None), key=lambda e: e.id)
+    return sorted((endpoint_from_pod(pod) for pod in pods.values()), key=lambda e: e.id)

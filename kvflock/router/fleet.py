@@ -26,6 +26,9 @@ class Endpoint:
     pool: str = DEFAULT_POOL
     pod_ready: bool = True
     terminating: bool = False  # being drained or deleted by the operator
+    # False when its pod will not become ready on its own: it crash-loops, cannot pull its
+    # image, or failed. A starting or restarting pod may still become ready.
+    may_become_ready: bool = True
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Replica:
         return ReplicaView(
             id=e.id, pool=e.pool, ready=e.pod_ready and self.worker_ready and self.reachable,
             draining=e.terminating or self.worker_draining, saturated=now < self.saturated_until,
+            coming=e.may_become_ready,
             in_flight=self.in_flight, queued_tokens=self.queued_tokens, foreign=self.foreign,
             kv_usage=self.kv_usage,
         )

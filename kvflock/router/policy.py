@@ -61,6 +61,7 @@ class ReplicaView:
     pool: str
     ready: bool  # the pod is Ready and the worker's /ready answers 200
     draining: bool = False
+    coming: bool = True  # if not ready, it may still become ready (starting, not crash-looping)
     saturated: bool = False  # it answered 429 (queue full) within its Retry-After
     in_flight: int = 0  # this router's requests outstanding on it
     queued_tokens: int = 0  # their prompt tokens
@@ -76,6 +77,11 @@ class ReplicaView:
     @property
     def serving(self) -> bool:
         return self.ready and not self.draining
+
+    @property
+    def may_serve(self) -> bool:
+        """Serving, or worth waiting for: starting, and neither going away nor failing."""
+        return self.serving or (self.coming and not self.draining)
 
 
 @dataclass(frozen=True)

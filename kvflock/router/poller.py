@@ -32,7 +32,7 @@ class Poller:
         """Poll until cancelled: every `interval`, or at once when discovery changes the fleet."""
         while True:
             self.fleet.changed.clear()
-            replicas = list(self.fleet.replicas.values())
+            replicas = [r for r in self.fleet.replicas.values() if r.url]  # one without an address starts
             await asyncio.gather(*(self.poll(r) for r in replicas))
             self.index.retain(self.fleet.replicas)
             try:

@@ -10,9 +10,12 @@ the replica's: a failure after that cuts the client's connection (a retry would 
 output). Answers are relayed byte for byte, SSE included. With an internal token, the client's
 Authorization header is replaced by the router's own, so user keys never reach the workers.
 
-While no replica of the request's pool is ready (scaled to zero, all starting), a request is
-held for up to `hold_seconds` instead of refused: the autoscaler sees the held count in the
-router's metrics and adds a replica; the request goes on once one is ready, or gets 503.
+While no replica of the request's pool is ready but one is starting, a request is held for up
+to `hold_seconds` instead of refused; with `scale_from_zero`, also while there is no replica at
+all: the autoscaler sees the held count in the router's metrics and adds one. The request goes on
+once a replica is ready, or gets 503. When nothing is coming (no replica, or every one
+crash-looping or failed) it gets 503 at once, and so does a held request the moment that happens:
+waiting would only delay the same answer.
 """
 
 from __future__ import annotations
@@ -89,13 +92,14 @@ class _RelayResponse(StreamingResponse):
 class Proxy:
     def __init__(self, fleet: Fleet, router: Router, metrics: RouterMetrics, client: httpx.AsyncClient,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, clock: Callable[[], float] = time.monotonic,
-                 internal_token: bytes | None = None, hold_seconds: float = 0.0) -> None:
+                 internal_token: bytes | None = None, hold_seconds: float = 0.0, scale_from_zero: bool = False) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts: must be >= 1, got {max_attempts}")
         if hold_seconds < 0:
             raise ValueError(f"hold_seconds: must be >= 0, got {hold_seconds}")
         self.fleet, self.router, self.metrics, self.client = fleet, router, metrics, client
         self.max_attempts, self.clock, self.hold_seconds = max_attempts, clock, hold_seconds
+        self.scale_from_zero = scale_from_zero
         self._upstream_auth = bearer_header(internal_token) if internal_token is not None else None
 
     async def forward(self, request: Request, path: str, body: bytes, features: RequestFeatures) -> Response:
@@ -105,12 +109,17 @@ class Proxy:
         if self._upstream_auth is not None:
             headers["authorization"] = self._upstream_auth
         if self.hold_seconds > 0 and not self._can_serve(features):
-            waited = await self._hold(request, features)
-            if waited is None:  # the client left while held
-                return Response(status_code=499)
-            if not waited:
-                self.metrics.hold_timeouts.inc()
-                return self._refuse(503, f"no replica became ready within {self.hold_seconds:g} s")
+            nothing_coming = self._nothing_coming(features)
+            if nothing_coming is None:
+                waited = await self._hold(request, features)
+                if waited is None:  # the client left while held
+                    return Response(status_code=499)
+                nothing_coming = self._nothing_coming(features)
+                if not waited and nothing_coming is None:
+                    self.metrics.hold_timeouts.inc()
+                    return self._refuse(503, f"no replica became ready within {self.hold_seconds:g} s")
+            if nothing_coming is not None:
+                return self._refuse(503, nothing_coming)
         tried: set[str] = set()
         saw_full_queue = False
         for _ in range(self.max_attempts):
@@ -148,14 +157,24 @@ class Proxy:
         _, members = pool_members(self.router.pools, features.prompt_tokens, self.fleet.views(self.clock()))
         return any(r.serving for r in members)
 
+    def _nothing_coming(self, features: RequestFeatures) -> str | None:
+        """Why no replica of the request's pool can become ready, or None while one may."""
+        _, members = pool_members(self.router.pools, features.prompt_tokens, self.fleet.views(self.clock()))
+        if not members:
+            return None if self.scale_from_zero else "no replica can become ready: there is no worker"
+        if any(r.may_serve for r in members):
+            return None
+        return (f"no replica can become ready: every worker ({len(members)}) is crash-looping, failed or"
+                " going away")
+
     async def _hold(self, request: Request, features: RequestFeatures) -> bool | None:
         """Wait until a replica can take the request: True once one can, False when the hold
-        timeout passed first, None when the client left."""
+        timeout passed first or nothing is coming any more, None when the client left."""
         deadline = self.clock() + self.hold_seconds
         self.metrics.held.inc()
         try:
             while not self._can_serve(features):
-                if self.clock() >= deadline:
+                if self.clock() >= deadline or self._nothing_coming(features) is not None:
                     return False
                 if await request.is_disconnected():
                     return None

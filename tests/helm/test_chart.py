@@ -45,6 +45,8 @@ def test_every_rendered_manifest_is_valid_kubernetes(render: Render, values: str
             continue  # not a built-in kind: checked against our CRD below
         if manifest["apiVersion"] == "monitoring.coreos.com/v1":
             continue  # the Prometheus Operator's kinds: test_monitoring.py checks them against its types
+        if manifest["apiVersion"] == "kopf.dev/v1":
+            continue  # the peering object: nothing but a name (crds/kopfpeering.yaml)
         try:
             kubernetes_validate.validate(manifest, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -58,7 +60,8 @@ def test_default_install_renders_the_operator_and_no_inference_service(
 ) -> None:
     kinds = sorted(m["kind"] for m in default_manifests)
     assert kinds == sorted(
-        ["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"]
+        ["CustomResourceDefinition", "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount",
+         "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ClusterKopfPeering"]
     )
 
 
@@ -70,10 +73,17 @@ def test_operator_serves_health_probes_and_metrics_behind_a_service(default_mani
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics"}]
 
 
-def test_operator_runs_one_replica_replaced_with_recreate(default_manifests: list[dict[str, Any]]) -> None:
-    spec = one(default_manifests, "Deployment")["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+def test_operator_runs_two_replicas_electing_a_leader_through_kopf_peering(render: Render) -> None:
+    manifests = render()
+    spec = one(manifests, "Deployment")["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    container = spec["template"]["spec"]["containers"][0]
+    assert {"--peering=kvflock", "--peering-lifetime=10"} <= set(container["args"])
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
+    assert one(manifests, "ClusterKopfPeering")["metadata"]["name"] == "kvflock"
+    namespaced = render(sets=["operator.scope=namespace"])
+    assert one(namespaced, "KopfPeering")["metadata"]["namespace"]
 
 
 @pytest.mark.parametrize("values", ["default", "values-all"])

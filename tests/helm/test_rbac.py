@@ -11,7 +11,7 @@ from .conftest import VALUES_ALL, Render, of_kind, one
 Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
 
 # The resources in RBAC_RULES that are not namespaced: only a ClusterRole can grant them.
-CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces"), ("kopf.dev", "clusterkopfpeerings")}
 
 
 def needed() -> set[Grant]:

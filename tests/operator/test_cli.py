@@ -50,7 +50,8 @@ def test_operator_command_serves_a_cluster_from_a_kubeconfig(
         custom.create_namespaced_custom_object("kvflock.dev", "v1alpha1", "default", "inferenceservices", body)
         core = kubernetes.client.CoreV1Api(api_client)
         wait_for(lambda: sorted(p.metadata.name for p in core.list_namespaced_pod("default").items)
-                 == ["cli-router", "cli-w-0"], timeout=30, what="the operator process to create the worker and router")
+                 == ["cli-router-0", "cli-router-1", "cli-w-0"], timeout=30,
+                 what="the operator process to create the worker and routers")
         assert httpx.get(f"http://127.0.0.1:{health_port}/healthz", timeout=10).status_code == 200
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         assert 'kvflock_operator_actions_total{kind="Pod",verb="create"}' in scraped

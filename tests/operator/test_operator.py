@@ -218,6 +218,17 @@ def test_deleted_service_takes_its_children_with_it(cluster: Cluster) -> None:
     assert [c.metadata.name for c in cluster.core.list_namespaced_config_map(NS).items] == []
 
 
+def test_a_model_that_cannot_run_is_degraded_with_the_field_named_and_gets_no_pods(cluster: Cluster) -> None:
+    cluster.create("split", {"replicas": 1, "engine": {"tensorParallelSize": 2}, "resources": {"gpusPerReplica": 0}})
+    degraded = wait_for(lambda: cluster.condition("split", "Degraded").get("reason") == "InvalidModel"
+                        and cluster.condition("split", "Degraded"), what="Degraded/InvalidModel")
+    assert degraded["status"] == "True"
+    assert degraded["message"].startswith(
+        "engine.tensorParallelSize: 2 does not divide the model's num_heads=9"), degraded["message"]
+    assert any("num_heads=9" in m for m in cluster.events("InvalidModel"))
+    assert cluster.pods("split") == {}
+
+
 def test_invalid_spec_is_degraded_creates_nothing_and_the_operator_goes_on(cluster: Cluster) -> None:
     cluster.create("bad", {"replicas": 2, "engine": {"tensorParallelSize": 2}, "resources": {"gpusPerReplica": 1}})
     degraded = wait_for(lambda: cluster.condition("bad", "Degraded").get("reason") == "InvalidSpec"

@@ -23,12 +23,14 @@ def autoscaler_status(cluster: Cluster, name: str) -> dict[str, Any]:
     return (cluster.service(name).get("status") or {}).get("autoscaler") or {}
 
 
-def test_router_pod_runs_kvflock_router_and_the_entry_service_selects_it(cluster: Cluster) -> None:
+def test_two_router_pods_run_kvflock_router_and_the_entry_service_selects_them(cluster: Cluster) -> None:
     uid = cluster.create("chat", {"replicas": 1, "resources": {"gpusPerReplica": 0}})["metadata"]["uid"]
-    router = wait_for(lambda: cluster.core.list_namespaced_pod(
-        NS, label_selector="kvflock.dev/service=chat,kvflock.dev/role=router").items, what="the router pod")
-    (pod,) = router
-    assert pod.metadata.name == "chat-router" and pod.metadata.owner_references[0].uid == uid
+    routers = wait_for(lambda: (found := cluster.core.list_namespaced_pod(
+        NS, label_selector="kvflock.dev/service=chat,kvflock.dev/role=router").items) and len(found) == 2 and found,
+        what="the router pods")
+    assert sorted(p.metadata.name for p in routers) == ["chat-router-0", "chat-router-1"]
+    pod = next(p for p in routers if p.metadata.name == "chat-router-0")
+    assert pod.metadata.owner_references[0].uid == uid
     command = pod.spec.containers[0].command
     assert command[:2] == ["kvflock", "router"]
     assert command[command.index("--service") + 1] == "chat" and command[command.index("--namespace") + 1] == NS
@@ -40,13 +42,15 @@ def test_router_pod_runs_kvflock_router_and_the_entry_service_selects_it(cluster
     role = rbac.read_namespaced_role("chat-router", NS)
     assert {(r.resources[0], tuple(r.verbs)) for r in role.rules} == {("pods", ("list", "watch")), ("configmaps", ("get",))}
     assert rbac.read_namespaced_role_binding("chat-router", NS).subjects[0].name == "chat-router"
+    budget = kubernetes.client.PolicyV1Api(cluster.core.api_client).read_namespaced_pod_disruption_budget("chat-router", NS)
+    assert budget.spec.min_available == 1 and budget.spec.selector.match_labels == entry.spec.selector
 
     cluster.wait_ready("chat", 1)  # Ready needs the router too: run_pods runs it
-    cluster.core.patch_namespaced_pod_status("chat-router", NS, {"status": {"phase": "Failed"}})
+    cluster.core.patch_namespaced_pod_status("chat-router-0", NS, {"status": {"phase": "Failed"}})
 
     def replaced() -> bool:
         routers = cluster.core.list_namespaced_pod(NS, label_selector="kvflock.dev/role=router").items
-        return [p.metadata.name for p in routers] == ["chat-router"] and routers[0].metadata.uid != pod.metadata.uid
+        return len(routers) == 2 and pod.metadata.uid not in {p.metadata.uid for p in routers}
 
     wait_for(replaced, what="the failed router to be replaced")
 
@@ -92,6 +96,6 @@ def test_autoscaler_writes_replicas_up_under_load_and_down_to_zero_then_wakes_fo
     # Each decision reaches the status in a write after the one of the replicas.
     wait_for(lambda: autoscaler_status(cluster, "chat")["desiredReplicas"] == 0, what="the decision in the status")
 
-    cluster.workers.held["chat-router"] = 1
+    cluster.workers.held["chat-router-0"] = 1
     wait_for(lambda: replicas(cluster, "chat") == 1, what="a held request to wake the service")
     wait_for(lambda: autoscaler_status(cluster, "chat")["heldRequests"] == 1, what="the held request in the status")

@@ -42,18 +42,20 @@ def pod(index: int, s: InferenceServiceSpec | None = None, *, ready: bool = True
 
 
 def settled_objects(s: InferenceServiceSpec) -> dict[tuple[str, str], dict[str, Any]]:
-    """The Services, ConfigMap, PDB and the ready router exactly as the spec wants them."""
-    router = router_children.router_pod(OWNER, s)
-    router["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    """The Services, ConfigMap, PDBs and the ready routers exactly as the spec wants them."""
+    routers = [router_children.router_pod(OWNER, s, index=i) for i in range(2)]
+    for router in routers:
+        router["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
     manifests = [
         children.engine_configmap(OWNER, s),
         children.workers_service(OWNER),
         children.entry_service(OWNER, s),
         children.disruption_budget(OWNER),
+        router_children.router_disruption_budget(OWNER),
         router_children.router_service_account(OWNER),
         router_children.router_role(OWNER),
         router_children.router_role_binding(OWNER),
-        router,
+        *routers,
     ]
     return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
 
@@ -75,10 +77,12 @@ def condition(plan: Plan, kind: str) -> tuple[str, str]:
 def test_create_makes_workers_services_configmap_and_budget() -> None:
     s = spec(replicas=2)
     plan = run(s, [], objects={})
-    assert verbs(plan) == [("create", "chat-router"), ("create", "chat-w-0"), ("create", "chat-w-1")]
+    assert verbs(plan) == [("create", "chat-router-0"), ("create", "chat-router-1"), ("create", "chat-w-0"),
+                           ("create", "chat-w-1")]
     kinds = sorted((a.kind, a.name) for a in plan.actions if a.kind != "Pod")
     assert kinds == [
-        ("ConfigMap", "chat-engine"), ("PodDisruptionBudget", "chat"), ("Role", "chat-router"),
+        ("ConfigMap", "chat-engine"), ("PodDisruptionBudget", "chat"), ("PodDisruptionBudget", "chat-router"),
+        ("Role", "chat-router"),
         ("RoleBinding", "chat-router"), ("Service", "chat"), ("Service", "chat-workers"),
         ("ServiceAccount", "chat-router"),
     ]
@@ -202,12 +206,64 @@ def test_worker_deleted_by_someone_else_is_replaced_under_a_new_name() -> None:
     assert verbs(plan) == [("create", "chat-w-2")]
 
 
-def test_crash_looping_worker_makes_the_service_degraded() -> None:
+def test_a_worker_whose_image_cannot_be_pulled_makes_the_service_degraded() -> None:
     s = spec(replicas=1)
-    stuck = pod(0, s, ready=False, stuck_reason="CrashLoopBackOff", stuck_message="back-off 40s")
+    stuck = pod(0, s, ready=False, stuck_reason="ImagePullBackOff", stuck_message="back-off pulling image")
     plan = run(s, [stuck])
     assert condition(plan, "Degraded") == ("True", "WorkerStuck")
-    assert "chat-w-0: CrashLoopBackOff: back-off 40s" in plan.status.conditions[2].message
+    assert "chat-w-0: ImagePullBackOff: back-off pulling image" in plan.status.conditions[2].message
+
+
+CRASH = {"exitCode": 1, "reason": "Error", "finishedAt": "2026-11-25T11:58:00Z",
+         "message": "ValueError: tensor_parallel_size: 2 does not divide the model's num_heads=9"}
+
+
+def worker_manifest(s: InferenceServiceSpec, state: dict[str, Any], *, ready: bool = False,
+                    last_state: dict[str, Any] | None = None, ready_changed: str = "2026-11-25T11:57:00Z") -> dict:
+    """A worker pod as the kubelet reports it: its Ready condition and its one container."""
+    return {
+        "metadata": {"name": "chat-w-0", "labels": {names.LABEL_REPLICA: "0"},
+                     "annotations": {names.ANNOTATION_SPEC_HASH: current_hash(s)}},
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": str(ready), "lastTransitionTime": ready_changed}],
+            "containerStatuses": [{"restartCount": 1, "state": state, "lastState": last_state or {}}],
+        },
+    }
+
+
+def test_degraded_stays_true_with_the_same_message_through_a_crash_loop_until_the_worker_is_ready() -> None:
+    s = spec(replicas=1)
+    crash_loop = [
+        worker_manifest(s, {"terminated": CRASH}),  # it just died
+        worker_manifest(s, {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s restarting"}},
+                        last_state={"terminated": CRASH}),
+        worker_manifest(s, {"running": {"startedAt": "2026-11-25T11:58:10Z"}}, last_state={"terminated": CRASH}),
+        worker_manifest(s, {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s restarting"}},
+                        last_state={"terminated": {**CRASH, "finishedAt": "2026-11-25T11:58:30Z"}}),
+    ]
+    conditions: list = []
+    degraded = []
+    for step, manifest in enumerate(crash_loop):
+        observed = Observed(pods=[WorkerPod.from_manifest(manifest)], objects=settled_objects(s), conditions=conditions)
+        plan = reconcile(OWNER, s, observed, NOW + datetime.timedelta(seconds=10 * step))
+        conditions = plan.status.conditions
+        degraded.append(next(c for c in conditions if c.type == "Degraded"))
+    assert {(c.status, c.reason, c.lastTransitionTime) for c in degraded} == {("True", "WorkerCrashed", "2026-11-25T12:00:00Z")}
+    assert {c.message for c in degraded} == {
+        "worker chat-w-0 failed and is not ready again: Error (exit code 1): " + CRASH["message"]}
+
+    serving = worker_manifest(s, {"running": {}}, ready=True, last_state={"terminated": CRASH},
+                              ready_changed="2026-11-25T11:59:00Z")
+    observed = Observed(pods=[WorkerPod.from_manifest(serving)], objects=settled_objects(s), conditions=conditions)
+    assert condition(reconcile(OWNER, s, observed, NOW), "Degraded") == ("False", "Healthy")
+
+
+def test_a_worker_that_went_unready_long_after_its_last_crash_is_not_reported_as_crashed() -> None:
+    s = spec(replicas=1)
+    manifest = worker_manifest(s, {"running": {}}, last_state={"terminated": CRASH}, ready_changed="2026-11-25T11:59:30Z")
+    assert WorkerPod.from_manifest(manifest).failure is None
+    assert condition(run(s, [WorkerPod.from_manifest(manifest)]), "Degraded") == ("False", "Healthy")
 
 
 def test_rolling_change_surges_one_new_worker_first() -> None:
@@ -279,10 +335,12 @@ def test_deletion_deletes_every_child() -> None:
         ("delete", "Service", "chat-workers"),
         ("delete", "Service", "chat"),
         ("delete", "PodDisruptionBudget", "chat"),
+        ("delete", "PodDisruptionBudget", "chat-router"),
         ("delete", "ServiceAccount", "chat-router"),
         ("delete", "Role", "chat-router"),
         ("delete", "RoleBinding", "chat-router"),
-        ("delete", "Pod", "chat-router"),
+        ("delete", "Pod", "chat-router-0"),
+        ("delete", "Pod", "chat-router-1"),
     ]
 
 
@@ -315,11 +373,11 @@ def test_worker_pod_reads_readiness_drain_and_stuck_state_from_its_manifest() ->
         "status": {
             "phase": "Running",
             "conditions": [{"type": "Ready", "status": "True"}],
-            "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff", "message": "boom"}}}],
+            "containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff", "message": "boom"}}}],
         },
     }
     worker = WorkerPod.from_manifest(manifest)
-    assert (worker.index, worker.spec_hash, worker.ready, worker.stuck_reason) == (4, "abc", True, "CrashLoopBackOff")
+    assert (worker.index, worker.spec_hash, worker.ready, worker.stuck_reason) == (4, "abc", True, "ImagePullBackOff")
     assert worker.draining_since == NOW - datetime.timedelta(minutes=1)
 
 
@@ -327,3 +385,52 @@ def test_every_action_names_a_reason_and_a_message() -> None:
     s = spec(replicas=1)
     actions: list[Action] = run(s, [pod(3), pod(4, phase="Failed")], objects={}).actions
     assert actions and all(a.reason and a.message for a in actions)
+
+
+def router(s: InferenceServiceSpec, index: int, *, ready: bool = True, spec_hash: str | None = None,
+           phase: str = "Running") -> dict[str, Any]:
+    manifest = router_children.router_pod(OWNER, s, index=index)
+    if spec_hash is not None:
+        manifest["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH] = spec_hash
+    manifest["status"] = {"phase": phase, "conditions": [{"type": "Ready", "status": str(ready)}]}
+    return manifest
+
+
+def with_routers(s: InferenceServiceSpec, *routers: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    objects = {k: v for k, v in settled_objects(s).items() if not (k[0] == "Pod" and "router" in k[1])}
+    return {**objects, **{("Pod", r["metadata"]["name"]): r for r in routers}}
+
+
+def test_two_routers_and_a_budget_keeping_one_of_them_run_in_front_of_the_workers() -> None:
+    budget = router_children.router_disruption_budget(OWNER)
+    assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": router_children.router_selector(OWNER)}}
+    s = spec(replicas=1)
+    assert verbs(run(s, [pod(0, s)])) == []
+    plan = run(s, [pod(0, s)], objects=with_routers(s, router(s, 0, ready=False), router(s, 1)))
+    assert condition(plan, "Ready") == ("True", "AllReplicasReady"), "one ready router serves the service"
+
+
+def test_a_failed_router_is_replaced_at_once() -> None:
+    s = spec(replicas=1)
+    plan = run(s, [pod(0, s)], objects=with_routers(s, router(s, 0, phase="Failed"), router(s, 1)))
+    assert verbs(plan) == [("delete", "chat-router-0"), ("create", "chat-router-2")]
+    assert condition(plan, "Degraded") == ("True", "RouterFailed")
+
+
+def test_a_router_spec_change_adds_a_new_router_before_removing_an_old_one() -> None:
+    s = spec(replicas=1)
+    old = [router(s, 0, spec_hash="old"), router(s, 1, spec_hash="old")]
+    plan = run(s, [pod(0, s)], objects=with_routers(s, *old))
+    assert verbs(plan) == [("create", "chat-router-2")], "surge: a new router first, nothing removed"
+
+    starting = router(s, 2, ready=False)
+    plan = run(s, [pod(0, s)], objects=with_routers(s, *old, starting))
+    assert verbs(plan) == [], "the old routers stay while the new one is not ready"
+
+    plan = run(s, [pod(0, s)], objects=with_routers(s, *old, router(s, 2)))
+    assert verbs(plan) == [("delete", "chat-router-0")]
+
+    plan = run(s, [pod(0, s)], objects=with_routers(s, old[1], router(s, 2)))
+    assert verbs(plan) == [("create", "chat-router-0")]
+    plan = run(s, [pod(0, s)], objects=with_routers(s, old[1], router(s, 2), router(s, 0)))
+    assert verbs(plan) == [("delete", "chat-router-1")]

@@ -41,9 +41,30 @@ def test_a_pod_endpoint_comes_from_its_annotation_else_its_ip():
     assert (annotated.url, annotated.pool, annotated.pod_ready) == ("http://127.0.0.1:9001", "long", True)
     by_ip = endpoint_from_pod(pod("w-1", None, ready=False, ip="10.0.0.7"))
     assert (by_ip.url, by_ip.pod_ready) == ("http://10.0.0.7:8000", False)
-    assert endpoint_from_pod(pod("w-2", None)) is None
+    starting = endpoint_from_pod(pod("w-2", None))
+    assert (starting.url, starting.pod_ready, starting.may_become_ready) == ("", False, True)
     draining = endpoint_from_pod(pod("w-3", "127.0.0.1:1", annotations={"kvflock.dev/draining-since": "now"}))
     assert draining.terminating
+
+
+@pytest.mark.parametrize("state", [
+    {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+    {"waiting": {"reason": "ImagePullBackOff"}},
+    {"terminated": {"exitCode": 1, "reason": "Error"}},
+])
+def test_a_crash_looping_or_stuck_pod_is_not_coming(state):
+    manifest = pod("w-0", "127.0.0.1:1", ready=False)
+    manifest["status"]["containerStatuses"] = [{"name": "worker", "restartCount": 2, "state": state}]
+    assert not endpoint_from_pod(manifest).may_become_ready
+
+
+def test_a_failed_pod_is_not_coming_and_a_restarting_one_is():
+    failed = pod("w-0", "127.0.0.1:1", ready=False)
+    failed["status"]["phase"] = "Failed"
+    assert not endpoint_from_pod(failed).may_become_ready
+    restarting = pod("w-1", "127.0.0.1:2", ready=False)
+    restarting["status"]["containerStatuses"] = [{"name": "worker", "restartCount": 1, "state": {"running": {}}}]
+    assert endpoint_from_pod(restarting).may_become_ready
 
 
 def test_worker_flags_name_an_optional_pool():

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kvflock.shared.model_files import ModelShape, tp_split_problem
 from kvflock.worker.config import ModelConfig
 
 
@@ -83,19 +84,9 @@ SINGLE_RANK = TPGroup()
 
 def check_tp_size(cfg: ModelConfig, tp: int) -> None:
     """Refuse a tensor-parallel size that cannot split this model's heads and MLP evenly."""
-    if cfg.num_heads % tp:
-        raise ValueError(
-            f"tensor_parallel_size: {tp} does not divide the model's num_heads={cfg.num_heads}; use a divisor of it"
-        )
-    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
-        raise ValueError(
-            f"tensor_parallel_size: {tp} must divide the model's num_kv_heads={cfg.num_kv_heads} "
-            f"or be a multiple of it (then KV heads are replicated)"
-        )
-    if cfg.intermediate_size % tp:
-        raise ValueError(
-            f"tensor_parallel_size: {tp} does not divide the model's intermediate_size={cfg.intermediate_size}"
-        )
+    problem = tp_split_problem(ModelShape(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size), tp)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:

