@@ -158,15 +158,18 @@ def auth_args(owner: Owner, spec: InferenceServiceSpec, role: str) -> list[str]:
 
     The router checks the users' keys and shows the workers the internal token; a worker then
     accepts only that token on /v1/* (a user key sent to it directly is refused) and only the
-    operator's admin token on /admin/*.
+    operator's admin token on /admin/*. With `inferencePool`, a gateway's proxy calls the workers
+    with the user's own key, so they accept the users' keys as well.
     """
     if spec.auth is None:
         return []
     internal = ["--internal-token-file", f"{INTERNAL_DIR}/{INTERNAL_TOKEN_KEY}"]
+    user_keys = ["--api-key-file", f"{AUTH_DIR}/{API_KEY_FILE}"]
     if role == "router":
-        return ["--api-key-file", f"{AUTH_DIR}/{API_KEY_FILE}", *internal]
+        return [*user_keys, *internal]
     if role == "worker":
-        return [*internal, "--admin-token-file", f"{INTERNAL_DIR}/{ADMIN_TOKEN_KEY}"]
+        gateway = user_keys if spec.inferencePool is not None else []
+        return [*internal, *gateway, "--admin-token-file", f"{INTERNAL_DIR}/{ADMIN_TOKEN_KEY}"]
     raise ValueError(f"role: must be 'worker' or 'router', got {role!r}")
 
 

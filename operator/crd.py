@@ -428,6 +428,28 @@ class AuthSpec(_Model):
     )
 
 
+class EndpointPickerSpec(_Model):
+    """The Gateway API Inference Extension's endpoint picker (EPP) that serves this pool: the
+    InferencePool's `endpointPickerRef`. kvflock does not run the picker; the extension's
+    `inferencepool` chart does, with the flags the operator writes to the `<name>-epp` ConfigMap."""
+
+    serviceName: str | None = Field(
+        None, pattern=_DNS_LABEL, max_length=63, description="The picker's Service (default: <name>-epp).",
+    )
+    port: int = Field(9002, ge=1, le=65535, description="The picker's ext-proc port on that Service.")
+    failureMode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="What the gateway does while the picker does not answer.",
+    )
+
+
+class InferencePoolSpec(_Model):
+    """Serve the workers through a Gateway API Inference Extension gateway: the operator renders an
+    InferencePool (inference.networking.k8s.io/v1) selecting this service's workers. The gateway's
+    proxy then calls the workers directly; with `auth`, they accept the users' API keys too."""
+
+    endpointPicker: EndpointPickerSpec = Field(default_factory=EndpointPickerSpec)
+
+
 class InferenceServiceSpec(_Model):
     """A model served by replicas of the kvflock engine behind one OpenAI-compatible endpoint."""
 
@@ -443,6 +465,9 @@ class InferenceServiceSpec(_Model):
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra worker environment.")
     probes: ProbesSpec = Field(default_factory=ProbesSpec)
     auth: AuthSpec | None = Field(None, description="API keys required of clients (absent: no authentication).")
+    inferencePool: InferencePoolSpec | None = Field(
+        None, description="An InferencePool for a Gateway API Inference Extension gateway (absent: none).",
+    )
     drainTimeoutSeconds: int = Field(
         60, ge=0, le=3600,
         description="How long a replica being removed may finish its requests in flight.",
