@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import httpx
 from pydantic import ValidationError
 
 from kvflock import __version__
@@ -134,6 +135,31 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.device,
                         progress=lambda line: print(line, flush=True))
+    return 0
+
+
+def _add_fetch_model(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("fetch-model", help="download hf://org/name@revision into a cache folder, verified")
+    p.add_argument("source", help="hf://org/name[@revision] (revision: branch, tag or commit; default main)")
+    p.add_argument("--cache-dir", type=Path, required=True, help="the cache folder (shared by a node's pods)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="a file holding the Hub token, for gated or private models (default: $HF_TOKEN)")
+    p.add_argument("--endpoint", default=None, help="the Hub or a mirror (default: $HF_ENDPOINT, else huggingface.co)")
+    p.set_defaults(func=_run_fetch_model)
+
+
+def _run_fetch_model(args: argparse.Namespace) -> int:
+    import os
+
+    from kvflock.worker.model.hub import TOKEN_ENV, HubClient, HubSource, fetch
+
+    source = HubSource.parse(args.source)
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
+    client = HubClient(args.endpoint, token)
+    try:
+        print(fetch(source, args.cache_dir, client))
+    finally:
+        client.close()
     return 0
 
 
@@ -397,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_serve(sub)
     _add_quantize(sub)
+    _add_fetch_model(sub)
     _add_crds(sub)
     _add_operator(sub)
     _add_router(sub)
@@ -424,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except httpx.HTTPError as exc:  # a server that fetch-model or up could not reach or that failed
+        print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
