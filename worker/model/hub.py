@@ -167,7 +167,7 @@ def _download(client: HubClient, source: HubSource, file: HubFile, target: Path,
                     out.seek(start)
                     done = start
                     if response.status_code != 416:
-                        for chunk in response.iter_bytes(CHUNK):
+                        for chunk in response.iter_bytes():  # as received: a cut keeps every byte read
                             out.write(chunk)
                             done += len(chunk)
                             progress.update(file, done)
