@@ -151,7 +151,8 @@ def _add_fetch_model(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
 def _run_fetch_model(args: argparse.Namespace) -> int:
     import os
 
-    from kvflock.worker.model.hub import TOKEN_ENV, HubClient, HubSource, fetch
+    from kvflock.shared.hub import HubSource
+    from kvflock.worker.model.hub import TOKEN_ENV, HubClient, fetch
 
     source = HubSource.parse(args.source)
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)

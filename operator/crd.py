@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kvflock.shared.hub import SOURCE_PATTERN as HUB_SOURCE_PATTERN
+
 GROUP = "kvflock.dev"
 VERSION = "v1alpha1"
 KIND = "InferenceService"
@@ -45,14 +47,33 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
 
+class SecretKeyRef(_Model):
+    """One key of a Secret in the service's namespace."""
+
+    name: str = Field(
+        ..., pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253, description="The Secret's name."
+    )
+    key: str = Field(..., pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key within the Secret.")
+
+
+class HubCacheSpec(_Model):
+    """Where hf:// models are cached: a node folder shared by the node's pods, or a PVC."""
+
+    hostPath: str = Field("/var/cache/kvflock/hub", pattern=r"^/", description="The node folder (without claimName).")
+    claimName: str | None = Field(None, min_length=1, description="A PVC instead of the node folder (ReadWriteMany"
+                                  " to share it between nodes).")
+
+
 class ModelSpec(_Model):
     """Which model the workers serve, and where each worker finds its files."""
 
-    source: Literal["demo", "path", "pvc", "hostPath"] = Field(
+    source: str = Field(
         "demo",
+        pattern=r"^(demo|path|pvc|hostPath)$|" + HUB_SOURCE_PATTERN,
         description="demo: the bundled SmolLM2-135M-Instruct GGUF; path: a path in the worker image;"
         " pvc: a PersistentVolumeClaim mounted read-only at /models; hostPath: a node folder mounted"
-        " read-only at /models.",
+        " read-only at /models; hf://org/name@revision: a Hugging Face Hub model, fetched by an init"
+        " container into `hubCache` (HF_ENDPOINT in `env` names a mirror).",
     )
     path: str | None = Field(
         None,
@@ -67,6 +88,10 @@ class ModelSpec(_Model):
         min_length=1,
         max_length=256,
         description="The model name that clients put in their requests (default: the resource's name).",
+    )
+    hubCache: HubCacheSpec = Field(default_factory=HubCacheSpec)
+    hubTokenSecretRef: SecretKeyRef | None = Field(
+        None, description="The Secret key holding a Hub token, for gated or private models (source=hf://...).",
     )
     format: Literal["auto", "hf", "gguf", "dummy"] = Field(
         "auto",
@@ -407,15 +432,6 @@ class ProbesSpec(_Model):
     startupSeconds: int = Field(
         900, ge=10, le=7200, description="Time allowed to load the weights before liveness applies."
     )
-
-
-class SecretKeyRef(_Model):
-    """One key of a Secret in the service's namespace."""
-
-    name: str = Field(
-        ..., pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253, description="The Secret's name."
-    )
-    key: str = Field(..., pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key within the Secret.")
 
 
 class AuthSpec(_Model):

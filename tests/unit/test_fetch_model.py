@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kvflock.worker.model.hub import COMPLETE_MARKER, HubClient, HubSource, Progress, fetch, model_dir
+from kvflock.shared.hub import HubSource
+from kvflock.worker.model.hub import COMPLETE_MARKER, HubClient, Progress, fetch, model_dir
 from kvflock.worker.model.source import read_model_config, resolve_model
 from tests.fake_hub import FakeHub
 

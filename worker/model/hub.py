@@ -1,9 +1,8 @@
 """Fetching a model from the Hugging Face Hub (or a mirror at `HF_ENDPOINT`) into a local cache:
 what `kvflock fetch-model` does, and what a worker pod's init container runs before the worker.
 
-A source is `hf://org/name@revision` (revision: a branch, tag or commit; default `main`). The
-files land in `<cache>/<org>--<name>/<revision>/`, which `model_dir` names without any I/O, so the
-operator can point the worker at it before anything is fetched. The Hub's file API gives each
+A source is `hf://org/name@revision` (kvflock.shared.hub parses it and names its folder in the
+cache, `<cache>/<org>--<name>/<revision>/`, so the operator can point the worker there first). The Hub's file API gives each
 file's size and checksum (the LFS sha256, else the git blob sha1); each file downloads into a
 `.partial` file, resumes with an HTTP Range request after a cut connection, and is moved into
 place only once its checksum matches. A mismatch deletes the partial file and fails, naming the
@@ -16,43 +15,29 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO
 from urllib.parse import quote
 
 import httpx
 
+from kvflock.shared.hub import HubSource
+from kvflock.shared.hub import model_dir as shared_model_dir
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 ENDPOINT_ENV = "HF_ENDPOINT"
 TOKEN_ENV = "HF_TOKEN"
-SOURCE_PATTERN = r"^hf://[A-Za-z0-9][-._A-Za-z0-9]*/[-._A-Za-z0-9]+(@[-._/A-Za-z0-9]+)?$"
 # Written last into a complete model folder: the revision's files and checksums, so a later start
 # skips the Hub when nothing changed and re-reads nothing from disk.
 COMPLETE_MARKER = ".kvflock-complete.json"
 CHUNK = 1 << 20
 # Attempts per file; each resumes where the last one stopped.
 ATTEMPTS = 5
-
-
-@dataclass(frozen=True)
-class HubSource:
-    """A parsed `hf://org/name@revision`."""
-
-    repo: str
-    revision: str
-
-    @classmethod
-    def parse(cls, source: str) -> HubSource:
-        if not re.match(SOURCE_PATTERN, source):
-            raise ValueError(f"model source: {source!r} is not hf://org/name[@revision]")
-        repo, _, revision = source.removeprefix("hf://").partition("@")
-        return cls(repo, revision or "main")
 
 
 @dataclass(frozen=True)
@@ -66,7 +51,7 @@ class HubFile:
 
 
 def model_dir(cache: Path, source: HubSource) -> Path:
-    return cache / source.repo.replace("/", "--") / source.revision.replace("/", "--")
+    return Path(shared_model_dir(PurePosixPath(cache), source))
 
 
 def _git_blob_sha1(size: int) -> hashlib._Hash:
