@@ -116,8 +116,9 @@ def panel_queries() -> list[tuple[str, str, str]]:
 def test_every_dashboard_panel_returns_data_from_the_local_cluster(cluster: Cluster, prometheus: str) -> None:
     url = cluster.get("infsvc", SERVICE)["status"]["url"]
     with SteadyLoad(url, clients=2, max_tokens=8) as load:
-        wait_for(lambda: load.done >= 12, 120, "a dozen requests through the router")
+        wait_for(lambda: load.done >= 4 or load.failures, 180, "requests through the router")
     assert not load.failures, load.failures
+    assert load.done >= 4
     time.sleep(3)  # a few more scrapes after the last request, so rates see it
 
     exported = {name for target in ("worker", "router", "operator") for name in _exported(cluster, target)}
