@@ -147,7 +147,8 @@ def _exported(cluster: Cluster, role: str) -> set[str]:
         for line in text.splitlines():
             if line.startswith("# TYPE "):
                 _, _, family, kind = line.split(" ", 3)
-                names |= {family + s for s in {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+                # prometheus_client names a counter's family with its _total already
+                names |= {family + s for s in {"counter": ("", "_total"), "histogram": ("_bucket", "_sum", "_count")}
                           .get(kind, ("",))}
             elif line and not line.startswith("#"):
                 names.add(line.split("{")[0].split(" ")[0])
