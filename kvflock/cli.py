@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import httpx
 from pydantic import ValidationError
 
 from kvflock import __version__
+from kvflock.shared.logs import LOG_FORMATS, setup_logging
 
 if TYPE_CHECKING:
     from kvflock.worker.config import EngineConfig
@@ -136,6 +138,32 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fetch_model(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("fetch-model", help="download hf://org/name@revision into a cache folder, verified")
+    p.add_argument("source", help="hf://org/name[@revision] (revision: branch, tag or commit; default main)")
+    p.add_argument("--cache-dir", type=Path, required=True, help="the cache folder (shared by a node's pods)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="a file holding the Hub token, for gated or private models (default: $HF_TOKEN)")
+    p.add_argument("--endpoint", default=None, help="the Hub or a mirror (default: $HF_ENDPOINT, else huggingface.co)")
+    p.set_defaults(func=_run_fetch_model)
+
+
+def _run_fetch_model(args: argparse.Namespace) -> int:
+    import os
+
+    from kvflock.shared.hub import HubSource
+    from kvflock.worker.model.hub import TOKEN_ENV, HubClient, fetch
+
+    source = HubSource.parse(args.source)
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
+    client = HubClient(args.endpoint, token)
+    try:
+        print(fetch(source, args.cache_dir, client))
+    finally:
+        client.close()
+    return 0
+
+
 def _add_crds(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("crds", help="render the CustomResourceDefinitions into crds/")
     p.add_argument("--output-dir", default="crds", help="folder of the CRD YAML files (default: crds)")
@@ -199,7 +227,8 @@ def _add_access_options(p: argparse.ArgumentParser) -> None:
                         "default: $KVFLOCK_API_KEY_FILE, else no key is required)")
     p.add_argument("--internal-token-file", default=None,
                    help="the token the router shows its workers (the file's first key), which a worker then "
-                        "requires instead of user keys (default: $KVFLOCK_INTERNAL_TOKEN_FILE)")
+                        "requires instead of user keys, unless --api-key-file is given too "
+                        "(default: $KVFLOCK_INTERNAL_TOKEN_FILE)")
     p.add_argument("--requests-per-minute", type=int, default=None,
                    help="per API key; more get 429 with Retry-After (default: no limit)")
     p.add_argument("--tokens-per-minute", type=int, default=None,
@@ -233,10 +262,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"max_queued_requests: must be >= 0, got {args.max_queued_requests}")
     api_keys = auth.keys_from(args.api_key_file, auth.API_KEY_FILE_ENV)
     internal = auth.keys_from(args.internal_token_file, auth.INTERNAL_TOKEN_FILE_ENV)
-    if api_keys and internal:
-        raise ValueError("serve: give --api-key-file for a worker that clients call, or --internal-token-file "
-                         "for one behind a router (which then refuses user keys), not both")
-    access = auth.AccessPolicy(api_keys=internal or api_keys,
+    # Behind a router alone, only its internal token (user keys are refused); with both files, also
+    # the users' keys: a Gateway API inference gateway's proxy calls the worker with the user's own.
+    access = auth.AccessPolicy(api_keys=internal + api_keys,
                                admin_tokens=auth.keys_from(args.admin_token_file, auth.ADMIN_TOKEN_FILE_ENV),
                                requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
     config = engine_config(args)
@@ -256,7 +284,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     app = create_app(state, args.max_request_bytes, load=load, on_load_error=stop_on_load_error, access=access,
                      serve_metrics=args.metrics_port is None)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
-                                           log_level=args.log_level))
+                                           log_level=args.log_level, log_config=None))
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -330,7 +358,7 @@ def _run_router(args: argparse.Namespace) -> int:
                             poll_interval=args.poll_interval, access=access, internal_token=internal[0] if internal else None,
                             hold_seconds=args.hold_seconds)
     app = create_app(discovery, settings, tokenizer, options)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level, log_config=None)
     return 0
 
 
@@ -398,10 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvflock", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kvflock {__version__}")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                        help="text for people, json for a log pipeline: one object per line (default: text)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_serve(sub)
     _add_quantize(sub)
+    _add_fetch_model(sub)
     _add_crds(sub)
     _add_operator(sub)
     _add_router(sub)
@@ -410,14 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     for subcommand in sub.choices.values():  # also after the subcommand; the main parser's default stands
         subcommand.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS)
+        subcommand.add_argument("--log-format", default=argparse.SUPPRESS, choices=LOG_FORMATS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(args.log_level, args.log_format)
     if args.log_level != "debug":  # one INFO line per HTTP call (the router polls its workers every second)
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
@@ -430,6 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except httpx.HTTPError as exc:  # a server that fetch-model or up could not reach or that failed
+        print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

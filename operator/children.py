@@ -21,9 +21,13 @@ import json
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from kvflock.operator.crd import API_VERSION, KIND, InferenceServiceSpec, PoolSpec
+from kvflock.shared.hub import SCHEME as HUB_SCHEME
+from kvflock.shared.hub import HubSource
+from kvflock.shared.hub import model_dir as hub_model_dir
 from kvflock.shared.names import (
     ANNOTATION_AUTH_HASH,
     ANNOTATION_ENDPOINT,
@@ -40,6 +44,11 @@ from kvflock.shared.names import (
 
 ENGINE_CONFIG_DIR = "/etc/kvflock"
 MODELS_DIR = "/models"
+# Where an hf:// model's cache volume is mounted (read-write in the fetch-model init container),
+# and its token Secret's file.
+HUB_CACHE_DIR = "/var/cache/kvflock/hub"
+HUB_TOKEN_DIR = "/etc/kvflock-hub"
+HUB_TOKEN_FILE = "token"
 # The API keys' Secret is mounted beside, not inside, ENGINE_CONFIG_DIR: a mount point nested in
 # a (read-only) ConfigMap volume cannot be created by the container runtime.
 AUTH_DIR = "/etc/kvflock-auth"
@@ -124,6 +133,8 @@ def _model_argument(spec: InferenceServiceSpec) -> str:
         return "demo"
     if model.source == "path":
         return str(model.path)
+    if model.source.startswith(HUB_SCHEME):
+        return str(hub_model_dir(PurePosixPath(HUB_CACHE_DIR), HubSource.parse(model.source)))
     return posixpath.normpath(posixpath.join(MODELS_DIR, model.path or "."))
 
 
@@ -158,15 +169,18 @@ def auth_args(owner: Owner, spec: InferenceServiceSpec, role: str) -> list[str]:
 
     The router checks the users' keys and shows the workers the internal token; a worker then
     accepts only that token on /v1/* (a user key sent to it directly is refused) and only the
-    operator's admin token on /admin/*.
+    operator's admin token on /admin/*. With `inferencePool`, a gateway's proxy calls the workers
+    with the user's own key, so they accept the users' keys as well.
     """
     if spec.auth is None:
         return []
     internal = ["--internal-token-file", f"{INTERNAL_DIR}/{INTERNAL_TOKEN_KEY}"]
+    user_keys = ["--api-key-file", f"{AUTH_DIR}/{API_KEY_FILE}"]
     if role == "router":
-        return ["--api-key-file", f"{AUTH_DIR}/{API_KEY_FILE}", *internal]
+        return [*user_keys, *internal]
     if role == "worker":
-        return [*internal, "--admin-token-file", f"{INTERNAL_DIR}/{ADMIN_TOKEN_KEY}"]
+        gateway = user_keys if spec.inferencePool is not None else []
+        return [*internal, *gateway, "--admin-token-file", f"{INTERNAL_DIR}/{ADMIN_TOKEN_KEY}"]
     raise ValueError(f"role: must be 'worker' or 'router', got {role!r}")
 
 
@@ -211,6 +225,16 @@ def _volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, A
         volumes.append({"name": "models", "hostPath": {"path": model.hostPath, "type": "Directory"}})
     if model.source in ("pvc", "hostPath"):
         mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+    if model.source.startswith(HUB_SCHEME):
+        cache = model.hubCache
+        volumes.append({"name": "hub-cache", **(
+            {"persistentVolumeClaim": {"claimName": cache.claimName}} if cache.claimName
+            else {"hostPath": {"path": cache.hostPath, "type": "DirectoryOrCreate"}})})
+        mounts.append({"name": "hub-cache", "mountPath": HUB_CACHE_DIR, "readOnly": True})
+        if model.hubTokenSecretRef is not None:
+            ref = model.hubTokenSecretRef
+            volumes.append({"name": "hub-token", "secret": {"secretName": ref.name,
+                                                            "items": [{"key": ref.key, "path": HUB_TOKEN_FILE}]}})
     kv = spec.engine.kvCache
     if kv.diskOffloadGiB > 0:
         volumes.append({"name": "kv-disk", "emptyDir": {"sizeLimit": f"{int(kv.diskOffloadGiB * 1024)}Mi"}})
@@ -256,6 +280,19 @@ def _probes(spec: InferenceServiceSpec) -> dict[str, Any]:
     }
 
 
+def _fetch_model_container(spec: InferenceServiceSpec, env: list[dict[str, Any]]) -> dict[str, Any]:
+    """The init container of an hf:// model: `kvflock fetch-model` into the shared cache (it resumes
+    what an interrupted fetch left, and the worker starts only once every file is verified)."""
+    model = spec.model
+    command = ["kvflock", "fetch-model", model.source, "--cache-dir", HUB_CACHE_DIR]
+    mounts = [{"name": "hub-cache", "mountPath": HUB_CACHE_DIR}]
+    if model.hubTokenSecretRef is not None:
+        command += ["--token-file", f"{HUB_TOKEN_DIR}/{HUB_TOKEN_FILE}"]
+        mounts.append({"name": "hub-token", "mountPath": HUB_TOKEN_DIR, "readOnly": True})
+    return {"name": "fetch-model", "image": spec.image, "imagePullPolicy": spec.imagePullPolicy,
+            "command": command, "env": env, "volumeMounts": mounts}
+
+
 def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAULT_POOL) -> dict[str, Any]:
     """The pod spec shared by all workers of the current spec (of `pool`: its engine config file)."""
     volumes, mounts = _volumes(owner, spec)
@@ -286,6 +323,8 @@ def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAUL
         ],
         "volumes": volumes,
     }
+    if spec.model.source.startswith(HUB_SCHEME):
+        pod_spec["initContainers"] = [_fetch_model_container(spec, env)]
     if scheduling.nodeSelector:
         pod_spec["nodeSelector"] = dict(scheduling.nodeSelector)
     if scheduling.tolerations:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kvflock.shared.hub import SOURCE_PATTERN as HUB_SOURCE_PATTERN
+
 GROUP = "kvflock.dev"
 VERSION = "v1alpha1"
 KIND = "InferenceService"
@@ -45,14 +47,33 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
 
+class SecretKeyRef(_Model):
+    """One key of a Secret in the service's namespace."""
+
+    name: str = Field(
+        ..., pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253, description="The Secret's name."
+    )
+    key: str = Field(..., pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key within the Secret.")
+
+
+class HubCacheSpec(_Model):
+    """Where hf:// models are cached: a node folder shared by the node's pods, or a PVC."""
+
+    hostPath: str = Field("/var/cache/kvflock/hub", pattern=r"^/", description="The node folder (without claimName).")
+    claimName: str | None = Field(None, min_length=1, description="A PVC instead of the node folder (ReadWriteMany"
+                                  " to share it between nodes).")
+
+
 class ModelSpec(_Model):
     """Which model the workers serve, and where each worker finds its files."""
 
-    source: Literal["demo", "path", "pvc", "hostPath"] = Field(
+    source: str = Field(
         "demo",
+        pattern=r"^(demo|path|pvc|hostPath)$|" + HUB_SOURCE_PATTERN,
         description="demo: the bundled SmolLM2-135M-Instruct GGUF; path: a path in the worker image;"
         " pvc: a PersistentVolumeClaim mounted read-only at /models; hostPath: a node folder mounted"
-        " read-only at /models.",
+        " read-only at /models; hf://org/name@revision: a Hugging Face Hub model, fetched by an init"
+        " container into `hubCache` (HF_ENDPOINT in `env` names a mirror).",
     )
     path: str | None = Field(
         None,
@@ -67,6 +88,10 @@ class ModelSpec(_Model):
         min_length=1,
         max_length=256,
         description="The model name that clients put in their requests (default: the resource's name).",
+    )
+    hubCache: HubCacheSpec = Field(default_factory=HubCacheSpec)
+    hubTokenSecretRef: SecretKeyRef | None = Field(
+        None, description="The Secret key holding a Hub token, for gated or private models (source=hf://...).",
     )
     format: Literal["auto", "hf", "gguf", "dummy"] = Field(
         "auto",
@@ -409,15 +434,6 @@ class ProbesSpec(_Model):
     )
 
 
-class SecretKeyRef(_Model):
-    """One key of a Secret in the service's namespace."""
-
-    name: str = Field(
-        ..., pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253, description="The Secret's name."
-    )
-    key: str = Field(..., pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key within the Secret.")
-
-
 class AuthSpec(_Model):
     """Access control of the service's endpoint."""
 
@@ -426,6 +442,28 @@ class AuthSpec(_Model):
         description="The Secret key that holds the API keys clients must send as `Authorization: Bearer <key>`"
         " (one per line). The workers read it from a mounted file, so the keys never appear in a Pod spec.",
     )
+
+
+class EndpointPickerSpec(_Model):
+    """The Gateway API Inference Extension's endpoint picker (EPP) that serves this pool: the
+    InferencePool's `endpointPickerRef`. kvflock does not run the picker; the extension's
+    `inferencepool` chart does, with the flags the operator writes to the `<name>-epp` ConfigMap."""
+
+    serviceName: str | None = Field(
+        None, pattern=_DNS_LABEL, max_length=63, description="The picker's Service (default: <name>-epp).",
+    )
+    port: int = Field(9002, ge=1, le=65535, description="The picker's ext-proc port on that Service.")
+    failureMode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="What the gateway does while the picker does not answer.",
+    )
+
+
+class InferencePoolSpec(_Model):
+    """Serve the workers through a Gateway API Inference Extension gateway: the operator renders an
+    InferencePool (inference.networking.k8s.io/v1) selecting this service's workers. The gateway's
+    proxy then calls the workers directly; with `auth`, they accept the users' API keys too."""
+
+    endpointPicker: EndpointPickerSpec = Field(default_factory=EndpointPickerSpec)
 
 
 class InferenceServiceSpec(_Model):
@@ -443,6 +481,9 @@ class InferenceServiceSpec(_Model):
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra worker environment.")
     probes: ProbesSpec = Field(default_factory=ProbesSpec)
     auth: AuthSpec | None = Field(None, description="API keys required of clients (absent: no authentication).")
+    inferencePool: InferencePoolSpec | None = Field(
+        None, description="An InferencePool for a Gateway API Inference Extension gateway (absent: none).",
+    )
     drainTimeoutSeconds: int = Field(
         60, ge=0, le=3600,
         description="How long a replica being removed may finish its requests in flight.",

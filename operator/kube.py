@@ -13,7 +13,7 @@ from typing import Any, cast
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from kvflock.operator import children, router_children
+from kvflock.operator import children, inference_pool, router_children
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import GROUP, PLURAL, VERSION
 from kvflock.shared import names
@@ -31,6 +31,8 @@ RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
     ("rbac.authorization.k8s.io", "rolebindings", ("list", "create", "patch", "delete")),
     (GROUP, f"{PLURAL}/scale", ("patch",)),  # the autoscaler writes replicas as kubectl scale does
     ("policy", "poddisruptionbudgets", ("list", "create", "patch", "delete")),
+    # spec.inferencePool's child; listed only where the Inference Extension's CRD is installed
+    (inference_pool.GROUP, inference_pool.PLURAL, ("list", "create", "patch", "delete")),
     ("", "events", ("create",)),  # kopf posts the Events
     # kopf watches the API-key Secrets (a new key rolls the pods); get_secret reads them and the
     # internal Secret, which create_secret makes. Only hashes of their contents leave the operator.
@@ -128,7 +130,36 @@ class Cluster:
             plain = self._plain(item)
             if owned(plain):
                 objects[(kinds[type(item).__name__], plain["metadata"]["name"])] = plain
+        for pool in self._inference_pools(namespace, labels):
+            if owned(pool):
+                objects[(inference_pool.KIND, pool["metadata"]["name"])] = pool
         return [p for p in map(self._plain, pods) if owned(p)], objects
+
+    def _inference_pools(self, namespace: str, labels: str) -> list[dict[str, Any]]:
+        """The InferencePools with these labels; none where the Inference Extension is not installed."""
+        try:
+            found = self._custom.list_namespaced_custom_object(
+                inference_pool.GROUP, inference_pool.VERSION, namespace, inference_pool.PLURAL, label_selector=labels)
+        except ApiException as exc:
+            if exc.status == 404:
+                return []
+            raise
+        return list(found.get("items") or [])
+
+    def _custom_calls(self, group: str, version: str, plural: str) -> tuple[Callable[..., Any], ...]:
+        """(create, patch, delete) for a custom resource, with the core calls' signatures."""
+        custom = self._custom
+
+        def create(namespace: str, body: Mapping[str, Any]) -> Any:
+            return custom.create_namespaced_custom_object(group, version, namespace, plural, body)
+
+        def patch(name: str, namespace: str, body: Mapping[str, Any], **kwargs: Any) -> Any:
+            return custom.patch_namespaced_custom_object(group, version, namespace, plural, name, body, **kwargs)
+
+        def delete(name: str, namespace: str) -> Any:
+            return custom.delete_namespaced_custom_object(group, version, namespace, plural, name)
+
+        return create, patch, delete
 
     def _calls(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
         """(create, patch, delete) for a child kind."""
@@ -149,6 +180,7 @@ class Cluster:
                      self._rbac.delete_namespaced_role),
             "RoleBinding": (self._rbac.create_namespaced_role_binding, self._rbac.patch_namespaced_role_binding,
                             self._rbac.delete_namespaced_role_binding),
+            inference_pool.KIND: self._custom_calls(inference_pool.GROUP, inference_pool.VERSION, inference_pool.PLURAL),
         }
         return calls[kind]
 

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvflock.operator import children, router_children
+from kvflock.operator import children, inference_pool, router_children
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import Condition, InferenceServiceSpec, InferenceServiceStatus, WorkerStatus
 from kvflock.shared import names
@@ -262,6 +262,7 @@ def _sync_objects(owner: Owner, spec: InferenceServiceSpec, observed: Observed) 
         router_children.router_service_account(owner),
         router_children.router_role(owner),
         router_children.router_role_binding(owner),
+        *inference_pool.children(owner, spec),
     )
     actions = (_sync_object(d, observed.objects.get((d["kind"], d["metadata"]["name"]))) for d in desired)
     return [a for a in actions if a is not None]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the chart's monitoring tests check with into the virtual environment $1:
-# promtool (from Debian's `prometheus` package, unpacked, the service not installed) into $1/bin,
+# promtool and the prometheus server (from Debian's `prometheus` package, unpacked, the service not
+# installed) into $1/bin; tests/e2e/test_prometheus.py runs the server against the local cluster;
 # and the Prometheus Operator's resource validators (the npm package
 # @kubernetes-models/prometheus-operator, generated from its monitoring.coreos.com/v1 API types)
 # under $1/lib/prometheus-operator-models.
@@ -9,7 +10,7 @@ venv=${1:?usage: install-monitoring-tools.sh VENV_DIR}
 models="$venv/lib/prometheus-operator-models"
 mkdir -p "$venv/bin"
 
-if [ ! -x "$venv/bin/promtool" ]; then
+if [ ! -x "$venv/bin/promtool" ] || [ ! -x "$venv/bin/prometheus" ]; then
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   # `apt-get download` needs the package lists; a fresh machine may not have fetched them yet.
@@ -17,8 +18,10 @@ if [ ! -x "$venv/bin/promtool" ]; then
   (cd "$work" && apt-get download -qq prometheus)
   dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
   install -m 0755 "$work/root/usr/bin/promtool" "$venv/bin/promtool"
+  install -m 0755 "$work/root/usr/bin/prometheus" "$venv/bin/prometheus"
 fi
 "$venv/bin/promtool" --version >/dev/null
+"$venv/bin/prometheus" --version >/dev/null
 
 # At the versions of tests/helm/validators/package-lock.json.
 lock_dir=$(cd "$(dirname "$0")/../tests/helm/validators" && pwd)

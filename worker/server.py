@@ -26,10 +26,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvflock.shared.version import __version__
 from kvflock.shared import api_doc
 from kvflock.shared.auth import AccessControl, AccessPolicy
 from kvflock.shared.chat import render_chat
+from kvflock.shared.logs import RequestIdMiddleware
+from kvflock.shared.version import __version__
 from kvflock.worker.api_errors import RETRY_AFTER_SECONDS, ApiError, build_or_400, validation_error
 from kvflock.worker.async_engine import AsyncEngine
 from kvflock.worker.metrics import WorkerMetrics
@@ -209,7 +210,8 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, 1, arrived)
 
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
-    app.add_middleware(AccessControl, policy=access)  # outermost: no body is read before the key is checked
+    app.add_middleware(AccessControl, policy=access)  # no body is read before the key is checked
+    app.add_middleware(RequestIdMiddleware, logger="kvflock.worker.requests")  # refusals carry an id too
     return app
 
 

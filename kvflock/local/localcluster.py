@@ -10,7 +10,9 @@
   processes (with this cluster's kubeconfig in ``KUBECONFIG``, where a cluster would mount a
   service-account token);
 - the service load balancer (`kvflock.local.loadbalancer`), which gives each InferenceService a
-  fixed local URL and forwards it to the router pod, as kube-proxy would.
+  fixed local URL and forwards it to the router pod, as kube-proxy would;
+- the operator's Prometheus /metrics on a free port of 127.0.0.1 (`operatorMetrics` in
+  cluster.json), as the chart's metrics Service gives it in a cluster.
 
 It writes a kubeconfig for the API server, so the real `kubectl` works against it, and
 `cluster.json` (pid, URLs) for `kvflock status` and `kvflock down`. Everything lives in
@@ -30,10 +32,12 @@ from typing import Any
 
 import kmock
 import kubernetes.client
+from prometheus_client import start_http_server
 
 from kvflock.local.apiserver import ApiServer
 from kvflock.local.kubelet import ProcessKubelet
 from kvflock.local.loadbalancer import LocalLoadBalancer
+from kvflock.local.process import free_port
 
 __all__ = ["DEFAULT_API_PORT", "DEFAULT_ROUTER_PORT", "LocalCluster", "StateDir", "default_state_dir"]
 
@@ -183,6 +187,8 @@ class LocalCluster:
         self.kubelet: ProcessKubelet | None = None
         self.loadbalancer: LocalLoadBalancer | None = None
         self._api_client: kubernetes.client.ApiClient | None = None
+        self._metrics_server: Any = None
+        self.operator_metrics_url = ""
 
     @property
     def api_url(self) -> str:
@@ -201,6 +207,10 @@ class LocalCluster:
             self._api_client = kubernetes.client.ApiClient(configuration)
             self._operator = _OperatorThread(configuration, self.probe_interval)
             self._operator.start()
+            port = free_port()
+            # The operator's counters live in this process's default registry.
+            self._metrics_server, _ = start_http_server(port, "127.0.0.1")
+            self.operator_metrics_url = f"http://127.0.0.1:{port}/metrics"
             # The pods' stand-in for a service-account token: the router pods find their
             # workers through the API server with this kubeconfig.
             self.kubelet = ProcessKubelet(self._api_client, self.state.root, pid_dir=self.state.pids,
@@ -213,13 +223,16 @@ class LocalCluster:
             raise
         self.state.info.write_text(json.dumps({
             "pid": os.getpid(), "api": self._apiserver.url, "kubeconfig": str(self.state.kubeconfig),
-            "routerPorts": f"{self.router_port}+",
+            "routerPorts": f"{self.router_port}+", "operatorMetrics": self.operator_metrics_url,
         }, indent=2) + "\n")
 
     def stop(self) -> None:
         """Operator first (so nothing is recreated), then the load balancer and the pods, the API server last."""
         if self._operator is not None:
             self._operator.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         stoppers = [threading.Thread(target=part.stop) for part in (self.loadbalancer, self.kubelet) if part]
         for thread in stoppers:
             thread.start()

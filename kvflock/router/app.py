@@ -31,10 +31,11 @@ from kvflock.router.policy import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_SLACK, Polic
 from kvflock.router.poller import DEFAULT_INTERVAL, Poller
 from kvflock.router.prompt import PromptReader
 from kvflock.router.proxy import DEFAULT_MAX_ATTEMPTS, Proxy, error_response
-from kvflock.shared.version import __version__
 from kvflock.shared import api_doc
 from kvflock.shared.auth import AccessControl, AccessPolicy
+from kvflock.shared.logs import RequestIdMiddleware
 from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
+from kvflock.shared.version import __version__
 
 # Prompts over this many characters are tokenized off the event loop.
 _TOKENIZE_INLINE_CHARS = 2048
@@ -178,4 +179,6 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
         return await generate(request, "/v1/chat/completions")
 
     app.add_middleware(AccessControl, policy=options.access)
+    # Outermost: the id is in the headers the proxy forwards, so the worker logs and returns the same one.
+    app.add_middleware(RequestIdMiddleware, logger="kvflock.router.requests")
     return app
