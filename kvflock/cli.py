@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import httpx
 from pydantic import ValidationError
 
 from kvflock import __version__
@@ -154,11 +153,16 @@ def _run_fetch_model(args: argparse.Namespace) -> int:
     from kvflock.shared.hub import HubSource
     from kvflock.worker.model.hub import TOKEN_ENV, HubClient, fetch
 
+    import httpx
+
     source = HubSource.parse(args.source)
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
     client = HubClient(args.endpoint, token)
     try:
         print(fetch(source, args.cache_dir, client))
+    except httpx.HTTPError as exc:  # the Hub (or mirror) could not be reached or failed
+        print(f"kvflock fetch-model: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         client.close()
     return 0
@@ -460,9 +464,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except httpx.HTTPError as exc:  # a server that fetch-model or up could not reach or that failed
-        print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":
