@@ -193,7 +193,7 @@ def test_spec_change_rolls_the_workers_one_at_a_time(cluster: Cluster) -> None:
         hashes = {p.metadata.annotations["kvflock.dev/spec-hash"] for p in pods.values()}
         return len(pods) == 2 and old_hash not in hashes
 
-    wait_for(rolled, timeout=30, what="all workers on the new spec")
+    wait_for(rolled, timeout=90, what="all workers on the new spec")
     assert most == 3, "the rollout should surge exactly one worker"
     status = cluster.wait_ready("chat", 2)
     assert status["specHash"] != old_hash and status["updatedReplicas"] == 2
