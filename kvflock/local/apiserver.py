@@ -456,12 +456,13 @@ class ApiServer(kmock.KubernetesEmulator):
             except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
                 # As the API server does: a failed "test" or a bad path is 422, not a crash.
                 raise kmock.KubernetesError(status=422, reason="Invalid", message=f"the patch failed: {exc}") from exc
+        # Copies of what the request keeps of the stored object: admission edits in place.
         if request.subresource == "status":
-            target = {**current, "status": target.get("status")}
+            target = {**copy.deepcopy(current), "status": target.get("status")}
         elif request.resource in self._status_subresourced():
             target = {k: v for k, v in target.items() if k != "status"}
             if "status" in current:
-                target["status"] = current["status"]
+                target["status"] = copy.deepcopy(current["status"])
         patch = None if replacing or request.subresource == "scale" else request.data
         warnings = self._admit(request, target, old=current, patch=patch)
         meta = dict(target.get("metadata") or {})
