@@ -93,9 +93,6 @@ class Rules:
         for node, rule in _compile(schema, "", celpy.Environment()):
             self._rules.setdefault(node, []).append(rule)
 
-    def __bool__(self) -> bool:
-        return bool(self._rules)
-
     def errors(self, value: Any, old: Any = None) -> list[FieldError]:
         """The rules that `value` breaks (`old`: the stored object, on an update)."""
         return list(self._check(self._schema, value, old, "", ""))

@@ -15,7 +15,7 @@ from typing import Any
 
 import kmock
 
-__all__ = ["ErrorType", "FieldError", "go_value", "invalid"]
+__all__ = ["BLOCKING", "ErrorType", "FieldError", "invalid"]
 
 
 class ErrorType(enum.Enum):
@@ -43,7 +43,7 @@ BLOCKING = frozenset({ErrorType.TYPE_INVALID, ErrorType.NOT_SUPPORTED, ErrorType
                       ErrorType.TOO_LONG, ErrorType.TOO_MANY})
 
 
-def go_value(value: Any) -> str:
+def _go_value(value: Any) -> str:
     """A JSON value printed as Go prints it in field errors (strings quoted, 2.0 as 2)."""
     if value is None:
         return '"null"'
@@ -70,7 +70,7 @@ class FieldError:
         if self.type in (ErrorType.REQUIRED, ErrorType.TOO_LONG):
             text = self.type.label  # kube-apiserver leaves the value out of these
         else:
-            text = f"{self.type.label}: {go_value(self.value)}"
+            text = f"{self.type.label}: {_go_value(self.value)}"
         return f"{text}: {self.detail}" if self.detail else text
 
     def __str__(self) -> str:

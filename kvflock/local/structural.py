@@ -26,7 +26,7 @@ from typing import Any
 
 from kvflock.local.fielderrors import ErrorType, FieldError
 
-__all__ = ["apply_defaults", "json_type", "prune", "validate"]
+__all__ = ["apply_defaults", "prune", "validate"]
 
 _PRESERVE = "x-kubernetes-preserve-unknown-fields"
 _INT_OR_STRING = "x-kubernetes-int-or-string"
@@ -36,11 +36,7 @@ def _child(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _is_root(path: str) -> bool:
-    return path == ""
-
-
-def json_type(value: Any) -> str:
+def _json_type(value: Any) -> str:
     """The OpenAPI type name of a decoded JSON value (``integer`` for whole numbers)."""
     if value is None:
         return "null"
@@ -63,13 +59,13 @@ def prune(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
         extra = schema.get("additionalProperties")
         for name in list(value):
             field = _child(path, name)
-            if _is_root(path) and name == "metadata":
+            if not path and name == "metadata":
                 continue
             if properties is not None and name in properties:
                 dropped += prune(properties[name], value[name], field)
             elif isinstance(extra, dict):
                 dropped += prune(extra, value[name], field)
-            elif not schema.get(_PRESERVE) and extra is not True:
+            elif not schema.get(_PRESERVE):
                 del value[name]
                 dropped.append(field)
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
@@ -98,7 +94,7 @@ def apply_defaults(schema: dict[str, Any], value: Any) -> None:
 
 
 def _type_matches(schema: dict[str, Any], value: Any) -> bool:
-    actual = json_type(value)
+    actual = _json_type(value)
     if schema.get(_INT_OR_STRING):
         return actual in ("integer", "string")
     expected = schema.get("type")
@@ -161,7 +157,7 @@ def _object_errors(schema: dict[str, Any], value: dict[str, Any], path: str) -> 
     properties = schema.get("properties") or {}
     extra = schema.get("additionalProperties")
     for name, item in value.items():
-        if _is_root(path) and name == "metadata":
+        if not path and name == "metadata":
             continue
         if name in properties:
             yield from validate(properties[name], item, _child(path, name))
@@ -174,7 +170,7 @@ def validate(schema: dict[str, Any], value: Any, path: str = "") -> Iterator[Fie
     if value is None and schema.get("nullable"):
         return
     if not _type_matches(schema, value):
-        actual = json_type(value)
+        actual = _json_type(value)
         expected = "integer,string" if schema.get(_INT_OR_STRING) else schema["type"]
         yield FieldError(path, ErrorType.TYPE_INVALID, actual,
                          f'{path} in body must be of type {expected}: "{actual}"')
