@@ -57,6 +57,9 @@ API_KEY_FILE = "api-keys"
 INTERNAL_DIR = "/etc/kvflock-internal"
 INTERNAL_TOKEN_KEY = "internal-token"
 ADMIN_TOKEN_KEY = "admin-token"
+# The worker image's user and group (docker/worker.Dockerfile), which the workers and the router
+# run as: numeric, so that the kubelet can check runAsNonRoot whatever image spec.image names.
+WORKER_UID = 10001
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,8 @@ def _volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, A
     if model.source == "pvc":
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": model.claimName, "readOnly": True}})
     elif model.source == "hostPath":
+        # The Pod Security Standards refuse hostPath volumes from "baseline" up: such a
+        # service runs only in a namespace that admits privileged pods.
         volumes.append({"name": "models", "hostPath": {"path": model.hostPath, "type": "Directory"}})
     if model.source in ("pvc", "hostPath"):
         mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
@@ -244,6 +249,22 @@ def _volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, A
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     auth_volumes_, auth_mounts = auth_volumes(owner, spec)
     return volumes + auth_volumes_, mounts + auth_mounts
+
+
+def pod_security_context() -> dict[str, Any]:
+    """The pod-level half of the "restricted" Pod Security Standard, for workers and router."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """The container-level half: no privilege escalation, no Linux capabilities. The root
+    filesystem stays writable: the engine's compile caches live in the image user's home."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -305,6 +326,7 @@ def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAUL
         "restartPolicy": "Always",
         "terminationGracePeriodSeconds": spec.drainTimeoutSeconds + 10,
         "subdomain": workers_service_name(owner),
+        "securityContext": pod_security_context(),
         "containers": [
             {
                 "name": "worker",
@@ -318,6 +340,7 @@ def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAUL
                 # A worker that dies says why in its last log lines; they become the termination
                 # message, which the operator puts in the service's Degraded condition.
                 "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": container_security_context(),
                 **_probes(spec),
             }
         ],
