@@ -33,6 +33,8 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
     first = errors[0]
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
     message = first.get("msg", "invalid request")
+    if param is None and first.get("type") == "value_error":  # a check of the whole body: 'field: ...'
+        return error_from_value(ValueError(message.removeprefix("Value error, ")))
     return ApiError(400, f"{param}: {message}" if param else message, param=param)
 
 
