@@ -42,7 +42,7 @@ from kvflock.worker.protocol import (
     TokenizeCompletionRequest,
 )
 from kvflock.worker.responses import respond, start_requests
-from kvflock.worker.tool_parsers import ToolCallFormat, ToolCallReader, detect_format, forcing_schema
+from kvflock.worker.tool_parsers import ToolCallFormat, ToolCallReader, detect_format
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,8 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         arrived = time.monotonic()
         engine = _prepare(state, body.model)
         reader = _tool_call_reader(state.tool_format, body)
-        constraint = _tool_choice_constraint(reader, body)
+        schema = reader.forcing_schema([tool.model_dump() for tool in body.tools or []]) if reader else None
+        constraint = StructuredOutput(json_schema=schema) if schema is not None else None  # a forced tool choice
         params = build_or_400(lambda: body.sampling_params(body.output_limit, body.num_logprobs, constraint))
         prompt = _render(engine, body.messages, body.template_tools(), body)
         stream = await start_requests(state.metrics, engine, [(prompt, params)])
@@ -306,13 +307,5 @@ def _tool_call_reader(tool_format: ToolCallFormat, body: ChatCompletionRequest) 
         return None
     return ToolCallReader(tool_format, required=body.tool_choice == "required", named=body.named_tool,
                           parallel=body.parallel_tool_calls)
-
-
-def _tool_choice_constraint(reader: ToolCallReader | None, body: ChatCompletionRequest) -> StructuredOutput | None:
-    """A forced tool choice constrains the output to the JSON its reader expects."""
-    if reader is None or not (reader.required or reader.named):
-        return None
-    tools = [tool.model_dump() for tool in body.tools or []]
-    return StructuredOutput(json_schema=forcing_schema(reader.format, tools, reader.named))
 
 

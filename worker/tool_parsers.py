@@ -70,6 +70,20 @@ class ToolCallReader:
             parsed.calls = parsed.calls[:1]
         return parsed
 
+    def forcing_schema(self, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The JSON schema a forced choice constrains the output to (None when the choice is the
+        model's): the named function's parameters, or a non-empty array of calls to the offered
+        functions (one call without parallel calls), the arguments under the model format's key."""
+        parameters = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+        if self.named is not None:
+            return parameters[self.named]
+        if not self.required:
+            return None
+        key = arguments_key(self.format)
+        calls = [{"type": "object", "properties": {"name": {"const": name}, key: schema},
+                  "required": ["name", key], "additionalProperties": False} for name, schema in parameters.items()]
+        return {"type": "array", "minItems": 1, **({} if self.parallel else {"maxItems": 1}), "items": {"anyOf": calls}}
+
 
 def detect_format(chat_template: str | None, special_tokens: Iterable[str] = ()) -> ToolCallFormat:
     """The format a model writes calls in, read from its chat template (which shows the model its
@@ -117,19 +131,6 @@ def parse_forced_arguments(name: str, text: str, finished: bool) -> ParsedText:
     if isinstance(_loads(arguments), dict):
         return ParsedText("", [ToolCall(name, arguments, complete=True)])
     return ParsedText(text)
-
-
-def forcing_schema(fmt: ToolCallFormat, tools: list[dict[str, Any]], named: str | None) -> dict[str, Any]:
-    """The JSON schema the output is constrained to for a forced tool choice: the named function's
-    parameters, or (`required`) a non-empty array of calls to the offered functions, with the
-    arguments under the key the model's format uses."""
-    parameters = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
-    if named is not None:
-        return parameters[named]
-    key = arguments_key(fmt)
-    calls = [{"type": "object", "properties": {"name": {"const": name}, key: schema},
-              "required": ["name", key], "additionalProperties": False} for name, schema in parameters.items()]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
 
 
 def _with_marker(text: str, marker: str, finished: bool) -> ParsedText:
