@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ToolCallFormat = Literal["hermes", "llama3_json", "mistral"]
-FORMATS: tuple[ToolCallFormat, ...] = ("hermes", "llama3_json", "mistral")
 
 _HERMES_START, _HERMES_END = "<tool_call>", "</tool_call>"
 _MISTRAL_START = "[TOOL_CALLS]"
