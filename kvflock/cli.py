@@ -241,7 +241,8 @@ def _add_access_options(p: argparse.ArgumentParser) -> None:
 
 def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker)")
-    p.add_argument("--served-model-name", default=None, help="the name clients ask for (default: --model)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the names clients may ask for, all listed in /v1/models (default: --model)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; more get 429")
@@ -272,13 +273,19 @@ def _run_serve(args: argparse.Namespace) -> int:
                                admin_tokens=auth.keys_from(args.admin_token_file, auth.ADMIN_TOKEN_FILE_ENV),
                                requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
     config = engine_config(args)
+    from kvflock.worker.model.tokenizer import read_chat_template
+
+    read_chat_template(config.chat_template)  # a wrong --chat-template fails now, in one line, not in the load
 
     def load() -> AsyncEngine:
         engine = LLMEngine(config)
         engine.warm_up()
         return AsyncEngine(engine, args.max_queued_requests)
 
-    state = WorkerState(served_model_name=args.served_model_name or config.model)
+    names = args.served_model_name or [config.model]
+    if len(set(names)) != len(names):
+        raise ValueError(f"served_model_name: each name may be given once, got {names}")
+    state = WorkerState(served_model_name=names[0], aliases=tuple(names[1:]), tool_call_parser=config.tool_call_parser)
     server: uvicorn.Server | None = None
 
     def stop_on_load_error() -> None:
