@@ -10,7 +10,7 @@ surrogate, which JSON's escapes can carry, is refused before it reaches the toke
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 
 from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
 from kvflock.worker.api_errors import FieldError
@@ -49,7 +49,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[int, float] | None = None
+    logit_bias: dict[Annotated[int, Strict(False)], float] | None = None  # JSON's keys are strings
     user: str | None = None
     # Extensions that vLLM users expect.
     top_k: int | None = Field(None, ge=0)

@@ -11,7 +11,6 @@ routes; kvflock.worker.responses runs a request's prompts and answers, whole or 
 the shapes of kvflock.worker.openai_format.
 """
 
-import importlib.metadata
 import logging
 import threading
 import time
@@ -219,9 +218,9 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
 
     @app.get("/version")
     async def version() -> dict[str, str]:
-        return {"version": importlib.metadata.version("kvflock")}
+        return {"version": __version__}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=api_doc.errors(400, 404, 413, 503))
     async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> dict[str, Any]:
         engine = _prepare(state, body.model)
         if isinstance(body, TokenizeChatRequest):
@@ -234,7 +233,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
             answer["token_strs"] = engine.tokenizer.convert_ids_to_tokens(tokens)
         return answer
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=api_doc.errors(400, 404, 413, 503))
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         engine = _prepare(state, body.model)
         if engine.tokenizer is None:
