@@ -19,6 +19,11 @@ from .conftest import ServerThread, wait_for
 
 NS = "default"
 PEERING = "kvflock"
+# kopf's keep-alives come every max(1, lifetime - 5..10) seconds: a lifetime of 10 leaves a
+# leader 5 s of slack before a follower counts it dead. With 3 (1 s of slack), a leader whose
+# event loop stalls on a loaded 2-core machine lost the lead while alive, both replicas acted at
+# once, and the test failed about one run in three.
+LIFETIME = 10
 
 
 def _kubeconfig(tmp_path: Path, server: str) -> Path:
@@ -51,7 +56,7 @@ def test_when_the_leader_is_killed_the_other_operator_takes_over(
         log = open(tmp_path / f"{name}.log", "w")
         operators[name] = subprocess.Popen(
             [sys.executable, "-m", "kvflock.cli", "operator", "--kubeconfig", str(kubeconfig), "-n", NS,
-             "--peering", PEERING, "--peering-lifetime", "3", "--probe-interval", "1"],
+             "--peering", PEERING, "--peering-lifetime", str(LIFETIME), "--probe-interval", "1"],
             env={**os.environ, "POD_ID": name}, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         def peers() -> dict[str, dict]:
