@@ -55,7 +55,7 @@ def _pod(name: str, startup_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _ready(pod: Any) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+    return any(c.type == "Ready" and c.status == "True" for c in (pod.status and pod.status.conditions) or [])
 
 
 def _log_times(path: Path, since_wall: float) -> dict[str, float]:
