@@ -197,6 +197,9 @@ def _add_operator(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
                         "ClusterKopfPeering, or a KopfPeering with --namespace); default: run standalone")
     p.add_argument("--peering-lifetime", type=int, default=10, metavar="SECONDS",
                    help="how long a replica's keep-alive counts: a killed leader is replaced within it (default 10)")
+    p.add_argument("--shares-worker-files", action="store_true",
+                   help="the workers run on this machine and see its files (the local cluster): a model path "
+                        "missing here fails the service before any pod starts")
     p.add_argument("--verbose", "-v", action="count", default=0, help="more logging (-v: debug)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
     p.set_defaults(func=_run_operator)
@@ -218,7 +221,7 @@ def _run_operator(args: argparse.Namespace) -> int:
     if args.peering_lifetime < 2:
         raise ValueError(f"--peering-lifetime: must be at least 2 seconds, got {args.peering_lifetime}")
     options = OperatorOptions(probe_interval=args.probe_interval, peering=args.peering,
-                              peering_lifetime=args.peering_lifetime)
+                              peering_lifetime=args.peering_lifetime, shares_worker_files=args.shares_worker_files)
     # kopf stops gracefully on SIGINT and SIGTERM.
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port is not None else None
     asyncio.run(run_operator(configuration, namespaces=args.namespace, options=options, liveness_endpoint=liveness))
@@ -396,6 +399,9 @@ def _add_up(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds --ask waits for Ready")
     p.add_argument("--detach", "-d", action="store_true", help="run in the background (stop it with `kvflock down`)")
     p.add_argument("--once", action="store_true", help="stop everything after --ask has its answer (a demo run)")
+    p.add_argument("--operators", type=int, default=1, choices=range(1, 6), metavar="N",
+                   help="operator replicas (1-5). 1 (default): in this process. 2 or more: operator pods in "
+                        "kvflock-system electing a leader through kopf peering, as the chart deploys them")
     p.set_defaults(func=_run_up)
 
 
@@ -405,7 +411,7 @@ def _run_up(args: argparse.Namespace) -> int:
     if args.once and (args.detach or not args.ask):
         raise ValueError("--once: needs --ask and cannot be combined with --detach")
     return up(_state_dir(args), args.api_port, args.router_port, args.apply, args.ask, args.detach, args.timeout,
-              args.once)
+              args.once, args.operators)
 
 
 def _add_down(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -285,10 +285,13 @@ def _probes(spec: InferenceServiceSpec) -> dict[str, Any]:
             "failureThreshold": timing.failureThreshold,
             **common,
         },
-        # Every second while loading: /health is cheap, and a restarted worker then turns
-        # Ready within a second of listening instead of within a period.
+        # Every second on /ready while loading: the worker listens (and /health answers) before
+        # its model is loaded, so a startup probe on /health passed at once and the first
+        # readiness check failed, leaving a restarted worker unready for up to a whole period
+        # after it could serve. On /ready, readiness is checked (and passes) within a second of
+        # the load; a load that never ends is killed after startupSeconds.
         "startupProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
+            "httpGet": {"path": "/ready", "port": "http"},
             "failureThreshold": timing.startupSeconds,
             "periodSeconds": 1,
             "timeoutSeconds": timing.timeoutSeconds,
