@@ -68,7 +68,8 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
 
     wait_for(ready, 180, "smollm2 Ready")
     work = tmp_path_factory.mktemp("prometheus")
-    (work / "targets.json").write_text(json.dumps(_targets(cluster)))
+    targets = _targets(cluster)
+    (work / "targets.json").write_text(json.dumps(targets))
     (work / "prometheus.yml").write_text(json.dumps({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "kvflock", "file_sd_configs": [{"files": [str(work / "targets.json")]}]}],
@@ -85,9 +86,9 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
                 active = httpx.get(f"{url}/api/v1/targets").json()["data"]["activeTargets"]
             except (httpx.TransportError, ValueError, KeyError):
                 return False
-            return len(active) == 3 and all(t["health"] == "up" for t in active)
+            return len(active) == len(targets) and all(t["health"] == "up" for t in active)
 
-        wait_for(all_up, 60, "Prometheus to scrape the worker, the router and the operator", interval=0.5)
+        wait_for(all_up, 60, "Prometheus to scrape the workers, the routers and the operator", interval=0.5)
         yield url
     finally:
         process.terminate()

@@ -129,3 +129,34 @@ def test_the_operator_creates_the_pool_where_the_extension_is_installed(
     assert created["metadata"]["ownerReferences"][0]["uid"] == uid
     assert "--pool-name=chat" in cluster.core.read_namespaced_config_map("chat-epp", NS).data["flags"]
     cluster.wait_ready("chat", 1)  # the extra children do not keep the service from Ready
+
+
+def test_removing_the_field_deletes_the_pool_and_the_picker_configmap() -> None:
+    with_pool = desired(spec(inferencePool={}))
+    observed = Observed(pods=[], objects={key: with_pool[key] for key in (("InferencePool", "chat"), ("ConfigMap", "chat-epp"))})
+    plan = reconcile(OWNER, spec(), observed, NOW, generation=2)
+    deleted = {(a.kind, a.name) for a in plan.actions if a.verb == "delete"}
+    assert deleted == {("InferencePool", "chat"), ("ConfigMap", "chat-epp")}
+    # While the field is set, nothing of it is deleted.
+    assert not [a for a in reconcile(OWNER, spec(inferencePool={}), observed, NOW, generation=2).actions
+                if a.verb == "delete"]
+
+
+def test_the_operator_deletes_the_pool_when_the_field_is_removed(
+    apiserver_with_pools: ServerThread, operator: None, api_client: kubernetes.client.ApiClient,  # noqa: F811
+    fake_workers: FakeWorkers,
+) -> None:
+    cluster = Cluster(api_client, fake_workers)
+    cluster.create("chat", {"replicas": 1, "resources": {"gpusPerReplica": 0}, "inferencePool": {}})
+
+    def pools() -> list[dict[str, Any]]:
+        return cluster.custom.list_namespaced_custom_object(inference_pool.GROUP, inference_pool.VERSION, NS,
+                                                            inference_pool.PLURAL)["items"]
+
+    def picker_configmaps() -> list[str]:
+        return [c.metadata.name for c in cluster.core.list_namespaced_config_map(NS).items if c.metadata.name == "chat-epp"]
+
+    wait_for(lambda: pools() and picker_configmaps(), what="the InferencePool and its picker ConfigMap")
+    cluster.patch_spec("chat", {"inferencePool": None})
+    wait_for(lambda: not pools() and not picker_configmaps(), what="the pool's children deleted")
+    cluster.wait_ready("chat", 1)
