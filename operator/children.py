@@ -156,10 +156,12 @@ def _serve_args(owner: Owner, spec: InferenceServiceSpec, pool: str) -> list[str
         "--host", "0.0.0.0",
         "--port", str(WORKER_PORT),
     ]
+    # Also in the file; on the command line too because each is where this pod mounts a volume
+    # (`_volumes`), and the local cluster's kubelet points mount paths there at the volume's folder.
+    if spec.model.source.startswith(HUB_SCHEME):
+        args += ["--model", _model_argument(spec)]
     kv = spec.engine.kvCache
     if kv.diskOffloadGiB > 0:
-        # Also in the file; on the command line too because it is where this pod mounts a volume
-        # (`_volumes`), and the local cluster's kubelet points mount paths there into the pod's folder.
         args += ["--kv-offload-disk-path", kv.diskPath]
     return args + auth_args(owner, spec, "worker")
 
