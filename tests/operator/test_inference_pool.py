@@ -86,6 +86,13 @@ def test_the_picker_configmap_names_the_vllm_gauges_the_workers_export() -> None
     assert metrics.VLLM_KV_CACHE_USAGE == "vllm:kv_cache_usage_perc"
 
 
+def test_the_gateway_example_renders_a_pool_valid_by_the_published_schema() -> None:
+    example = yaml.safe_load((Path(__file__).parents[2] / "examples" / "llama-3-8b-gateway.yaml").read_text())
+    children = desired(InferenceServiceSpec.model_validate(example["spec"]))
+    jsonschema.validate(children[("InferencePool", "chat")], schema())
+    assert ("ConfigMap", "chat-epp") in children
+
+
 def test_no_pool_without_the_field() -> None:
     assert not [key for key in desired(spec()) if key[0] == "InferencePool" or key[1] == "chat-epp"]
 
