@@ -380,7 +380,6 @@ class _PodRunner:
                     break
                 if self.restart_policy == "Never":
                     status.state = {"terminated": terminated}
-                    self.status.state = {"waiting": {"reason": "PodInitializing"}}
                     self.status.phase = "Failed"
                     self._report()
                     return False
