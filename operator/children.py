@@ -57,6 +57,9 @@ API_KEY_FILE = "api-keys"
 INTERNAL_DIR = "/etc/kvflock-internal"
 INTERNAL_TOKEN_KEY = "internal-token"
 ADMIN_TOKEN_KEY = "admin-token"
+# The worker image's user and group (docker/worker.Dockerfile), which the workers and the router
+# run as: numeric, so that the kubelet can check runAsNonRoot whatever image spec.image names.
+WORKER_UID = 10001
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,8 @@ def _volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, A
     if model.source == "pvc":
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": model.claimName, "readOnly": True}})
     elif model.source == "hostPath":
+        # The Pod Security Standards refuse hostPath volumes from "baseline" up: such a
+        # service runs only in a namespace that admits privileged pods.
         volumes.append({"name": "models", "hostPath": {"path": model.hostPath, "type": "Directory"}})
     if model.source in ("pvc", "hostPath"):
         mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
@@ -248,6 +253,22 @@ def _volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, A
     return volumes + auth_volumes_, mounts + auth_mounts
 
 
+def pod_security_context() -> dict[str, Any]:
+    """The pod-level half of the "restricted" Pod Security Standard, for workers and router."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """The container-level half: no privilege escalation, no Linux capabilities. The root
+    filesystem stays writable: the engine's compile caches live in the image user's home."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
 def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
     requests: dict[str, Any] = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
     limits: dict[str, Any] = {"memory": spec.resources.memory}
@@ -266,10 +287,13 @@ def _probes(spec: InferenceServiceSpec) -> dict[str, Any]:
             "failureThreshold": timing.failureThreshold,
             **common,
         },
-        # Every second while loading: /health is cheap, and a restarted worker then turns
-        # Ready within a second of listening instead of within a period.
+        # Every second on /ready while loading: the worker listens (and /health answers) before
+        # its model is loaded, so a startup probe on /health passed at once and the first
+        # readiness check failed, leaving a restarted worker unready for up to a whole period
+        # after it could serve. On /ready, readiness is checked (and passes) within a second of
+        # the load; a load that never ends is killed after startupSeconds.
         "startupProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
+            "httpGet": {"path": "/ready", "port": "http"},
             "failureThreshold": timing.startupSeconds,
             "periodSeconds": 1,
             "timeoutSeconds": timing.timeoutSeconds,
@@ -292,7 +316,7 @@ def _fetch_model_container(spec: InferenceServiceSpec, env: list[dict[str, Any]]
         command += ["--token-file", f"{HUB_TOKEN_DIR}/{HUB_TOKEN_FILE}"]
         mounts.append({"name": "hub-token", "mountPath": HUB_TOKEN_DIR, "readOnly": True})
     return {"name": "fetch-model", "image": spec.image, "imagePullPolicy": spec.imagePullPolicy,
-            "command": command, "env": env, "volumeMounts": mounts}
+            "command": command, "env": env, "volumeMounts": mounts, "securityContext": container_security_context()}
 
 
 def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAULT_POOL) -> dict[str, Any]:
@@ -307,6 +331,7 @@ def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAUL
         "restartPolicy": "Always",
         "terminationGracePeriodSeconds": spec.drainTimeoutSeconds + 10,
         "subdomain": workers_service_name(owner),
+        "securityContext": pod_security_context(),
         "containers": [
             {
                 "name": "worker",
@@ -320,6 +345,7 @@ def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAUL
                 # A worker that dies says why in its last log lines; they become the termination
                 # message, which the operator puts in the service's Degraded condition.
                 "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": container_security_context(),
                 **_probes(spec),
             }
         ],

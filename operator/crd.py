@@ -424,7 +424,7 @@ class EnvVar(_Model):
 
 
 class ProbesSpec(_Model):
-    """Timing of the workers' probes (readiness on /ready; startup and liveness on /health)."""
+    """Timing of the workers' probes (startup and readiness on /ready; liveness on /health)."""
 
     periodSeconds: int = Field(5, ge=1, le=300, description="Seconds between readiness checks.")
     timeoutSeconds: int = Field(2, ge=1, le=60, description="Seconds before a probe counts as failed.")

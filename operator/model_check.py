@@ -50,7 +50,9 @@ def model_problem(spec: InferenceServiceSpec, shares_worker_files: bool) -> str 
     model = spec.model
     if model.format == "dummy" or model.source.startswith(HUB_SCHEME):
         return None
-    field = _PATH_FIELDS[model.source]
+    field = _PATH_FIELDS.get(model.source)
+    if field is None:  # hf://: the pod's init container fetches it; its failure is the pod's to report
+        return None
     if model.source == DEMO_MODEL:
         try:
             path = demo_model_path()

@@ -77,6 +77,7 @@ def _router_pod_spec(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]
         "restartPolicy": "Always",
         "serviceAccountName": router_name(owner),
         "terminationGracePeriodSeconds": 30,
+        "securityContext": children.pod_security_context(),
         "containers": [
             {
                 "name": "router",
@@ -86,6 +87,7 @@ def _router_pod_spec(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]
                 "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
                 "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
                 "volumeMounts": mounts,
+                "securityContext": children.container_security_context(),
                 # Ready once it routes: with a hold timeout it also takes requests while no
                 # replica is ready (scale from zero), so it stays in the entry Service then.
                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2,

@@ -46,6 +46,8 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
         return ApiError(400, str(cause), param=cause.param)
     param = ".".join(_field_path(first.get("loc", ()))) or None
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    if param is None and first.get("type") == "value_error":  # a check of the whole body: 'field: ...'
+        return error_from_value(ValueError(message))
     return ApiError(400, f"{param}: {message}" if param else message, param=param)
 
 

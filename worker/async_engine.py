@@ -58,6 +58,7 @@ class AsyncEngine:
         self.max_model_len = engine.max_model_len
         # The event loop's own copy, for chat templates and token texts.
         self.tokenizer: Any = copy.deepcopy(engine.tokenizer)
+        self.chat_template = engine.chat_template
         self.stats: EngineStats = engine.stats()  # replaced by the engine thread, never changed in place
         self._thread = threading.Thread(target=self._run, name="kvflock-engine", daemon=True)
         self._thread.start()

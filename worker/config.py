@@ -115,6 +115,11 @@ class EngineConfig(BaseModel):
         "weights with load_format dummy)",
     )
     tokenizer: str | None = Field(None, description="tokenizer folder; defaults to the model's")
+    chat_template: str | None = Field(
+        None, description="the chat template (Jinja), or a file holding it; defaults to the tokenizer's")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="how tool calls are read from the model's output; auto: from its chat template "
+        "and special tokens (hermes when they do not tell)")
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA"
     )
@@ -286,6 +291,8 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives to report per token")
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = Field(
+        None, description="token id -> added to its logit before sampling, in [-100, 100] (OpenAI's range)")
     structured_output: StructuredOutput | None = Field(None, description="constrain the output to a grammar")
 
     @field_validator("stop", mode="before")
@@ -299,6 +306,14 @@ class SamplingParams(BaseModel):
         if any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
         return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (v or {}).items():
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"token {token}: a bias of {bias}; token ids are >= 0 and biases in [-100, 100]")
+        return v or None
 
     @model_validator(mode="after")
     def _min_below_max(self) -> "SamplingParams":

@@ -33,6 +33,7 @@ from kvflock.worker.inputs import InputProcessor
 from kvflock.worker.kv.manager import KVCacheManager
 from kvflock.worker.kv.sizing import max_model_len, num_kv_blocks, offload_tiers
 from kvflock.worker.model.loader import LoadedModel, load
+from kvflock.worker.model.tokenizer import read_chat_template
 from kvflock.worker.runner import allocate_kv_cache
 from kvflock.worker.sampler import SampledTokens, Sampler
 from kvflock.worker.scheduler import Scheduler
@@ -117,11 +118,14 @@ class LLMEngine:
                  draft: LoadedModel | None = None) -> None:
         started = time.perf_counter()
         self.config = config
+        chat_template = read_chat_template(config.chat_template)  # before loading: a wrong path fails at once
         self.loaded = loaded or load(config, select_attention_backend(config.torch_device()))
         self.device, self.dtype = self.loaded.device, self.loaded.dtype
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.model_config: ModelConfig = self.loaded.config
         self.tokenizer: Any = self.loaded.tokenizer
+        # The template chat requests are rendered with (the tokenizer's unless the config names one).
+        self.chat_template: str | None = chat_template or getattr(self.tokenizer, "chat_template", None)
         self.max_model_len = max_model_len(config, self.model_config)
         # Loaded before the KV cache is sized: its weights and its own KV cache take their share.
         self.draft = load_draft_model(config, self.loaded, self.max_model_len, draft)

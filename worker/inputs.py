@@ -38,6 +38,9 @@ class InputProcessor:
     def process(self, prompt: str | list[int], params: SamplingParams) -> Prompt:
         """The prompt as token ids, refused when it leaves no room for what `params` ask."""
         tokenized = self.tokenize(prompt)
+        outside = [t for t in params.logit_bias or {} if t >= self.vocab_size]
+        if outside:
+            raise ValueError(f"logit_bias: token ids must be below the vocabulary size {self.vocab_size}; got {outside[:3]}")
         n = len(tokenized.token_ids)
         if n >= self.max_model_len:
             raise ValueError(f"prompt: {n} tokens leave no room to generate within max_model_len={self.max_model_len}")

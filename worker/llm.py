@@ -73,7 +73,8 @@ class LLM:
         return self.generate(prompts, params, show_progress)
 
     def apply_chat_template(self, conversation: list[Message]) -> list[int]:
-        return self.tokenizer.encode(render_chat(self.tokenizer, conversation), add_special_tokens=False)
+        prompt = render_chat(self.tokenizer, conversation, chat_template=self.engine.chat_template)
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

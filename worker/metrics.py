@@ -1,5 +1,6 @@
 """The worker's Prometheus metrics (prefix `kvflock_`): latency histograms and token counters
-fed by the server, and gauges read at scrape time from the stats the engine thread publishes."""
+fed by the server, and gauges read at scrape time from the stats the engine thread publishes,
+the load and KV cache gauges also under vLLM's names for the tools that read those."""
 
 from collections.abc import Iterator
 
@@ -17,10 +18,24 @@ class _EngineCollector(Collector):
     """Reads the engine's latest stats snapshot when Prometheus scrapes; no bookkeeping twice,
     and nothing of the engine touched from the scrape thread."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+
+    def _vllm_gauges(self) -> Iterator[GaugeMetricFamily]:
+        stats = self.engine.stats
+        usage = stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
+        for name, help_text, value in [
+            (metrics.VLLM_REQUESTS_RUNNING, "Requests running (vLLM's name)", stats.num_running),
+            (metrics.VLLM_REQUESTS_WAITING, "Requests waiting to be scheduled (vLLM's name)", stats.num_waiting),
+            (metrics.VLLM_KV_CACHE_USAGE, "KV cache usage, 1 is full (vLLM's name)", usage),
+            (metrics.VLLM_GPU_CACHE_USAGE, "KV cache usage, 1 is full (vLLM's name before v0.10)", usage),
+        ]:
+            gauge = GaugeMetricFamily(name, help_text, labels=["model_name"])
+            gauge.add_metric([self.model_name], value)
+            yield gauge
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield from self._vllm_gauges()
         stats = self.engine.stats
         yield GaugeMetricFamily(metrics.REQUESTS_RUNNING, "Sequences in the running batch", value=stats.num_running)
         yield GaugeMetricFamily(metrics.REQUESTS_WAITING, "Sequences waiting to be scheduled", value=stats.num_waiting)
@@ -58,5 +73,5 @@ class WorkerMetrics:
         self.generation_tokens = Counter("kvflock_generation_tokens", "Generated tokens", registry=r)
         self.requests = Counter("kvflock_requests", "Finished requests by finish reason", ["finish_reason"], registry=r)
 
-    def watch(self, engine: AsyncEngine) -> None:
-        self.registry.register(_EngineCollector(engine))
+    def watch(self, engine: AsyncEngine, model_name: str) -> None:
+        self.registry.register(_EngineCollector(engine, model_name))

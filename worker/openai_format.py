@@ -1,11 +1,15 @@
-"""Engine outputs as OpenAI response objects: completions and chat completions, whole or as
-streamed chunks, with their logprobs and usage."""
+"""Engine outputs as OpenAI response objects: completions (with the prompt echoed when asked) and
+chat completions (with the tool calls read from the text), whole or as streamed chunks, with their
+logprobs and usage."""
 
 import time
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvflock.worker.async_engine import AsyncEngine
 from kvflock.worker.engine import CompletionOutput
+from kvflock.worker.tool_parsers import ParsedText, ToolCallReader
 
 
 class Format:
@@ -33,12 +37,21 @@ class Format:
         raise NotImplementedError
 
     def delta_choice(self, index: int, completion: CompletionOutput, text: str, first: bool,
-                     token_range: tuple[int, int]) -> dict[str, Any]:
+                     token_range: tuple[int, int]) -> dict[str, Any] | None:
+        """The chunk's choice for what `completion` gained; None when nothing of it can be sent yet."""
         raise NotImplementedError
 
 
 class CompletionFormat(Format):
     object_full = object_chunk = "text_completion"
+
+    def __init__(self, response_id: str, model: str, n: int, engine: AsyncEngine,
+                 echo: list[str] | None = None) -> None:
+        super().__init__(response_id, model, n, engine)
+        self.echo = echo  # each prompt's text, put before its choices' text
+
+    def _echoed(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo is not None else ""
 
     def logprobs(self, completion: CompletionOutput, start: int, end: int, text_offset: int) -> dict[str, Any] | None:
         if completion.logprobs is None:
@@ -54,17 +67,68 @@ class CompletionFormat(Format):
                 "text_offset": offsets}
 
     def full_choice(self, index: int, completion: CompletionOutput) -> dict[str, Any]:
-        return {"index": index, "text": completion.text, "finish_reason": completion.finish_reason,
+        return {"index": index, "text": self._echoed(index) + completion.text, "finish_reason": completion.finish_reason,
                 "logprobs": self.logprobs(completion, 0, len(completion.token_ids), 0)}
 
     def delta_choice(self, index, completion, text, first, token_range):
         text_offset = len(completion.text) - len(text)
+        if first:
+            text = self._echoed(index) + text
         return {"index": index, "text": text, "finish_reason": completion.finish_reason,
                 "logprobs": self.logprobs(completion, *token_range, text_offset)}
 
 
+@dataclass
+class _ToolCallStream:
+    """What one streamed choice has sent of its content and tool calls."""
+
+    content: int = 0
+    role_sent: bool = False
+    call_ids: list[str] = field(default_factory=list)
+    arguments: list[int] = field(default_factory=list)
+
+    def delta(self, parsed: ParsedText) -> dict[str, Any]:
+        """The content and call pieces of `parsed` not sent yet, in OpenAI's delta shape: a new call
+        first with its index, id, type and name, then pieces of its arguments."""
+        delta: dict[str, Any] = {}
+        if not self.role_sent:
+            delta["role"] = "assistant"
+        # Whitespace alone is held back: it is often all that comes before a call.
+        content = parsed.content if parsed.content.strip() else ""
+        if len(content) > self.content and not self.call_ids:
+            delta["content"] = content[self.content:]
+            self.content = len(content)
+        calls = []
+        for i, call in enumerate(parsed.calls):
+            if call.name is None:
+                break  # calls are sent in order, each once its name is known
+            if i == len(self.call_ids):
+                self.call_ids.append(f"call_{uuid.uuid4().hex[:24]}")
+                self.arguments.append(len(call.arguments))
+                calls.append({"index": i, "id": self.call_ids[i], "type": "function",
+                              "function": {"name": call.name, "arguments": call.arguments}})
+            elif len(call.arguments) > self.arguments[i]:
+                calls.append({"index": i, "function": {"arguments": call.arguments[self.arguments[i]:]}})
+                self.arguments[i] = len(call.arguments)
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+
+def _finish_reason(completion: CompletionOutput, parsed: ParsedText | None) -> str | None:
+    if parsed is not None and parsed.calls and completion.finish_reason == "stop":
+        return "tool_calls"
+    return completion.finish_reason
+
+
 class ChatFormat(Format):
     object_full, object_chunk = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, response_id: str, model: str, n: int, engine: AsyncEngine,
+                 tools: ToolCallReader | None = None) -> None:
+        super().__init__(response_id, model, n, engine)
+        self.tools = tools
+        self._streams: dict[int, _ToolCallStream] = {}
 
     def logprobs(self, completion: CompletionOutput, start: int, end: int) -> dict[str, Any] | None:
         if completion.logprobs is None:
@@ -80,14 +144,30 @@ class ChatFormat(Format):
         ]}
 
     def full_choice(self, index: int, completion: CompletionOutput) -> dict[str, Any]:
-        return {"index": index, "message": {"role": "assistant", "content": completion.text},
-                "finish_reason": completion.finish_reason,
+        message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+        parsed = self.tools.read(completion.text, finished=True) if self.tools is not None else None
+        if parsed is not None and parsed.calls:
+            message["content"] = parsed.content if parsed.content.strip() else None
+            message["tool_calls"] = [
+                {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments}} for call in parsed.calls]
+        return {"index": index, "message": message, "finish_reason": _finish_reason(completion, parsed),
                 "logprobs": self.logprobs(completion, 0, len(completion.token_ids))}
 
     def delta_choice(self, index, completion, text, first, token_range):
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": index, "delta": delta, "finish_reason": completion.finish_reason,
-                "logprobs": self.logprobs(completion, *token_range)}
+        logprobs = self.logprobs(completion, *token_range)
+        if self.tools is None:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            return {"index": index, "delta": delta, "finish_reason": completion.finish_reason, "logprobs": logprobs}
+        finished = completion.finish_reason is not None
+        parsed = self.tools.read(completion.text, finished)
+        stream = self._streams.setdefault(index, _ToolCallStream())
+        delta = stream.delta(parsed)
+        if not finished and not delta.keys() - {"role"}:
+            return None  # everything new is held back until it is clear what it is
+        stream.role_sent = True
+        return {"index": index, "delta": delta, "finish_reason": _finish_reason(completion, parsed) if finished else None,
+                "logprobs": logprobs}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -1,19 +1,21 @@
 """The OpenAI API's request bodies as pydantic models, and their mapping onto SamplingParams.
 
 Unknown fields are ignored (clients send many optional ones); fields that would change the
-answer in ways the engine does not implement are refused with a clear message. Validation is
-strict: JSON's types are taken as they are (`true` is not the token id 1, `3.0` is not `n` 3), and
-text must be valid Unicode (a lone UTF-16 surrogate, which JSON's escapes can carry, is refused
-before it reaches the tokenizer).
+answer in ways the engine does not implement are refused with a clear message
+(kvflock.worker.api_fields lists which). Validation is strict: JSON's types are taken as they are
+(`true` is not the token id 1, `3.0` is not `n` 3), and text must be valid Unicode (a lone UTF-16
+surrogate, which JSON's escapes can carry, is refused before it reaches the tokenizer).
 """
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 
 from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
 from kvflock.worker.api_errors import FieldError
-from kvflock.worker.config import SamplingParams
+from kvflock.worker.api_fields import Endpoint, refuse_unsupported
+from kvflock.worker.config import SamplingParams, StructuredOutput
 
 _STRICT = ConfigDict(extra="ignore", strict=True)
 
@@ -26,6 +28,7 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     model_config = _STRICT
+    endpoint: ClassVar[Endpoint]
 
     @model_validator(mode="before")
     @classmethod
@@ -37,6 +40,7 @@ class _SamplingFields(BaseModel):
 
     model: str
     n: int = Field(1, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -45,7 +49,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Annotated[int, Strict(False)], float] | None = None  # JSON's keys are strings
     user: str | None = None
     # Extensions that vLLM users expect.
     top_k: int | None = Field(None, ge=0)
@@ -56,13 +60,22 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refused_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            refuse_unsupported(data, cls.endpoint)
+        return data
+
     @model_validator(mode="after")
-    def _unsupported(self) -> "_SamplingFields":
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+    def _best_of_is_n(self) -> "_SamplingFields":
+        # The n choices are all returned; ranking more candidates than that is not implemented.
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of: {self.best_of} differs from n={self.n}; only best_of == n is supported")
         return self
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        structured_output: StructuredOutput | None = None) -> SamplingParams:
         given = {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -72,6 +85,8 @@ class _SamplingFields(BaseModel):
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
             "stop_token_ids": self.stop_token_ids,
+            "logit_bias": self.logit_bias,
+            "structured_output": structured_output,
         }
         return SamplingParams(
             n=self.n,
@@ -91,18 +106,17 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
+    endpoint = "completions"
+
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
 
     @model_validator(mode="after")
     def _completion_checks(self) -> "CompletionRequest":
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo: not supported together with logprobs (prompt logprobs are not computed)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
         return self
@@ -120,38 +134,158 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallItem(BaseModel):
+    model_config = _STRICT
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls: only assistant messages make tool calls, not {self.role!r} ones")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message answers a call and must name its id")
+        return self
 
     def as_template_input(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' convention): a call's arguments
+        as an object, not OpenAI's JSON text, since templates write them out with `tojson`."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": _arguments_object(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments  # a template that writes it out shows what the client sent
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+# apply_chat_template's own arguments, which chat_template_kwargs may not override.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+def _own_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    taken = sorted(set(kwargs or {}) & _RESERVED_TEMPLATE_KWARGS)
+    if taken:
+        raise ValueError(f"{taken} are set by the request's own fields, not here")
+    return kwargs
+
+
+# Variables for the chat template (e.g. enable_thinking).
+TemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_own_template_kwargs)]
 
 
 class ChatCompletionRequest(_SamplingFields):
+    endpoint = "chat"
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: TemplateKwargs = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_checks(self) -> "ChatCompletionRequest":
-        if self.tools:
-            raise ValueError("tools are not supported")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise ValueError("response_format other than text is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
+        if self.continue_final_message and (self.add_generation_prompt or self.messages[-1].role != "assistant"):
+            raise ValueError("continue_final_message: needs add_generation_prompt=false and an assistant message last")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_matches_tools(self) -> "ChatCompletionRequest":
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError(f"tool_choice: {self.named_tool or choice!r} needs tools")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tools: function names must be unique, got {names}")
+        if self.named_tool is not None and self.named_tool not in names:
+            raise ValueError(f"tool_choice: {self.named_tool!r} is none of the tools' functions {names}")
+        return self
+
+    @property
+    def named_tool(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    @property
+    def offers_tools(self) -> bool:
+        """Whether the model is shown the tools and its output read for calls. With tool_choice
+        none it is not shown them, so that it has no reason to write a call as text."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or []] if self.offers_tools else None
 
     @property
     def output_limit(self) -> int | None:
@@ -160,3 +294,41 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """vLLM's /tokenize of a prompt. Special tokens are left out by default, as the engine
+    encodes a prompt: `count` is then the prompt's usage.prompt_tokens."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """vLLM's /tokenize of a conversation, rendered as /v1/chat/completions renders it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: TemplateKwargs = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]

@@ -177,8 +177,11 @@ async def _sse(metrics: WorkerMetrics, stream: AsyncIterator[tuple[int, RequestO
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     continue
                 first = c.index not in t.tokens_seen
-                choices.append(fmt.delta_choice(fmt.choice_index(i, c), c, c.text[seen_text:], first,
-                                                (seen_tokens, len(c.token_ids))))
+                choice = fmt.delta_choice(fmt.choice_index(i, c), c, c.text[seen_text:], first,
+                                          (seen_tokens, len(c.token_ids)))
+                if choice is None:
+                    continue  # held back: the next chunk covers these tokens too
+                choices.append(choice)
                 t.tokens_seen[c.index], t.text_seen[c.index] = len(c.token_ids), len(c.text)
                 completion_tokens[(i, c.index)] = len(c.token_ids)
             if choices:

@@ -1,6 +1,6 @@
 """Choosing the next token of each sequence from its logits.
 
-Order per row: penalties (repetition, frequency, presence), min_tokens masking, then for
+Order per row: penalties (repetition, frequency, presence), min_tokens masking, logit_bias, then for
 non-greedy rows temperature, top-k, top-p and min-p, then a draw. A row with a seed draws
 from its own generator, so its output does not depend on what else is in the batch.
 Logprobs are reported from the model's raw distribution, before any of the processing.
@@ -65,6 +65,18 @@ def top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Add each row's logit_bias (token id -> bias) to its logits, in one scatter for the batch."""
+    rows, tokens, biases = [], [], []
+    for row, seq in enumerate(seqs):
+        for token, bias in (seq.params.logit_bias or {}).items():
+            rows.append(row)
+            tokens.append(token)
+            biases.append(bias)
+    index = (_ids(rows, logits.device), _ids(tokens, logits.device))
+    return logits.index_put_(index, to_device(biases, logits.dtype, logits.device), accumulate=True)
+
+
 class SampledTokens:
     """One step's sampled tokens ([rows] on the device) and, for the rows that asked, their
     logprobs, with the copies to the host already queued."""
@@ -109,6 +121,8 @@ class Sampler:
         if any(s.params.has_penalties or s.num_output_tokens < s.params.min_tokens for s in seqs):
             logits = apply_penalties(logits.clone(), seqs)  # a copy: the caller's logits stay as they were
             _mask_stop_tokens(logits, seqs, self.eos_token_ids)
+        if any(s.params.logit_bias for s in seqs):
+            logits = apply_logit_bias(logits.clone(), seqs)  # a copy, as above
 
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]

@@ -1,6 +1,7 @@
 """The worker's OpenAI-compatible HTTP server (FastAPI).
 
-/v1/completions and /v1/chat/completions (streaming over SSE or not), /v1/models, the
+/v1/completions and /v1/chat/completions (streaming over SSE or not; chat with tool calls),
+/v1/models (every name the model is served under), vLLM's /tokenize, /detokenize and /version, the
 kubelet's /health and /ready, Prometheus /metrics (or on its own port), and /admin/drain for the
 operator; `access` (kvflock/shared/auth.py) decides which of them need a key.
 Every refusal is an OpenAI-style error body (kvflock.worker.api_errors): 400 for bad input
@@ -34,9 +35,17 @@ from kvflock.shared.version import __version__
 from kvflock.worker.api_errors import RETRY_AFTER_SECONDS, ApiError, build_or_400, validation_error
 from kvflock.worker.async_engine import AsyncEngine
 from kvflock.worker.metrics import WorkerMetrics
+from kvflock.worker.config import StructuredOutput
 from kvflock.worker.openai_format import ChatFormat, CompletionFormat
-from kvflock.worker.protocol import ChatCompletionRequest, CompletionRequest
+from kvflock.worker.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from kvflock.worker.responses import respond, start_requests
+from kvflock.worker.tool_parsers import ToolCallFormat, ToolCallReader, detect_format
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +57,30 @@ STUCK_AFTER_SECONDS = 120.0
 
 @dataclass
 class WorkerState:
-    """What the endpoints share: the engine once loaded, and the drain flag."""
+    """What the endpoints share: the names the model is served under (the first is its own, the
+    others aliases clients may ask for too), the engine once loaded, how tool calls are read, and
+    the drain flag."""
 
     served_model_name: str
+    aliases: tuple[str, ...] = ()
+    tool_call_parser: str = "auto"  # EngineConfig.tool_call_parser
     engine: AsyncEngine | None = None
+    tool_format: ToolCallFormat = "hermes"
     load_error: str | None = None
     draining: bool = False
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return (self.served_model_name, *self.aliases)
+
     def set_engine(self, engine: AsyncEngine) -> None:
-        self.metrics.watch(engine)
+        self.metrics.watch(engine, self.served_model_name)
+        if self.tool_call_parser == "auto":
+            special = engine.tokenizer.get_added_vocab() if engine.tokenizer is not None else {}
+            self.tool_format = detect_format(engine.chat_template, special)
+        else:
+            self.tool_format = self.tool_call_parser  # type: ignore[assignment]
         self.engine = engine
 
     def serving_engine(self) -> AsyncEngine:
@@ -184,10 +207,42 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        model = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "kvflock"}
-        if state.engine is not None:
-            model["max_model_len"] = state.engine.max_model_len
-        return {"object": "list", "data": [model]}
+        data = []
+        for name in state.served_names:
+            model: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "kvflock",
+                                     "root": state.served_model_name}
+            if state.engine is not None:
+                model["max_model_len"] = state.engine.max_model_len
+            data.append(model)
+        return {"object": "list", "data": data}
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.post("/tokenize", responses=api_doc.errors(400, 404, 413, 503))
+    async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> dict[str, Any]:
+        engine = _prepare(state, body.model)
+        if isinstance(body, TokenizeChatRequest):
+            text = _render(engine, body.messages, body.template_tools(), body)
+        else:
+            text = body.prompt
+        tokens = _encode(engine, text, body.add_special_tokens)
+        answer: dict[str, Any] = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+        if body.return_token_strs:
+            answer["token_strs"] = engine.tokenizer.convert_ids_to_tokens(tokens)
+        return answer
+
+    @app.post("/detokenize", responses=api_doc.errors(400, 404, 413, 503))
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        engine = _prepare(state, body.model)
+        if engine.tokenizer is None:
+            raise ApiError(400, "tokens: this model has no tokenizer", param="tokens")
+        vocab_size = len(engine.tokenizer)
+        outside = [t for t in body.tokens if not 0 <= t < vocab_size]
+        if outside:
+            raise ApiError(400, f"tokens: ids must be in [0, {vocab_size}); got {outside[:3]}", param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions", responses=api_doc.GENERATION)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -196,17 +251,21 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         params = build_or_400(lambda: body.sampling_params(body.max_tokens, body.logprobs))
         prompts = body.prompts()
         stream = await start_requests(state.metrics, engine, [(p, params) for p in prompts])
-        formatter = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", state.served_model_name, body.n, engine)
+        echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else None
+        formatter = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", body.model, body.n, engine, echo)
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, len(prompts), arrived)
 
     @app.post("/v1/chat/completions", responses=api_doc.GENERATION)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrived = time.monotonic()
         engine = _prepare(state, body.model)
-        params = build_or_400(lambda: body.sampling_params(body.output_limit, body.num_logprobs))
-        prompt = _chat_prompt(engine, body)
+        reader = _tool_call_reader(state.tool_format, body)
+        schema = reader.forcing_schema([tool.model_dump() for tool in body.tools or []]) if reader else None
+        constraint = StructuredOutput(json_schema=schema) if schema is not None else None  # a forced tool choice
+        params = build_or_400(lambda: body.sampling_params(body.output_limit, body.num_logprobs, constraint))
+        prompt = _render(engine, body.messages, body.template_tools(), body)
         stream = await start_requests(state.metrics, engine, [(prompt, params)])
-        formatter = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", state.served_model_name, body.n, engine)
+        formatter = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", body.model, body.n, engine, reader)
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, 1, arrived)
 
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
@@ -226,17 +285,38 @@ def _load_in_background(state: WorkerState, load: Callable[[], AsyncEngine],
             on_load_error()
 
 
-def _prepare(state: WorkerState, model: str) -> AsyncEngine:
-    if model != state.served_model_name:
-        raise ApiError(404, f"model: {model!r} is not served here; this worker serves {state.served_model_name!r}",
-                       param="model")
+def _prepare(state: WorkerState, model: str | None) -> AsyncEngine:
+    """The engine, for a request that names one of the served names (or, where the field is
+    optional, none)."""
+    if model is not None and model not in state.served_names:
+        served = ", ".join(repr(name) for name in state.served_names)
+        raise ApiError(404, f"model: {model!r} is not served here; this worker serves {served}", param="model")
     return state.serving_engine()
 
 
-def _chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> str:
+def _render(engine: AsyncEngine, messages: list[Any], tools: list[dict[str, Any]] | None,
+            body: ChatCompletionRequest | TokenizeChatRequest) -> str:
+    """The conversation's prompt text (the request's own template, else the engine's)."""
     try:
-        return render_chat(engine.tokenizer, [m.as_template_input() for m in body.messages])
+        return render_chat(engine.tokenizer, [m.as_template_input() for m in messages], tools=tools,
+                           chat_template=body.chat_template or engine.chat_template,
+                           add_generation_prompt=body.add_generation_prompt,
+                           continue_final_message=body.continue_final_message,
+                           template_kwargs=body.chat_template_kwargs)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
+
+
+def _encode(engine: AsyncEngine, text: str, add_special_tokens: bool) -> list[int]:
+    if engine.tokenizer is None:
+        raise ApiError(400, "prompt: this model has no tokenizer", param="prompt")
+    return list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _tool_call_reader(tool_format: ToolCallFormat, body: ChatCompletionRequest) -> ToolCallReader | None:
+    if not body.offers_tools:
+        return None
+    return ToolCallReader(tool_format, required=body.tool_choice == "required", named=body.named_tool,
+                          parallel=body.parallel_tool_calls)
 
 

@@ -232,8 +232,8 @@ def _rank_main(rank: int, config: EngineConfig, port: int, parent_pid: int, log_
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="kvflock-tp-parent", daemon=True).start()
     try:
         device = config.torch_device()
-        if device.type == "cpu":  # the ranks share the machine's cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+        if device.type == "cpu":  # the ranks share the worker's threads (OMP_NUM_THREADS, else the cores)
+            torch.set_num_threads(max(1, torch.get_num_threads() // config.tensor_parallel_size))
         store = dist.TCPStore("127.0.0.1", port, config.tensor_parallel_size, is_master=False, timeout=_CONNECT_TIMEOUT)
         group = _connect(rank, config.tensor_parallel_size, store, device)
         loaded = load(config, select_attention_backend(device), group)

@@ -10,7 +10,11 @@ and kubectl expect more of an API server, and `ApiServer` adds it around the emu
   and the scale subresource (``autoscaling/v1`` Scale read and written through the paths
   that the CRD's ``subresources.scale`` names);
 - JSON patches (a failed ``test`` is 422, which kopf's optimistic concurrency expects),
-  merge patches and strategic-merge patches (the latter treated as merges);
+  merge patches, strategic-merge patches and server-side apply patches (the latter two treated
+  as merges; an apply patch of a missing object creates it), and updates (PUT);
+- custom objects admitted as kube-apiserver admits them (`kvflock.local.validation`): unknown
+  fields pruned (or refused, as ``fieldValidation`` asks), defaults applied, the CRD's schema
+  and CEL rules enforced on every create, update, patch and scale, or a 422 naming the fields;
 - label selectors and ``metadata.name``/``metadata.namespace`` field selectors on lists and
   watches, and the ``timeoutSeconds`` of watches;
 - garbage collection of dependents by ``ownerReferences`` when an owner is gone;
@@ -45,7 +49,7 @@ import kmock
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import parsing, rendering
 
-from kvflock.local import openapi, tables
+from kvflock.local import openapi, tables, validation
 
 __all__ = ["ApiServer", "LabelSelector", "merge_diff"]
 
@@ -54,6 +58,7 @@ _NAMESPACES = kmock.resource("", "v1", "namespaces")
 _SCALE_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
 # Metadata that only the server writes; clients' values for them are ignored.
 _SERVER_METADATA = ("uid", "creationTimestamp", "resourceVersion", "generation", "deletionTimestamp")
+_APPLY_PATCH = "application/apply-patch+yaml"
 
 
 class LabelSelector:
@@ -172,6 +177,8 @@ class ApiServer(kmock.KubernetesEmulator):
     _crds: list[dict[str, Any]] = attrs.field(factory=list, init=False)
     # Per custom resource: its CRD version's additionalPrinterColumns (kubectl get's columns).
     _printer_columns: dict[kmock.resource, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
+    # Per custom resource: the admission of its objects by its CRD version's schema.
+    _validators: dict[kmock.resource, validation.CustomResourceValidator] = attrs.field(factory=dict, init=False)
     # Requests remembered (kmock keeps every request for assertions and scans them on each
     # request, so a long history costs CPU while the cluster idles).
     history: int = 500
@@ -194,7 +201,10 @@ class ApiServer(kmock.KubernetesEmulator):
         self.fallback["get", re.compile(r"/openapi/v3/apis/[^/]+/[^/]+")] << self._serve_openapi_group_version
 
     def install_crd(self, crd: Mapping[str, Any]) -> None:
-        """Serve a CustomResourceDefinition: its discovery, its objects, and the CRD itself."""
+        """Serve a CustomResourceDefinition: its discovery, its objects, and the CRD itself.
+
+        Raises ValueError for a CEL rule that this server cannot evaluate (`kvflock.local.cel`).
+        """
         spec = crd["spec"]
         names = spec["names"]
         for version in spec["versions"]:
@@ -203,6 +213,11 @@ class ApiServer(kmock.KubernetesEmulator):
             resource = kmock.resource(spec["group"], version["name"], names["plural"])
             subresources = version.get("subresources", {})
             self._printer_columns[resource] = list(version.get("additionalPrinterColumns", []))
+            schema = (version.get("schema") or {}).get("openAPIV3Schema")
+            if schema is not None:
+                self._validators[resource] = validation.CustomResourceValidator(
+                    names["kind"], spec["group"], version["name"], copy.deepcopy(schema)
+                )
             self.resources[resource] = kmock.ResourceInfo(
                 kind=names["kind"],
                 singular=names.get("singular", names["kind"].lower()),
@@ -271,22 +286,51 @@ class ApiServer(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(self._scale_of(request.resource, self._existing(request)))
         if request.action == kmock.action.WATCH:
             return await self._stream_watch(request)
+        replacing = request.method == "PUT" and request.name is not None
+        if replacing:
+            request = self._replace(request, action=kmock.action.UPDATE)
         if request.action not in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
             return await super()._handle(request)
+        warnings: list[str] = []
         async with self._write_lock:
+            if self._applies_to_nothing(request):
+                request = self._replace(request, action=kmock.action.CREATE)
             if request.action == kmock.action.CREATE:
-                request = self._replace(request, data=self._created(request))
+                data, warnings = self._created(request)
+                request = self._replace(request, data=data)
             elif request.action == kmock.action.UPDATE:
-                request = self._replace(request, data=self._update_patch(request))
+                data, warnings = self._update_patch(request, replacing)
+                request = self._replace(request, data=data)
             owner = self._existing(request) if request.action != kmock.action.CREATE else None
             response = await super()._handle(request)
             if owner is not None and self._existing_or_none(request) is None:
                 await self._collect_garbage(owner["metadata"].get("uid"))
         if request.subresource == "scale" and request.action == kmock.action.UPDATE:
-            return aiohttp.web.json_response(self._scale_of(request.resource, self._existing(request)))
+            response = aiohttp.web.json_response(self._scale_of(request.resource, self._existing(request)))
         if request.action == kmock.action.CREATE and response.status == 200 and not response.prepared:
             response.set_status(201)  # clients read the created object only from a 201
+        for warning in warnings:
+            response.headers.add("Warning", f"299 - {json.dumps(warning)}")
         return response
+
+    def _applies_to_nothing(self, request: rendering.Request) -> bool:
+        """A server-side apply patch of an object that does not exist yet (it creates it)."""
+        content_type = next((v for k, v in request.headers.items() if k.lower() == "content-type"), "")
+        return (
+            request.action == kmock.action.UPDATE
+            and request.subresource is None
+            and content_type.split(";")[0].strip() == _APPLY_PATCH
+            and self._existing_or_none(request) is None
+        )
+
+    def _admit(self, request: rendering.Request, obj: dict[str, Any], old: dict[str, Any] | None = None,
+               patch: Any = None) -> list[str]:
+        """Validate a custom object about to be stored (`kvflock.local.validation`); its warnings."""
+        validator = self._validators.get(request.resource) if request.resource is not None else None
+        if validator is None:
+            return []
+        directive = validation.FieldValidation.of(request.params)
+        return validator.admit(obj, directive, old=old, patch=patch)
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         result = await super()._serve_list(request)
@@ -369,8 +413,9 @@ class ApiServer(kmock.KubernetesEmulator):
             )
         return obj
 
-    def _created(self, request: rendering.Request) -> dict[str, Any]:
-        """The object to store for a create request, with the server's metadata filled in."""
+    def _created(self, request: rendering.Request) -> tuple[dict[str, Any], list[str]]:
+        """The object to store for a create request, with the server's metadata filled in, and
+        the warnings to answer with."""
         if not isinstance(request.data, dict):
             raise kmock.KubernetesError(status=400, reason="BadRequest", message="the body must be an object")
         obj = copy.deepcopy(request.data)
@@ -392,28 +437,34 @@ class ApiServer(kmock.KubernetesEmulator):
         meta.pop("deletionTimestamp", None)
         if request.resource in self._status_subresourced():
             obj.pop("status", None)
-        return obj
+        return obj, self._admit(request, obj)
 
-    def _update_patch(self, request: rendering.Request) -> dict[str, Any]:
-        """A merge patch for the emulator that does what the request's patch means here."""
+    def _update_patch(self, request: rendering.Request, replacing: bool) -> tuple[dict[str, Any], list[str]]:
+        """A merge patch for the emulator that does what the request's patch (or, `replacing`,
+        its new object) means here, and the warnings to answer with."""
         current = self._existing(request)
         assert request.resource is not None
         if request.subresource == "scale":
             scale = kmock_dicts.patch_dict(self._scale_of(request.resource, current), request.data or {})
             target = copy.deepcopy(current)
             _set_path(target, self._scale_paths[request.resource][0], _get_path(scale, ".spec.replicas"))
+        elif replacing:
+            target = self._replacement(current, request.data)
         else:
             try:
-                target = dict(kmock_dicts.patch_dict(current, request.data or {}))
+                target = copy.deepcopy(dict(kmock_dicts.patch_dict(current, request.data or {})))
             except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
                 # As the API server does: a failed "test" or a bad path is 422, not a crash.
                 raise kmock.KubernetesError(status=422, reason="Invalid", message=f"the patch failed: {exc}") from exc
-            if request.subresource == "status":
-                target = {**current, "status": target.get("status")}
-            elif request.resource in self._status_subresourced():
-                target = {k: v for k, v in target.items() if k != "status"}
-                if "status" in current:
-                    target["status"] = current["status"]
+        # Copies of what the request keeps of the stored object: admission edits in place.
+        if request.subresource == "status":
+            target = {**copy.deepcopy(current), "status": target.get("status")}
+        elif request.resource in self._status_subresourced():
+            target = {k: v for k, v in target.items() if k != "status"}
+            if "status" in current:
+                target["status"] = copy.deepcopy(current["status"])
+        patch = None if replacing or request.subresource == "scale" else request.data
+        warnings = self._admit(request, target, old=current, patch=patch)
         meta = dict(target.get("metadata") or {})
         for key in _SERVER_METADATA:
             meta.pop(key, None)
@@ -423,7 +474,22 @@ class ApiServer(kmock.KubernetesEmulator):
         if target.get("spec") != current.get("spec"):
             meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
         target["metadata"] = meta
-        return merge_diff(current, target)
+        return merge_diff(current, target), warnings
+
+    @staticmethod
+    def _replacement(current: Mapping[str, Any], data: Any) -> dict[str, Any]:
+        """The object an update (PUT) stores: its body, if it was written over the current one."""
+        if not isinstance(data, dict):
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="the body must be an object")
+        sent = (data.get("metadata") or {}).get("resourceVersion")
+        if sent and sent != current["metadata"].get("resourceVersion"):
+            name = current["metadata"].get("name")
+            raise kmock.KubernetesError(
+                status=409, reason="Conflict",
+                message=f'Operation cannot be fulfilled on "{name}": the object has been modified;'
+                " please apply your changes to the latest version and try again",
+            )
+        return copy.deepcopy(data)
 
     def _scale_of(self, resource: kmock.resource | None, obj: Mapping[str, Any]) -> dict[str, Any]:
         """The autoscaling/v1 Scale of a custom object, read through its CRD's scale paths."""

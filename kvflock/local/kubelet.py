@@ -11,13 +11,25 @@ Containers restart per ``restartPolicy`` with the kubelet's back-off (immediatel
 doubling to 5 min). A Pod's ``initContainers`` run first, in order, each to completion: a failed
 one is restarted with the same back-off (with ``restartPolicy: Never`` the Pod fails), and the
 Pod stays Pending, its ``initContainerStatuses`` showing each, until the last has completed.
-A deleted Pod's process gets SIGTERM, then SIGKILL after the Pod's grace period. Each Pod's output goes to ``<state dir>/logs/<namespace>_<pod>_<container>.log``.
+A deleted Pod's process gets SIGTERM, then SIGKILL after the Pod's grace period. Each Pod's
+output goes to ``<state dir>/logs/<namespace>_<pod>_<container>.log``.
+
+The worker pods (label ``kvflock.dev/role=worker``) share the machine's cores: when a worker's
+container starts, it gets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` (which torch's thread pool
+follows) = max(1, cores // workers), where cores are those this process may run on
+(``os.sched_getaffinity``) and workers the worker pods this kubelet runs then, itself included;
+a container's cpu limit, when set, caps it. Other pods (the router) wait on the network, not
+on arithmetic: one thread, or their cpu limit. A worker that started alone keeps its threads
+when a second one joins (a running process cannot be told), and takes its share when it
+restarts. Without the division, two workers on a 2-core machine ran two threads each and
+answered about ten times slower than one worker alone.
 
 Only what the workers need is emulated: one container per Pod (and its init containers), HTTP
 probes, env values and ``fieldRef`` env, and `secret`, `configMap`, `emptyDir` and `hostPath`
 volumes, which `kvflock.local.volumes` writes into the pod's folder (or finds on this machine) and
 points each container's command and env mount paths at (a process cannot mount); PVCs are not
-mounted (the process sees the host's files).
+mounted (the process sees the host's files). A ``securityContext`` is ignored: the processes run
+as the user who runs the local cluster.
 """
 
 from __future__ import annotations
@@ -42,9 +54,9 @@ from kubernetes.client.exceptions import ApiException
 from kvflock.local import volumes
 from kvflock.local.follow import follow
 from kvflock.local.process import ManagedProcess, free_port, resolve_command
-from kvflock.shared.names import ANNOTATION_ENDPOINT
+from kvflock.shared.names import ANNOTATION_ENDPOINT, LABEL_ROLE, ROLE_WORKER
 
-__all__ = ["ProcessKubelet", "rewrite_listen_args"]
+__all__ = ["ProcessKubelet", "available_cores", "rewrite_listen_args"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +71,20 @@ _MOUNT_RETRY = 2.0  # seconds between tries to mount a volume whose Secret or Co
 
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else all of the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity on this platform
+        return os.cpu_count() or 1
+
+
+def _cores(quantity: str | int | float) -> float:
+    """A Kubernetes cpu quantity in cores: ``500m`` is 0.5."""
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
 def _backoff(failures_in_a_row: int) -> float:
@@ -177,6 +203,7 @@ class _PodRunner:
         self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
         self.spec = spec
         self.container = spec["containers"][0]
+        self.is_worker = (meta.get("labels") or {}).get(LABEL_ROLE) == ROLE_WORKER
         self.grace = float(spec.get("terminationGracePeriodSeconds", 30))
         self.restart_policy = spec.get("restartPolicy", "Always")
         self.ports: dict[str | int, int] = {}
@@ -239,7 +266,8 @@ class _PodRunner:
     def _env(self, container: Mapping[str, Any]) -> dict[str, str]:
         fields = {"metadata.name": self.name, "metadata.namespace": self.namespace, "metadata.uid": self.uid,
                   "status.podIP": POD_IP, "status.hostIP": POD_IP, "spec.nodeName": self.kubelet.node_name}
-        env = {**os.environ, **self.kubelet.extra_env, "OMP_NUM_THREADS": str(self._cpu_threads())}
+        threads = str(self._cpu_threads())
+        env = {**os.environ, **self.kubelet.extra_env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         mounts = volumes.mount_points(container.get("volumeMounts") or [], self.folders)
         for var in container.get("env") or []:
             if "value" in var:
@@ -251,17 +279,14 @@ class _PodRunner:
         return env
 
     def _cpu_threads(self) -> int:
-        """Threads for the container's math libraries: its CPU limit (else request), as a
-        container runtime's CPU quota would allow. Without it, each of several workers on one
-        machine starts a thread per core and they slow each other down many times over."""
-        resources = self.container.get("resources") or {}
-        cpu = (resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get("cpu")
-        cores = os.cpu_count() or 1
-        if cpu is None:
-            return cores
-        quantity = str(cpu)
-        amount = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
-        return max(1, min(cores, int(amount)))
+        """Threads for the container's math libraries, by the rule in the module's docstring."""
+        cores = available_cores()
+        share = max(1, cores // self.kubelet.running_workers()) if self.is_worker else 1
+        limit = ((self.container.get("resources") or {}).get("limits") or {}).get("cpu")
+        if limit is None:
+            return share
+        allowed = max(1, int(_cores(limit)))
+        return min(share, allowed) if self.is_worker else min(cores, allowed)
 
     # ---- reporting ---------------------------------------------------------------------
 
@@ -520,6 +545,11 @@ class ProcessKubelet:
             runners = list(self._runners.values())
         return {f"{r.namespace}/{r.name}": r.process.pid for r in runners
                 if r.process is not None and r.process.pid and r.process.poll() is None}
+
+    def running_workers(self) -> int:
+        """Worker pods this kubelet runs now (at least 1: the one asking is one)."""
+        with self._lock:
+            return max(1, sum(1 for r in self._runners.values() if r.is_worker and not r.stopping.is_set()))
 
     def stop(self) -> None:
         """Stop watching and end every Pod's process (in parallel, each with its grace period)."""

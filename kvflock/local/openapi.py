@@ -4,8 +4,8 @@ kubectl validates what it applies either itself, from the protobuf OpenAPI v2 do
 by asking the server to (``fieldValidation=Strict``) when the OpenAPI v3 document of the
 object's group/version says that its PATCH operation takes that parameter. The local API
 server serves the second: a v3 document per group/version of each installed CRD, with the
-CRD's schema and the operations kubectl looks for. Validation itself is left to the
-operator, which reports an invalid spec as the Degraded condition (kvflock.operator).
+CRD's schema and the operations kubectl looks for; the server then validates what it is sent
+(`kvflock.local.validation`).
 """
 
 from __future__ import annotations

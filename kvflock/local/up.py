@@ -299,14 +299,17 @@ def _url_hint(state: StateDir, service: dict[str, Any]) -> str:
 
 def _banner(state: StateDir) -> str:
     info = state.read_info() or {}
+    pods = [operator["pod"] for operator in info.get("operators") or []]
+    operators = f"  operator pods electing a leader (namespace kvflock-system): {', '.join(pods)}\n" if pods else ""
     return (f"local cluster up: API server {info.get('api')}, routers from 127.0.0.1:{info.get('routerPorts')}\n"
+            + operators +
             f"  export KUBECONFIG={state.kubeconfig}\n"
             f"  logs: {state.logs}/   stop: kvflock down"
             + ("" if state.root == default_state_dir() else f" --state-dir {state.root}"))
 
 
 def up(state_dir: Path, api_port: int, router_port: int, files: Sequence[Path], prompt: str | None,
-       detach: bool, timeout: float, once: bool = False) -> int:
+       detach: bool, timeout: float, once: bool = False, operators: int = 1) -> int:
     state = StateDir(state_dir)
     pid = _running_pid(state)
     if pid is not None:
@@ -317,7 +320,7 @@ def up(state_dir: Path, api_port: int, router_port: int, files: Sequence[Path], 
             raise FileNotFoundError(f"--apply: no such file: {path}")
         read_manifests(path)  # a bad file fails before anything starts
     if detach:
-        return _up_detached(state, api_port, router_port, files, prompt, timeout)
+        return _up_detached(state, api_port, router_port, files, prompt, timeout, operators)
     # The API server logs every request and kopf every handler run: the cluster's own story
     # is told by the lines below, by kubectl and by `kvflock status`.
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -325,7 +328,7 @@ def up(state_dir: Path, api_port: int, router_port: int, files: Sequence[Path], 
             logging.getLogger(name).setLevel(logging.WARNING)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    cluster = LocalCluster(state.root, api_port=api_port, router_port=router_port)
+    cluster = LocalCluster(state.root, api_port=api_port, router_port=router_port, operators=operators)
     try:
         cluster.start()
         print(_banner(state), flush=True)
@@ -344,12 +347,12 @@ def up(state_dir: Path, api_port: int, router_port: int, files: Sequence[Path], 
 
 
 def _up_detached(state: StateDir, api_port: int, router_port: int, files: Sequence[Path], prompt: str | None,
-                 timeout: float) -> int:
+                 timeout: float, operators: int) -> int:
     """Start `kvflock up` in the background, wait until it serves, then apply and ask here."""
     state.logs.mkdir(parents=True, exist_ok=True)
     state.info.unlink(missing_ok=True)
     argv = [sys.executable, "-P", "-m", "kvflock.cli", "up", "--state-dir", str(state.root),
-            "--api-port", str(api_port), "--router-port", str(router_port)]
+            "--api-port", str(api_port), "--router-port", str(router_port), "--operators", str(operators)]
     with open(state.logs / "cluster.log", "ab") as log:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)

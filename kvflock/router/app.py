@@ -1,7 +1,7 @@
 """The router's HTTP app: the OpenAI API in front of the workers, plus its own probes and metrics.
 
-/v1/completions and /v1/chat/completions are routed by the prompt (`policy`), /v1/models goes
-to any ready replica; /health says the router runs, /ready that it takes requests (some replica
+/v1/completions and /v1/chat/completions are routed by the prompt (`policy`), their bodies passed on
+unchanged; /v1/models and vLLM's /tokenize, /detokenize and /version go to any ready replica; /health says the router runs, /ready that it takes requests (some replica
 can serve, or it holds requests until one can: `hold_seconds`), and
 /metrics is the router's own (`kvflock_router_*`); `access` (kvflock/shared/auth.py) decides which
 need a key, and `internal_token` is what the router shows the workers instead. Discovery, polling and routing settings
@@ -149,9 +149,13 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        return await state.proxy.forward(request, "/v1/models", b"", RequestFeatures(prompt_tokens=0))
+    async def any_replica(request: Request) -> Response:
+        """What every replica answers alike."""
+        body = await request.body()
+        return await state.proxy.forward(request, request.url.path, body, RequestFeatures(prompt_tokens=0))
+
+    for path, method in [("/v1/models", "GET"), ("/version", "GET"), ("/tokenize", "POST"), ("/detokenize", "POST")]:
+        app.add_api_route(path, any_replica, methods=[method])
 
     async def generate(request: Request, path: str) -> Response:
         raw = await request.body()
@@ -164,6 +168,7 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
         where = first_lone_surrogate(body)
         if where is not None:
             return error_response(400, f"{where}: {LONE_SURROGATE}", "invalid_request_error", param=where)
+        metrics.arrived(body)
         if reader.tokenizer is not None and len(raw) > _TOKENIZE_INLINE_CHARS:
             features = await asyncio.to_thread(reader.features, path, body)
         else:

@@ -1,6 +1,7 @@
 """The router's Prometheus metrics (prefix `kvflock_router_`): requests per replica, retries,
 routing decisions by reason, requests it refused itself, requests it holds while no replica can
-take them, and, read from the fleet at scrape time, each replica's state and requests in flight.
+take them, requests whose output is constrained (structured outputs, a forced tool choice), and,
+read from the fleet at scrape time, each replica's state and requests in flight.
 
 `prefix_blocks` / `prompt_blocks` is the router's estimate of the fleet's prefix-cache hit rate
 (blocks the chosen replica was believed to hold, over all leading blocks hashed), counted
@@ -8,7 +9,8 @@ under every policy so that policies can be compared."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -40,6 +42,24 @@ class _FleetCollector(Collector):
         yield state
 
 
+# vLLM's request fields that constrain the output to a grammar, beside OpenAI's response_format.
+_STRUCTURED_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def constraint_kind(body: Mapping[str, Any]) -> str | None:
+    """What constrains a request's output: "tool_choice" (required, or a named function),
+    "structured_output" (a JSON schema, JSON object, regex, choice or grammar), or None."""
+    tool_choice = body.get("tool_choice")
+    if tool_choice == "required" or isinstance(tool_choice, dict):
+        return "tool_choice"
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_schema", "json_object"):
+        return "structured_output"
+    if any(body.get(name) is not None for name in _STRUCTURED_FIELDS) or body.get("guided_json_object"):
+        return "structured_output"
+    return None
+
+
 class RouterMetrics:
     def __init__(self, fleet: Fleet, clock: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
@@ -62,9 +82,16 @@ class RouterMetrics:
                           registry=r)
         self.hold_timeouts = Counter("kvflock_router_hold_timeouts",
                                      "Held requests answered 503 because no replica became ready in time", registry=r)
+        self.constrained = Counter("kvflock_router_constrained_requests",
+                                   "Requests whose output is constrained, by what constrains it", ["kind"], registry=r)
         self.ttfb = Histogram("kvflock_router_time_to_first_byte_seconds", "Arrival to the first byte relayed",
                               buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_FleetCollector(fleet, clock))
+
+    def arrived(self, body: Mapping[str, Any]) -> None:
+        kind = constraint_kind(body)
+        if kind is not None:
+            self.constrained.labels(kind=kind).inc()
 
     def decided(self, route: Route, request: RequestFeatures) -> None:
         self.decisions.labels(reason=route.reason, pool=route.pool or "").inc()

@@ -12,12 +12,14 @@ REQUESTS_WAITING = "kvflock_requests_waiting"
 KV_BLOCKS_USED = "kvflock_kv_blocks_used"
 KV_BLOCKS_TOTAL = "kvflock_kv_blocks_total"
 TIME_TO_FIRST_TOKEN = "kvflock_time_to_first_token_seconds"
-# vLLM's names for the same gauges, which the Gateway API Inference Extension's endpoint picker
-# reads (its --total-queued-requests-metric, --total-running-requests-metric and
-# --kv-cache-usage-percentage-metric flags; the last is a fraction, 0 to 1).
-VLLM_REQUESTS_WAITING = "vllm:num_requests_waiting"
+# vLLM's names for the same gauges, which others' tools read: the Gateway API Inference Extension's
+# endpoint picker (its --total-queued-requests-metric, --total-running-requests-metric and
+# --kv-cache-usage-percentage-metric flags), KEDA and Grafana examples; labelled with model_name, as
+# vLLM labels them.
 VLLM_REQUESTS_RUNNING = "vllm:num_requests_running"
-VLLM_KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+VLLM_REQUESTS_WAITING = "vllm:num_requests_waiting"
+VLLM_KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"  # 0..1 despite the name
+VLLM_GPU_CACHE_USAGE = "vllm:gpu_cache_usage_perc"  # the same, under the name vLLM used before v0.10
 # The requests a router holds while no replica can take them (kvflock.router.metrics).
 ROUTER_HELD_REQUESTS = "kvflock_router_held_requests"
 

@@ -53,7 +53,8 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A module's cluster; `kvflock up` gets the module's ``UP_ARGS`` (e.g. ``("--operators", "2")``)."""
     if not KUBECTL.exists():
         pytest.skip(f"needs the real kubectl at {KUBECTL} (make venv installs it)")
     state_dir = tmp_path_factory.mktemp("kvflock")
@@ -61,11 +62,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log = open(state_dir / "up.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "kvflock.cli", "up", "--state-dir", str(state_dir),
-         "--api-port", str(api_port), "--router-port", str(router_port)],
+         "--api-port", str(api_port), "--router-port", str(router_port), *getattr(request.module, "UP_ARGS", ())],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: (state_dir / "cluster.json").exists() or process.poll() is not None, 90, "kvflock up")
+        wait_for(lambda: (state_dir / "cluster.json").exists() or process.poll() is not None, 180, "kvflock up")
         assert process.poll() is None, (state_dir / "up.log").read_text()[-3000:]
         yield Cluster(process, state_dir, state_dir / "kubeconfig", router_port)
     finally:

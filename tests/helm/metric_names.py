@@ -36,7 +36,7 @@ def worker_exposition() -> str:
     metrics = WorkerMetrics()
     stats = EngineStats(num_running=0, num_waiting=0, kv_blocks_total=100, kv_blocks_used=0, kv_blocks_cached=0,
                         num_preemptions=0, prefix_queried_tokens=0, prefix_hit_tokens=0, spec_decode=SpecDecodeStats())
-    metrics.watch(SimpleNamespace(stats=stats))
+    metrics.watch(SimpleNamespace(stats=stats), "demo")
     return generate_latest(metrics.registry).decode()
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from kvflock.local.kubelet import ProcessKubelet
+from kvflock.local.kubelet import ProcessKubelet, available_cores
+from kvflock.operator.children import container_security_context, pod_security_context
 from tests.operator.conftest import ServerThread, wait_for
 
 # A container that serves GET /ready on the --port it is given and prints its environment's POD_NAME.
@@ -139,3 +140,69 @@ def test_deleting_a_pod_stops_its_process(core: Any, tmp_path: Path) -> None:
     time.sleep(0.2)
     assert not Path(f"/proc/{pid}/cmdline").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     assert not list((tmp_path / "pids").iterdir())
+
+
+# A container that prints the thread counts it was given, then idles.
+THREADS = ("import os, time; print('threads', os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'], flush=True);"
+           " time.sleep(600)")
+
+
+def _compute_pod(name: str, role: str = "worker", cpu_limit: str | None = None) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "main", "image": "local", "command": [sys.executable, "-c", THREADS]}
+    if cpu_limit:
+        container["resources"] = {"limits": {"cpu": cpu_limit}}
+    return {"metadata": {"name": name, "labels": {"kvflock.dev/role": role}},
+            "spec": {"containers": [container], "terminationGracePeriodSeconds": 1}}
+
+
+def _threads(tmp_path: Path, name: str, starts: int = 1) -> int:
+    """The thread count that the `starts`-th run of a pod's container was given."""
+    log = tmp_path / "logs" / f"default_{name}_main.log"
+
+    def given() -> list[str] | None:
+        lines = [line.split() for line in log.read_text().splitlines() if line.startswith("threads")] \
+            if log.exists() else []
+        return lines[starts - 1] if len(lines) >= starts else None
+
+    _, omp, mkl = wait_for(given, 20, what=f"{name} to start (run {starts})")
+    assert omp == mkl
+    return int(omp)
+
+
+def test_workers_divide_the_cores_and_a_cpu_limit_caps_the_share(core: Any, tmp_path: Path) -> None:
+    api, _ = core
+    cores = available_cores()
+    api.create_namespaced_pod("default", _compute_pod("w-0"))
+    assert _threads(tmp_path, "w-0") == cores
+    api.create_namespaced_pod("default", _compute_pod("w-1"))
+    assert _threads(tmp_path, "w-1") == max(1, cores // 2)
+    api.create_namespaced_pod("default", _compute_pod("w-2", cpu_limit="500m"))
+    assert _threads(tmp_path, "w-2") == 1
+
+
+def test_a_restarted_worker_takes_its_share_of_the_cores_then(core: Any, tmp_path: Path) -> None:
+    api, _ = core
+    api.create_namespaced_pod("default", _compute_pod("w-0"))
+    assert _threads(tmp_path, "w-0") == available_cores()
+    api.create_namespaced_pod("default", _compute_pod("w-1"))
+    _threads(tmp_path, "w-1")
+    running = wait_for(_when(api, "w-0", lambda s: s.get("containerStatuses")), 20, what="w-0 running")
+    os.kill(_pid(running), signal.SIGKILL)
+    assert _threads(tmp_path, "w-0", starts=2) == max(1, available_cores() // 2)
+
+
+def test_a_router_takes_one_thread_and_no_share(core: Any, tmp_path: Path) -> None:
+    api, _ = core
+    api.create_namespaced_pod("default", _compute_pod("router", role="router"))
+    assert _threads(tmp_path, "router") == 1
+    api.create_namespaced_pod("default", _compute_pod("w-0"))
+    assert _threads(tmp_path, "w-0") == available_cores()
+
+
+def test_a_restricted_security_context_is_ignored_and_the_pod_runs(core: Any) -> None:
+    api, _ = core
+    pod = _pod("web", [sys.executable, "-c", SERVER])
+    pod["spec"]["securityContext"] = pod_security_context()
+    pod["spec"]["containers"][0]["securityContext"] = {**container_security_context(), "readOnlyRootFilesystem": True}
+    api.create_namespaced_pod("default", pod)
+    wait_for(_when(api, "web", _ready), 20, what="web Ready")

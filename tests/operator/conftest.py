@@ -18,13 +18,40 @@ from kvflock.operator.render import render_crd
 from tests.polling import wait_for  # noqa: F401  (re-exported to the tests here)
 
 
-class ServerThread:
-    """An event loop in a thread serving `ApiServer` (with our CRD) on 127.0.0.1."""
+# What a CRD schema keeps in `unvalidated`: the structure (so objects are still pruned and
+# defaulted), none of the bounds, enums, patterns or CEL rules.
+_STRUCTURE = {"type", "properties", "items", "additionalProperties", "default", "description", "nullable",
+              "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string"}
 
-    def __init__(self) -> None:
+
+def _structure_only(schema: Any) -> Any:
+    if not isinstance(schema, dict):
+        return schema
+    kept = {k: v for k, v in schema.items() if k in _STRUCTURE}
+    if "properties" in kept:
+        kept["properties"] = {name: _structure_only(sub) for name, sub in kept["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(kept.get(key), dict):
+            kept[key] = _structure_only(kept[key])
+    return kept
+
+
+def unvalidated(crd: dict[str, Any]) -> dict[str, Any]:
+    """The CRD as an older one (or a cluster without CEL) has it: the API server stores specs
+    that only the operator's own checks refuse."""
+    for version in crd["spec"]["versions"]:
+        schema = version["schema"]["openAPIV3Schema"]
+        version["schema"]["openAPIV3Schema"] = _structure_only(schema)
+    return crd
+
+
+class ServerThread:
+    """An event loop in a thread serving `ApiServer` (with our CRD, or the one given) on 127.0.0.1."""
+
+    def __init__(self, crd: dict[str, Any] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.api = ApiServer()
-        self.api.install_crd(render_crd())
+        self.api.install_crd(crd or render_crd())
         self.url = ""
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -49,8 +76,10 @@ class ServerThread:
 
 
 @pytest.fixture
-def apiserver() -> Iterator[ServerThread]:
-    server = ServerThread()
+def apiserver(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    """The API server; a test marked ``unvalidated_crd`` gets it with `unvalidated`'s CRD."""
+    unchecked = request.node.get_closest_marker("unvalidated_crd") is not None
+    server = ServerThread(unvalidated(render_crd()) if unchecked else None)
     server.start()
     yield server
     server.stop()

@@ -63,7 +63,7 @@ def test_status_is_written_only_through_the_status_subresource(custom: kubernete
     both = {"status": {"replicas": 3}, "spec": {"replicas": 5}}
     custom.patch_namespaced_custom_object_status(GROUP, VERSION, "default", PLURAL, "st", both, _content_type=MERGE)
     obj = custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "st")
-    assert obj["status"] == {"replicas": 3} and obj["spec"]["replicas"] == 3
+    assert obj["status"]["replicas"] == 3 and obj["spec"]["replicas"] == 3
 
 
 def test_scale_subresource_reads_and_writes_the_crd_paths(custom: kubernetes.client.CustomObjectsApi) -> None:
@@ -88,9 +88,9 @@ def test_failed_json_patch_test_is_422(custom: kubernetes.client.CustomObjectsAp
     current = custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "jp")
     version = current["metadata"]["resourceVersion"]
     fresh = [{"op": "test", "path": "/metadata/resourceVersion", "value": version},
-             {"op": "remove", "path": "/spec/replicas"}]
+             {"op": "replace", "path": "/spec/replicas", "value": 4}]
     custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "jp", fresh)
-    assert "replicas" not in custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "jp")["spec"]
+    assert custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "jp")["spec"]["replicas"] == 4
 
 
 def test_lists_honour_label_and_field_selectors(core: kubernetes.client.CoreV1Api) -> None:
@@ -230,7 +230,7 @@ def test_lists_are_tables_with_the_crd_printer_columns_when_kubectl_asks(
     columns = [c["name"] for c in table["columnDefinitions"]]
     assert columns == ["Name", "Model", "Replicas", "Ready", "URL", "Age"]
     (row,) = table["rows"]
-    assert row["cells"][:5] == ["tab", None, 2, None, "http://127.0.0.1:30080"]
+    assert row["cells"][:5] == ["tab", None, 2, 0, "http://127.0.0.1:30080"]  # readyReplicas: its default
     assert row["object"]["metadata"]["name"] == "tab"
     one = _get_json(f"{apiserver.url}/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}/tab", _TABLE)
     assert one["kind"] == "Table" and len(one["rows"]) == 1

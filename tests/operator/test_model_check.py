@@ -46,3 +46,7 @@ def test_an_unreadable_config_names_the_field(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     problem = model_problem(spec({"source": "path", "path": str(tmp_path)}), shares_worker_files=True)
     assert problem is not None and problem.startswith("model.path: ") and "not valid JSON" in problem
+
+
+def test_a_hub_model_is_left_to_the_pods_init_container() -> None:
+    assert model_problem(spec({"source": "hf://org/name@main"}, tp=2), shares_worker_files=True) is None

@@ -193,7 +193,7 @@ def test_spec_change_rolls_the_workers_one_at_a_time(cluster: Cluster) -> None:
         hashes = {p.metadata.annotations["kvflock.dev/spec-hash"] for p in pods.values()}
         return len(pods) == 2 and old_hash not in hashes
 
-    wait_for(rolled, timeout=30, what="all workers on the new spec")
+    wait_for(rolled, timeout=90, what="all workers on the new spec")
     assert most == 3, "the rollout should surge exactly one worker"
     status = cluster.wait_ready("chat", 2)
     assert status["specHash"] != old_hash and status["updatedReplicas"] == 2
@@ -229,6 +229,7 @@ def test_a_model_that_cannot_run_is_degraded_with_the_field_named_and_gets_no_po
     assert cluster.pods("split") == {}
 
 
+@pytest.mark.unvalidated_crd  # the API server would refuse the spec; the operator's own check is tested
 def test_invalid_spec_is_degraded_creates_nothing_and_the_operator_goes_on(cluster: Cluster) -> None:
     cluster.create("bad", {"replicas": 2, "engine": {"tensorParallelSize": 2}, "resources": {"gpusPerReplica": 1}})
     degraded = wait_for(lambda: cluster.condition("bad", "Degraded").get("reason") == "InvalidSpec"
@@ -242,6 +243,7 @@ def test_invalid_spec_is_degraded_creates_nothing_and_the_operator_goes_on(clust
     cluster.wait_ready("good", 2)
 
 
+@pytest.mark.unvalidated_crd  # the API server would refuse the spec; the operator's own check is tested
 def test_invalid_update_leaves_running_workers_alone(cluster: Cluster) -> None:
     cluster.create("chat", CPU_SPEC)
     cluster.wait_ready("chat", 2)

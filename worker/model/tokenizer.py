@@ -1,5 +1,6 @@
 """A model's tokenizer: from its folder, from another one named by the user, or converted from
-its GGUF file and cached, so that a restarted worker does not convert it again."""
+its GGUF file and cached, so that a restarted worker does not convert it again; and the chat
+template a user gives instead of the tokenizer's."""
 
 import hashlib
 import logging
@@ -68,3 +69,18 @@ def _gguf_tokenizer(source: ModelSource) -> Any:
         log.debug("tokenizer not cached (%s)", exc)
         shutil.rmtree(staging, ignore_errors=True)
     return tokenizer
+
+
+def read_chat_template(setting: str | None) -> str | None:
+    """The chat template of EngineConfig.chat_template: the file it names, or the setting itself
+    when it is a Jinja template. A ValueError naming the setting when it is neither."""
+    if setting is None:
+        return None
+    if "{{" in setting or "{%" in setting:
+        return setting
+    path = Path(setting).expanduser()
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ValueError(f"chat_template: {setting!r} is neither a Jinja template nor a readable file "
+                         f"({exc.strerror})") from None

@@ -2,8 +2,8 @@
 that can use them; after it, the tokens each sequence emits from the logits at its drafted
 positions (kvflock.worker.spec_decode.verify), next to plain sampling for the others.
 
-Sequences with repetition, frequency or presence penalties, with logprobs, or still short of
-their min_tokens are never drafted for: their processing depends on every token before, so
+Sequences with repetition, frequency or presence penalties, with logprobs or a logit_bias, or
+still short of their min_tokens are never drafted for: their processing depends on every token before, so
 each position would need its own; they decode one token per step as before.
 """
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def can_draft(seq: Sequence) -> bool:
     p: SamplingParams = seq.params
     return (p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
-            and p.logprobs is None and len(seq.output_token_ids) >= p.min_tokens)
+            and p.logprobs is None and not p.logit_bias and len(seq.output_token_ids) >= p.min_tokens)
 
 
 class Speculator:
