@@ -159,10 +159,12 @@ def _serve_args(owner: Owner, spec: InferenceServiceSpec, pool: str) -> list[str
         "--host", "0.0.0.0",
         "--port", str(WORKER_PORT),
     ]
+    # Also in the file; on the command line too because each is where this pod mounts a volume
+    # (`_volumes`), and the local cluster's kubelet points mount paths there at the volume's folder.
+    if spec.model.source.startswith(HUB_SCHEME):
+        args += ["--model", _model_argument(spec)]
     kv = spec.engine.kvCache
     if kv.diskOffloadGiB > 0:
-        # Also in the file; on the command line too because it is where this pod mounts a volume
-        # (`_volumes`), and the local cluster's kubelet points mount paths there into the pod's folder.
         args += ["--kv-offload-disk-path", kv.diskPath]
     return args + auth_args(owner, spec, "worker")
 
@@ -314,7 +316,7 @@ def _fetch_model_container(spec: InferenceServiceSpec, env: list[dict[str, Any]]
         command += ["--token-file", f"{HUB_TOKEN_DIR}/{HUB_TOKEN_FILE}"]
         mounts.append({"name": "hub-token", "mountPath": HUB_TOKEN_DIR, "readOnly": True})
     return {"name": "fetch-model", "image": spec.image, "imagePullPolicy": spec.imagePullPolicy,
-            "command": command, "env": env, "volumeMounts": mounts}
+            "command": command, "env": env, "volumeMounts": mounts, "securityContext": container_security_context()}
 
 
 def worker_template(owner: Owner, spec: InferenceServiceSpec, pool: str = DEFAULT_POOL) -> dict[str, Any]:

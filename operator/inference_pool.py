@@ -9,6 +9,7 @@ which the workers export beside their kvflock_ names (kvflock.shared.metrics).
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 from kvflock.operator.children import Owner, worker_selector
@@ -84,3 +85,11 @@ def picker_configmap(owner: Owner) -> dict[str, Any]:
 def children(owner: Owner, spec: InferenceServiceSpec) -> list[dict[str, Any]]:
     """What `spec.inferencePool` adds to a service's children (nothing without it)."""
     return [] if spec.inferencePool is None else [inference_pool(owner, spec), picker_configmap(owner)]
+
+
+def leftovers(owner: Owner, spec: InferenceServiceSpec, existing: Container[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (kind, name) of this service's pool children that exist though `spec.inferencePool`
+    was removed: they go with the field, as its workers' gateway access does."""
+    if spec.inferencePool is not None:
+        return []
+    return [key for key in ((KIND, owner.name), ("ConfigMap", f"{owner.name}-epp")) if key in existing]

@@ -4,6 +4,8 @@ cannot run is refused in a pass instead of when its workers crash half a minute 
 What is honest to check depends on what the operator can see of the workers' files:
 
 - the demo model is the same bundled file everywhere; it is checked wherever the operator has it;
+- a model from the Hub (hf://) is not there before its pod's init container fetches it; the
+  fetcher checks what it reads and the worker what it loads;
 - a path (source=path, or under a pvc or hostPath volume) is a path in the worker pod. Only where
   the operator shares the workers' filesystem (`shares_worker_files`: the local cluster, whose
   kubelet runs workers as processes on the operator's machine) does a missing path mean the
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from kvflock.operator import children
 from kvflock.operator.crd import InferenceServiceSpec
+from kvflock.shared.hub import SCHEME as HUB_SCHEME
 from kvflock.shared.model_files import DEMO_MODEL, ModelShape, demo_model_path, read_model_shape, tp_split_problem
 
 # The spec field that names the model's location, by model.source.
@@ -45,7 +48,7 @@ def model_problem(spec: InferenceServiceSpec, shares_worker_files: bool) -> str 
     """What makes the spec's model unable to run, naming the field; None when nothing found
     (or nothing could be checked)."""
     model = spec.model
-    if model.format == "dummy":
+    if model.format == "dummy" or model.source.startswith(HUB_SCHEME):
         return None
     field = _PATH_FIELDS.get(model.source)
     if field is None:  # hf://: the pod's init container fetches it; its failure is the pod's to report

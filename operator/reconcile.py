@@ -252,7 +252,8 @@ def _condition(
 
 
 def _sync_objects(owner: Owner, spec: InferenceServiceSpec, observed: Observed) -> list[Action]:
-    """Create or patch the Services, the engine ConfigMap and the PodDisruptionBudget."""
+    """Create or patch the Services, the engine ConfigMap, the PodDisruptionBudgets, the router's
+    identity and the InferencePool's children; delete the latter once spec.inferencePool is gone."""
     desired = (
         children.engine_configmap(owner, spec),
         children.workers_service(owner),
@@ -265,7 +266,9 @@ def _sync_objects(owner: Owner, spec: InferenceServiceSpec, observed: Observed) 
         *inference_pool.children(owner, spec),
     )
     actions = (_sync_object(d, observed.objects.get((d["kind"], d["metadata"]["name"]))) for d in desired)
-    return [a for a in actions if a is not None]
+    removed = [Action("delete", kind, name, "Deleted", f"Deleted {kind} {name}: spec.inferencePool was removed")
+               for kind, name in inference_pool.leftovers(owner, spec, observed.objects)]
+    return [a for a in actions if a is not None] + removed
 
 
 def _router_index(owner: Owner, name: str) -> int | None:

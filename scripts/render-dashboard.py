@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Draws a dashboard's panels as one PNG from the series tests/e2e/test_prometheus.py wrote
 (KVFLOCK_DASHBOARD_DATA=FILE): the README's picture of kvflock / service on the local cluster.
-Needs matplotlib (`pip install matplotlib`; a documentation tool, not a test dependency).
+Needs matplotlib, which the `test` extra installs (requirements/lock.txt pins it).
 
 usage: render-dashboard.py DATA.json OUT.png
 """

@@ -8,8 +8,11 @@ its own, gives the container's ports free ports on 127.0.0.1 (rewriting ``--port
 Pod's status what the kubelet reports: phase, podIP, readiness from the readiness probe,
 startup and liveness probes, restart counts, each exit's code and reason, CrashLoopBackOff.
 Containers restart per ``restartPolicy`` with the kubelet's back-off (immediately, then 10 s
-doubling to 5 min). A deleted Pod's process gets SIGTERM, then SIGKILL after the Pod's grace
-period. Each Pod's output goes to ``<state dir>/logs/<namespace>_<pod>_<container>.log``.
+doubling to 5 min). A Pod's ``initContainers`` run first, in order, each to completion: a failed
+one is restarted with the same back-off (with ``restartPolicy: Never`` the Pod fails), and the
+Pod stays Pending, its ``initContainerStatuses`` showing each, until the last has completed.
+A deleted Pod's process gets SIGTERM, then SIGKILL after the Pod's grace period. Each Pod's
+output goes to ``<state dir>/logs/<namespace>_<pod>_<container>.log``.
 
 The worker pods (label ``kvflock.dev/role=worker``) share the machine's cores: when a worker's
 container starts, it gets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` (which torch's thread pool
@@ -21,11 +24,12 @@ when a second one joins (a running process cannot be told), and takes its share 
 restarts. Without the division, two workers on a 2-core machine ran two threads each and
 answered about ten times slower than one worker alone.
 
-Only what the workers need is emulated: one container per Pod, HTTP probes, env values and
-``fieldRef`` env, and `secret`, `configMap` and `emptyDir` volumes, which `kvflock.local.volumes`
-writes into the pod's folder and points the command's and env's mount paths at (a process
-cannot mount); other volumes are not mounted (the process sees the host's files). A
-``securityContext`` is ignored: the processes run as the user who runs the local cluster.
+Only what the workers need is emulated: one container per Pod (and its init containers), HTTP
+probes, env values and ``fieldRef`` env, and `secret`, `configMap`, `emptyDir` and `hostPath`
+volumes, which `kvflock.local.volumes` writes into the pod's folder (or finds on this machine) and
+points each container's command and env mount paths at (a process cannot mount); PVCs are not
+mounted (the process sees the host's files). A ``securityContext`` is ignored: the processes run
+as the user who runs the local cluster.
 """
 
 from __future__ import annotations
@@ -209,7 +213,13 @@ class _PodRunner:
             if port.get("name"):
                 self.ports[port["name"]] = local
         self.status = _ContainerState()
-        self.mounts: dict[str, Path] = {}  # mount path -> the folder that stands in for it
+        self.init_containers: list[dict[str, Any]] = list(spec.get("initContainers") or [])
+        self.init_statuses = [_ContainerState(state={"waiting": {"reason": "PodInitializing"}})
+                              for _ in self.init_containers]
+        self.initialized = not self.init_containers
+        if not self.initialized:
+            self.status.state = {"waiting": {"reason": "PodInitializing"}}
+        self.folders: dict[str, Path] = {}  # volume name -> the folder that stands in for it
         self.stopping = threading.Event()
         self.process: ManagedProcess | None = None
         self._reported: dict[str, Any] | None = None
@@ -221,9 +231,12 @@ class _PodRunner:
         numbered = [p for p in self.ports if isinstance(p, int)]
         return f"http://{POD_IP}:{self.ports[numbered[0]]}" if numbered else None
 
-    def _argv(self) -> list[str]:
-        argv = [volumes.rewrite(arg, self.mounts)
-                for arg in [*(self.container.get("command") or []), *(self.container.get("args") or [])]]
+    def _argv(self, container: Mapping[str, Any]) -> list[str]:
+        mounts = volumes.mount_points(container.get("volumeMounts") or [], self.folders)
+        argv = [volumes.rewrite(arg, mounts)
+                for arg in [*(container.get("command") or []), *(container.get("args") or [])]]
+        if container is not self.container:  # an init container listens nowhere
+            return argv
         numbered = {k: v for k, v in self.ports.items() if isinstance(k, int)}
         return rewrite_listen_args(argv, numbered)
 
@@ -237,9 +250,8 @@ class _PodRunner:
         reported = ""
         while not self.stopping.is_set():
             try:
-                self.mounts = volumes.materialize(self.spec.get("volumes") or [],
-                                                  self.container.get("volumeMounts") or [],
-                                                  self.workdir / "volumes", self.kubelet.read_data(self.namespace))
+                self.folders = volumes.materialize(self.spec.get("volumes") or [], self.workdir / "volumes",
+                                                   self.kubelet.read_data(self.namespace))
                 return True
             except volumes.MountError as exc:
                 message = f"MountVolume.SetUp failed for {exc}"
@@ -251,14 +263,15 @@ class _PodRunner:
             self.stopping.wait(_MOUNT_RETRY)
         return False
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, container: Mapping[str, Any]) -> dict[str, str]:
         fields = {"metadata.name": self.name, "metadata.namespace": self.namespace, "metadata.uid": self.uid,
                   "status.podIP": POD_IP, "status.hostIP": POD_IP, "spec.nodeName": self.kubelet.node_name}
         threads = str(self._cpu_threads())
         env = {**os.environ, **self.kubelet.extra_env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        for var in self.container.get("env") or []:
+        mounts = volumes.mount_points(container.get("volumeMounts") or [], self.folders)
+        for var in container.get("env") or []:
             if "value" in var:
-                env[var["name"]] = volumes.rewrite(str(var["value"]), self.mounts)
+                env[var["name"]] = volumes.rewrite(str(var["value"]), mounts)
             elif "fieldRef" in (var.get("valueFrom") or {}):
                 value = fields.get(var["valueFrom"]["fieldRef"].get("fieldPath", ""))
                 if value is not None:
@@ -277,21 +290,31 @@ class _PodRunner:
 
     # ---- reporting ---------------------------------------------------------------------
 
-    def _report(self) -> None:
-        s = self.status
-        condition_time = s.ready_since
-        ready = "True" if s.ready else "False"
-        container_status = {
-            "name": self.container["name"],
-            "image": self.container.get("image", ""),
+    def _container_status(self, container: Mapping[str, Any], s: _ContainerState, running: bool) -> dict[str, Any]:
+        """One entry of containerStatuses or initContainerStatuses; `running`: its process is self.process."""
+        process = self.process if running else None
+        return {
+            "name": container["name"],
+            "image": container.get("image", ""),
             "imageID": "",
-            "containerID": f"process://{self.process.pid}" if self.process and self.process.pid else "",
+            "containerID": f"process://{process.pid}" if process and process.pid else "",
             "ready": s.ready,
             "started": s.started,
             "restartCount": s.restart_count,
             "state": s.state,
             "lastState": s.last_state,
         }
+
+    def _report(self) -> None:
+        s = self.status
+        condition_time = s.ready_since
+        ready = "True" if s.ready else "False"
+        container_status = self._container_status(self.container, s, self.initialized)
+        initialized: dict[str, Any] = {"type": "Initialized", "status": "True", "lastTransitionTime": self._started_at}
+        if not self.initialized:
+            pending = [c["name"] for c, cs in zip(self.init_containers, self.init_statuses) if not cs.ready]
+            initialized = {**initialized, "status": "False", "reason": "ContainersNotInitialized",
+                           "message": f"containers with incomplete status: [{' '.join(pending)}]"}
         status = {
             "phase": s.phase,
             "podIP": POD_IP,
@@ -300,12 +323,16 @@ class _PodRunner:
             "startTime": self._started_at,
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": self._started_at},
-                {"type": "Initialized", "status": "True", "lastTransitionTime": self._started_at},
+                initialized,
                 {"type": "ContainersReady", "status": ready, "lastTransitionTime": condition_time},
                 {"type": "Ready", "status": ready, "lastTransitionTime": condition_time},
             ],
             "containerStatuses": [container_status],
         }
+        if self.init_containers:
+            status["initContainerStatuses"] = [
+                self._container_status(c, cs, not self.initialized and cs.state.get("running") is not None)
+                for c, cs in zip(self.init_containers, self.init_statuses)]
         if status == self._reported:
             return
         if self.kubelet.patch_status(self.namespace, self.name, status):
@@ -324,6 +351,8 @@ class _PodRunner:
             self._report()
             failures_in_a_row = 0
             while self._mount():
+                if not self.initialized and not self._initialize():
+                    return
                 started = time.monotonic()
                 code, reason, message = self._run_once()
                 if self.stopping.is_set():
@@ -356,21 +385,83 @@ class _PodRunner:
         except Exception:  # a runner must never take the kubelet down; the Pod shows it stopped
             log.exception("pod %s/%s: the runner failed", self.namespace, self.name)
 
+    def _initialize(self) -> bool:
+        """Run the init containers in order, each to completion, restarting a failed one with
+        back-off (with restartPolicy Never a failure fails the Pod); True once all completed,
+        False when the Pod failed or was stopped."""
+        for container, status in zip(self.init_containers, self.init_statuses):
+            name = container["name"]
+            failures_in_a_row = 0
+            while not status.ready:
+                code, reason, message = self._run_to_completion(container, status)
+                if self.stopping.is_set():
+                    return False
+                terminated = {"exitCode": code, "reason": reason, "finishedAt": _now(),
+                              "startedAt": status.state.get("running", {}).get("startedAt", _now()),
+                              **({"message": message} if message else {})}
+                if code == 0:
+                    status.state, status.ready = {"terminated": terminated}, True
+                    self._report()
+                    break
+                if self.restart_policy == "Never":
+                    status.state = {"terminated": terminated}
+                    self.status.phase = "Failed"
+                    self._report()
+                    return False
+                failures_in_a_row += 1
+                status.last_state = {"terminated": terminated}
+                delay = _backoff(failures_in_a_row)
+                if delay:
+                    why = f" after {reason} (exit code {code})" + (f": {message}" if message else "")
+                    status.state = {"waiting": {"reason": "CrashLoopBackOff", "message": (
+                        f"back-off {delay:.0f}s restarting failed container={name} pod={self.name}_{self.namespace}{why}")}}
+                    self._report()
+                    self.kubelet.event(self, "Warning", "BackOff", f"Back-off restarting failed container{why}", name)
+                    if self.stopping.wait(delay):
+                        return False
+                status.restart_count += 1
+        self.initialized = True
+        return True
+
+    def _start(self, container: Mapping[str, Any], init: bool) -> str | None:
+        """Start a container's process as self.process; what went wrong if it could not start."""
+        argv = self._argv(container)
+        name = container["name"]
+        executable = resolve_command(argv[0]) if argv else None
+        if executable is None:
+            message = f"exec: {argv[0] if argv else '(no command)'!r}: executable file not found in $PATH"
+            self.kubelet.event(self, "Warning", "Failed", f"Error: {message}", name if init else None)
+            return message
+        logs = self.kubelet.state_dir / "logs" / f"{self.namespace}_{self.name}_{name}.log"
+        self.process = ManagedProcess([executable, *argv[1:]], self._env(container), logs, self.workdir,
+                                      self.kubelet.pid_dir)
+        self.process.start()
+        return None
+
+    def _run_to_completion(self, container: Mapping[str, Any], status: _ContainerState) -> tuple[int, str, str]:
+        """Run an init container until it exits or the Pod stops; (exit code, reason, message)."""
+        name = container["name"]
+        if (problem := self._start(container, init=True)) is not None:
+            return 128, "StartError", problem
+        assert self.process is not None
+        status.state = {"running": {"startedAt": _now()}}
+        self._report()
+        self.kubelet.event(self, "Normal", "Started", f"Started container {name} (pid {self.process.pid})", name)
+        while (code := self.process.poll()) is None:
+            if self.stopping.wait(_TICK):
+                self.process.stop(self.grace)
+                return 0, "Killed", ""
+        return code, "Completed" if code == 0 else "Error", self.process.last_error() if code != 0 else ""
+
     def _restarts(self, code: int) -> bool:
         return self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and code != 0)
 
     def _run_once(self) -> tuple[int, str, str]:
         """Start the container, probe it until it ends; (exit code, reason, message)."""
-        argv = self._argv()
         name = self.container["name"]
-        executable = resolve_command(argv[0]) if argv else None
-        if executable is None:
-            message = f"exec: {argv[0] if argv else '(no command)'!r}: executable file not found in $PATH"
-            self.kubelet.event(self, "Warning", "Failed", f"Error: {message}")
-            return 128, "StartError", message
-        logs = self.kubelet.state_dir / "logs" / f"{self.namespace}_{self.name}_{name}.log"
-        self.process = ManagedProcess([executable, *argv[1:]], self._env(), logs, self.workdir, self.kubelet.pid_dir)
-        self.process.start()
+        if (problem := self._start(self.container, init=False)) is not None:
+            return 128, "StartError", problem
+        assert self.process is not None
         started = time.monotonic()
         self.status.state = {"running": {"startedAt": _now()}}
         self.status.phase = "Running"
@@ -562,14 +653,16 @@ class ProcessKubelet:
             return False
         return True
 
-    def event(self, runner: _PodRunner, type_: str, reason: str, message: str) -> None:
-        """Post an Event about a pod, as the kubelet does (kubectl describe pod shows them)."""
+    def event(self, runner: _PodRunner, type_: str, reason: str, message: str, container: str | None = None) -> None:
+        """Post an Event about a pod's container (default: its one container), as the kubelet does
+        (kubectl describe pod shows them)."""
         now = _now()
         body = {
             "metadata": {"generateName": f"{runner.name}.", "namespace": runner.namespace},
             "involvedObject": {"kind": "Pod", "apiVersion": "v1", "namespace": runner.namespace,
                                "name": runner.name, "uid": runner.uid,
-                               "fieldPath": f"spec.containers{{{runner.container['name']}}}"},
+                               "fieldPath": (f"spec.initContainers{{{container}}}" if container
+                                             else f"spec.containers{{{runner.container['name']}}}")},
             "reason": reason, "message": re.sub(r"\s+", " ", message)[:1024], "type": type_,
             "source": {"component": "kubelet", "host": self.node_name},
             "reportingComponent": "kubelet", "reportingInstance": self.node_name,

@@ -57,10 +57,30 @@ def _created(obj: Mapping[str, Any]) -> str:
     return age(obj.get("metadata", {}).get("creationTimestamp"))
 
 
+def _init_status(pod: Mapping[str, Any]) -> str | None:
+    """The STATUS of a pod whose init containers have not all completed: the first unfinished
+    one's failure or back-off (Init:Error, Init:CrashLoopBackOff), else how many completed (Init:1/2)."""
+    statuses = (pod.get("status") or {}).get("initContainerStatuses") or []
+    for index, container in enumerate(statuses):
+        state = container.get("state") or {}
+        terminated, waiting = state.get("terminated"), state.get("waiting") or {}
+        if terminated and terminated.get("exitCode") == 0:
+            continue
+        if terminated:
+            return f"Init:{terminated.get('reason') or 'ExitCode:' + str(terminated.get('exitCode'))}"
+        if waiting.get("reason") and waiting["reason"] != "PodInitializing":
+            return f"Init:{waiting['reason']}"
+        return f"Init:{index}/{len((pod.get('spec') or {}).get('initContainers') or statuses)}"
+    return None
+
+
 def _pod_status(pod: Mapping[str, Any]) -> str:
-    """What kubectl's STATUS column says: Terminating, a container's waiting/terminated reason, or the phase."""
+    """What kubectl's STATUS column says: Terminating, an init container's progress or failure, a
+    container's waiting/terminated reason, or the phase."""
     if pod.get("metadata", {}).get("deletionTimestamp"):
         return "Terminating"
+    if initializing := _init_status(pod):
+        return initializing
     status = pod.get("status") or {}
     for container in status.get("containerStatuses") or []:
         state = container.get("state") or {}
@@ -78,7 +98,9 @@ def _pod_ready(pod: Mapping[str, Any]) -> str:
 
 
 def _restarts(pod: Mapping[str, Any]) -> int:
-    return sum(int(s.get("restartCount") or 0) for s in (pod.get("status") or {}).get("containerStatuses") or [])
+    status = pod.get("status") or {}
+    return sum(int(s.get("restartCount") or 0)
+               for s in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])])
 
 
 def _event_object(event: Mapping[str, Any]) -> str:

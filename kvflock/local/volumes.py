@@ -1,13 +1,14 @@
 """The local kubelet's volumes: a Pod's `secret`, `configMap` and `emptyDir` volumes as folders
-of files, and the container's view of them.
+of files, its `hostPath` volumes as the machine's folders, and each container's view of them.
 
 A process cannot mount anything, so a volume becomes a folder in the pod's own directory
-(``<pod dir>/volumes/<volume>``; Secret files mode 0600, folders 0700), and the container sees
-it where the manifest mounts it by a rewrite: every command argument and env value that is a
-mount path, starts with one followed by ``/``, or is a ``--flag=`` of one, points into that folder
-instead. A worker told ``--api-key-file /etc/kvflock-auth/api-keys`` thus reads the Secret's key
-from the pod's folder. Other volume kinds (PVCs, hostPath) are left alone: the process sees the
-host's files, as before. A missing Secret or ConfigMap (or key) is `MountError`, which the
+(``<pod dir>/volumes/<volume>``; Secret files mode 0600, folders 0700), or for hostPath the
+machine's folder itself (the node is this machine), and a container sees it where its manifest
+mounts it by a rewrite: every command argument and env value that is a mount path, starts with
+one followed by ``/``, or is a ``--flag=`` of one, points into that folder instead. A worker told
+``--api-key-file /etc/kvflock-auth/api-keys`` thus reads the Secret's key from the pod's folder.
+PVCs are left alone: the process sees the host's files at the mount path. A missing Secret or
+ConfigMap (or key), or a hostPath that its type says must exist, is `MountError`, which the
 kubelet reports as FailedMount and retries, as a node's kubelet does.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MountError", "ReadData", "materialize", "rewrite"]
+__all__ = ["MountError", "ReadData", "materialize", "mount_points", "rewrite"]
 
 # (kind "Secret" or "ConfigMap", name) -> its decoded data, or None when it does not exist.
 ReadData = Callable[[str, str], Mapping[str, bytes] | None]
@@ -53,14 +54,27 @@ def _write(folder: Path, files: Mapping[str, bytes], mode: int) -> None:
         path.chmod(mode)
 
 
-def materialize(volumes: Sequence[Mapping[str, Any]], mounts: Sequence[Mapping[str, Any]], root: Path,
-                read: ReadData) -> dict[str, Path]:
+def _host_folder(name: str, source: Mapping[str, Any]) -> Path:
+    """A hostPath volume's folder, checked (or made) as its `type` asks."""
+    folder = Path(source["path"])
+    kind = source.get("type", "")
+    if kind == "DirectoryOrCreate":
+        folder.mkdir(parents=True, exist_ok=True)
+    elif kind == "Directory" and not folder.is_dir():
+        raise MountError(f"volume {name!r}: hostPath type check failed: {folder} is not a directory")
+    return folder
+
+
+def materialize(volumes: Sequence[Mapping[str, Any]], root: Path, read: ReadData) -> dict[str, Path]:
     """Write the pod's volumes under `root` (afresh: a restarted container sees current data);
-    the container's mount paths -> their folders."""
+    each volume's name -> its folder."""
     folders: dict[str, Path] = {}
     for volume in volumes:
         name = volume["name"]
         folder = root / name
+        if "hostPath" in volume:
+            folders[name] = _host_folder(name, volume["hostPath"])
+            continue
         if "secret" in volume or "configMap" in volume:
             kind = "Secret" if "secret" in volume else "ConfigMap"
             source = volume["secret"] if kind == "Secret" else volume["configMap"]
@@ -82,6 +96,11 @@ def materialize(volumes: Sequence[Mapping[str, Any]], mounts: Sequence[Mapping[s
         folder.mkdir(mode=0o700, parents=True)
         _write(folder, files, 0o600 if "secret" in volume else 0o644)
         folders[name] = folder
+    return folders
+
+
+def mount_points(mounts: Sequence[Mapping[str, Any]], folders: Mapping[str, Path]) -> dict[str, Path]:
+    """A container's mount paths -> the folders of the volumes mounted there."""
     return {m["mountPath"].rstrip("/"): folders[m["name"]] for m in mounts if m["name"] in folders}
 
 

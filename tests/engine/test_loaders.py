@@ -1,7 +1,10 @@
 """Loaders: GGUF in F32/F16/Q8_0/Q4_0/Q4_1 (dequantized, Q/K permutation undone), sharded
 safetensors, dummy weights; and clear errors for missing or corrupt files."""
 
+import io
+import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -59,6 +62,30 @@ def test_sharded_safetensors_load_like_a_single_file(plain_llama, tmp_path):
     sharded = LLM(str(tmp_path), max_model_len=64).generate(PROMPTS, GREEDY)
     single = LLM(str(folder), max_model_len=64).generate(PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in sharded] == [o.outputs[0].token_ids for o in single]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_loading_shows_each_shards_progress_on_a_terminal_only(plain_llama, tmp_path, monkeypatch):
+    model, _ = plain_llama
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) > 1
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    LLM(str(tmp_path), max_model_len=64)
+    finished = [line.rpartition("\r")[2] for line in terminal.getvalue().splitlines() if "loading " in line]
+    assert finished == [
+        f"loading {name} (shard {i}/{len(shards)}): {n}/{n} tensors\033[K"
+        for i, name in enumerate(shards, 1) for n in [list(weight_map.values()).count(name)]]
+    plain = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", plain)
+    LLM(str(tmp_path), max_model_len=64)
+    assert "loading " not in plain.getvalue()
 
 
 def test_dummy_weights_run_any_config(plain_llama):

@@ -1,5 +1,5 @@
 """The NetworkPolicies: only the release's namespace and the chosen ones reach router pods; workers only
-from routers, the operator and the named metrics scrapers."""
+from routers, the operator, the named metrics scrapers and the Inference Extension gateway's pods."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from .conftest import CHART, Render, of_kind, one, run_helm
 
@@ -51,3 +52,38 @@ def test_workers_admit_the_metrics_scrapers_namespaces_only_when_named(render: R
     scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     assert scraper not in sources()
     assert scraper in sources("networkPolicy.metricsScraperNamespaces={monitoring}")
+
+
+def _gateway_values(tmp_path: Path, gateway: dict) -> Path:
+    values = tmp_path / "gateway.yaml"
+    values.write_text(yaml.safe_dump({"networkPolicy": {"enabled": True, "inferenceGateway": gateway}}))
+    return values
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_workers_admit_each_labelled_gateway_pod_of_each_named_namespace(render: Render, tmp_path: Path,
+                                                                         version: str) -> None:
+    gateway = {"namespaces": ["gateway", "edge"],
+               "podLabels": [{"app": "chat-epp"}, {"gateway.networking.k8s.io/gateway-name": "inference-gateway"}]}
+    policy = one(render(values=[_gateway_values(tmp_path, gateway)]), "NetworkPolicy", component="workers")
+    kubernetes_validate.validate(policy, version, strict=True)
+    sources = policy["spec"]["ingress"][0]["from"]
+    # Namespace and labels in one peer: both must match (two peers would admit either).
+    assert [s for s in sources if "namespaceSelector" in s and "podSelector" in s] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+         "podSelector": {"matchLabels": labels}}
+        for namespace in gateway["namespaces"] for labels in gateway["podLabels"]]
+    # Without the setting, no gateway pod is admitted.
+    default = one(render(sets=["networkPolicy.enabled=true"]), "NetworkPolicy", component="workers")
+    assert not [s for s in default["spec"]["ingress"][0]["from"] if "namespaceSelector" in s and "podSelector" in s]
+
+
+@pytest.mark.parametrize(("gateway", "field"), [
+    ({"namespaces": ["Gateway_NS"]}, "inferenceGateway.namespaces"),
+    ({"podLabels": [{}]}, "inferenceGateway.podLabels"),
+    ({"podLabels": [{"app": 7}]}, "inferenceGateway.podLabels"),
+    ({"namespace": ["gateway"]}, "inferenceGateway"),
+], ids=["bad-namespace", "empty-label-set", "label-not-a-string", "unknown-key"])
+def test_bad_gateway_values_fail_naming_the_field(helm: Path, tmp_path: Path, gateway: dict, field: str) -> None:
+    done = run_helm(helm, "template", "x", str(CHART), "-f", str(_gateway_values(tmp_path, gateway)), check=False)
+    assert done.returncode != 0 and field in done.stderr, done.stderr

@@ -41,17 +41,26 @@ def test_rewrite_points_mount_paths_and_flag_values_at_the_folders() -> None:
 def test_materialize_writes_items_with_private_modes_and_refuses_missing_keys(tmp_path: Path) -> None:
     data = {("Secret", "keys"): {"k": b"v1", "other": b"v2"}}
     secret = {"name": "s", "secret": {"secretName": "keys", "items": [{"key": "k", "path": "file"}]}}
-    mounts = volumes.materialize([secret], [{"name": "s", "mountPath": "/etc/s/"}], tmp_path,
-                                 lambda kind, name: data.get((kind, name)))
-    assert mounts == {"/etc/s": tmp_path / "s"}
+    folders = volumes.materialize([secret], tmp_path, lambda kind, name: data.get((kind, name)))
+    assert volumes.mount_points([{"name": "s", "mountPath": "/etc/s/"}], folders) == {"/etc/s": tmp_path / "s"}
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["file"]
     assert stat.S_IMODE((tmp_path / "s" / "file").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o700
     missing_key = {"name": "s", "secret": {"secretName": "keys", "items": [{"key": "nope"}]}}
     with pytest.raises(volumes.MountError, match="has no key 'nope'"):
-        volumes.materialize([missing_key], [], tmp_path, lambda kind, name: data.get((kind, name)))
+        volumes.materialize([missing_key], tmp_path, lambda kind, name: data.get((kind, name)))
     with pytest.raises(volumes.MountError, match="Secret 'gone' not found"):
-        volumes.materialize([{"name": "g", "secret": {"secretName": "gone"}}], [], tmp_path, lambda k, n: None)
+        volumes.materialize([{"name": "g", "secret": {"secretName": "gone"}}], tmp_path, lambda k, n: None)
+
+
+def test_a_host_path_volume_is_the_machines_folder_made_or_checked_as_its_type_asks(tmp_path: Path) -> None:
+    cache = tmp_path / "node" / "hub"
+    folders = volumes.materialize([{"name": "c", "hostPath": {"path": str(cache), "type": "DirectoryOrCreate"}}],
+                                  tmp_path / "pod", lambda kind, name: None)
+    assert folders == {"c": cache} and cache.is_dir()
+    absent = {"name": "m", "hostPath": {"path": str(tmp_path / "absent"), "type": "Directory"}}
+    with pytest.raises(volumes.MountError, match="volume 'm': hostPath type check failed: .*absent is not a directory"):
+        volumes.materialize([absent], tmp_path / "pod", lambda kind, name: None)
 
 
 def _reader_pod() -> dict[str, Any]:

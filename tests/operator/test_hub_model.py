@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from kvflock.operator.children import Owner, worker_template
 from kvflock.operator.crd import InferenceServiceSpec
+from kvflock.operator.model_check import model_problem
 
 OWNER = Owner(name="chat", namespace="ml", uid="uid-1")
 SOURCE = "hf://HuggingFaceTB/SmolLM2-135M-Instruct@v1.0"
@@ -32,6 +33,15 @@ def test_an_hf_source_fetches_into_the_node_cache_before_the_worker_starts() -> 
         in pod["volumes"]
     worker = pod["containers"][0]
     assert {"name": "hub-cache", "mountPath": "/var/cache/kvflock/hub", "readOnly": True} in worker["volumeMounts"]
+    # The fetched folder is named on the command line too, where a kubelet without mounts (the local
+    # cluster's) points the mount path at the node's folder.
+    command = worker["command"]
+    assert command[command.index("--model") + 1] == "/var/cache/kvflock/hub/HuggingFaceTB--SmolLM2-135M-Instruct/v1.0"
+
+
+def test_an_hf_model_is_not_checked_before_it_is_fetched() -> None:
+    spec = InferenceServiceSpec.model_validate({"model": {"source": SOURCE}, "resources": {"gpusPerReplica": 0}})
+    assert model_problem(spec, shares_worker_files=True) is None
 
 
 def test_a_pvc_cache_and_a_token_secret() -> None:

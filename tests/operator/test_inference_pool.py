@@ -86,6 +86,13 @@ def test_the_picker_configmap_names_the_vllm_gauges_the_workers_export() -> None
     assert metrics.VLLM_KV_CACHE_USAGE == "vllm:kv_cache_usage_perc"
 
 
+def test_the_gateway_example_renders_a_pool_valid_by_the_published_schema() -> None:
+    example = yaml.safe_load((Path(__file__).parents[2] / "examples" / "llama-3-8b-gateway.yaml").read_text())
+    children = desired(InferenceServiceSpec.model_validate(example["spec"]))
+    jsonschema.validate(children[("InferencePool", "chat")], schema())
+    assert ("ConfigMap", "chat-epp") in children
+
+
 def test_no_pool_without_the_field() -> None:
     assert not [key for key in desired(spec()) if key[0] == "InferencePool" or key[1] == "chat-epp"]
 
@@ -129,3 +136,34 @@ def test_the_operator_creates_the_pool_where_the_extension_is_installed(
     assert created["metadata"]["ownerReferences"][0]["uid"] == uid
     assert "--pool-name=chat" in cluster.core.read_namespaced_config_map("chat-epp", NS).data["flags"]
     cluster.wait_ready("chat", 1)  # the extra children do not keep the service from Ready
+
+
+def test_removing_the_field_deletes_the_pool_and_the_picker_configmap() -> None:
+    with_pool = desired(spec(inferencePool={}))
+    observed = Observed(pods=[], objects={key: with_pool[key] for key in (("InferencePool", "chat"), ("ConfigMap", "chat-epp"))})
+    plan = reconcile(OWNER, spec(), observed, NOW, generation=2)
+    deleted = {(a.kind, a.name) for a in plan.actions if a.verb == "delete"}
+    assert deleted == {("InferencePool", "chat"), ("ConfigMap", "chat-epp")}
+    # While the field is set, nothing of it is deleted.
+    assert not [a for a in reconcile(OWNER, spec(inferencePool={}), observed, NOW, generation=2).actions
+                if a.verb == "delete"]
+
+
+def test_the_operator_deletes_the_pool_when_the_field_is_removed(
+    apiserver_with_pools: ServerThread, operator: None, api_client: kubernetes.client.ApiClient,  # noqa: F811
+    fake_workers: FakeWorkers,
+) -> None:
+    cluster = Cluster(api_client, fake_workers)
+    cluster.create("chat", {"replicas": 1, "resources": {"gpusPerReplica": 0}, "inferencePool": {}})
+
+    def pools() -> list[dict[str, Any]]:
+        return cluster.custom.list_namespaced_custom_object(inference_pool.GROUP, inference_pool.VERSION, NS,
+                                                            inference_pool.PLURAL)["items"]
+
+    def picker_configmaps() -> list[str]:
+        return [c.metadata.name for c in cluster.core.list_namespaced_config_map(NS).items if c.metadata.name == "chat-epp"]
+
+    wait_for(lambda: pools() and picker_configmaps(), what="the InferencePool and its picker ConfigMap")
+    cluster.patch_spec("chat", {"inferencePool": None})
+    wait_for(lambda: not pools() and not picker_configmaps(), what="the pool's children deleted")
+    cluster.wait_ready("chat", 1)

@@ -24,6 +24,8 @@ SPECS: dict[str, dict[str, Any]] = {
                 "model": {"source": "pvc", "claimName": "models", "path": "llama"}},
     "gpu-kv-offload": {"resources": {"gpusPerReplica": 1},
                        "engine": {"kvCache": {"cpuOffloadGiB": 4, "diskOffloadGiB": 16}}},
+    "hub-model-pvc-cache": {"model": {"source": "hf://org/name@main", "hubCache": {"claimName": "hub"},
+                                      "hubTokenSecretRef": {"name": "hf", "key": "token"}}},
     "auth-and-pools": {"auth": {"apiKeySecretRef": {"name": "keys", "key": "api-keys"}},
                        "router": {"pools": [{"name": "short", "maxPromptTokens": 128},
                                             {"name": "long", "minPromptTokens": 128}]}},

@@ -93,6 +93,11 @@ def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def tensor_count(reader: Any) -> int:
+    """How many tensors `iter_tensors` yields from the file."""
+    return sum(1 for t in reader.tensors if _hf_name(t.name) is not None)
+
+
 def iter_tensors(reader: Any, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor in the file."""
     import gguf

@@ -4,16 +4,18 @@ the model is and what it is: kvflock.worker.model.source; its tokenizer:
 kvflock.worker.model.tokenizer.
 
 Under tensor parallelism each rank loads only its slices: from safetensors it reads just
-those bytes (`get_slice`), from GGUF it dequantizes each tensor and keeps its slice.
+those bytes (`get_slice`), from GGUF it dequantizes each tensor and keeps its slice. On a
+terminal, rank 0 shows each weight file's (shard's) progress on one updating line.
 """
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +39,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class LoadProgress:
+    """One updating line per weight file on a terminal: `name (shard i/n): done/total tensors`.
+    Quiet when the stream is not a terminal (a pod's log, a test): the one line `load_model`
+    logs at the end says what was loaded and how long it took."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._last = 0.0
+
+    def update(self, shard: str, index: int, shards: int, done: int, total: int) -> None:
+        """`done` of the shard's `total` tensors are in place; its line ends once all are."""
+        now = time.monotonic()
+        if not self.tty or (done < total and now - self._last < 0.1):
+            return
+        self._last = now
+        end = "\n" if done >= total else ""
+        self.stream.write(f"\rloading {shard} (shard {index}/{shards}): {done}/{total} tensors\033[K{end}")
+        self.stream.flush()
+
+
+def _counted(tensors: Iterator[Any], shard: str, index: int, shards: int, total: int,
+             progress: LoadProgress | None) -> Iterator[Any]:
+    """`tensors` as they are, telling `progress` after each one has been placed."""
+    for done, item in enumerate(tensors, 1):
+        yield item
+        if progress is not None:
+            progress.update(shard, index, shards, done, total)
 
 
 @dataclass
@@ -77,7 +108,8 @@ def load(config: EngineConfig, backend: AttentionBackend, group: TPGroup | None 
     quantization = resolve_quantization(config.quantization, source)
     tokenizer = load_tokenizer(source, config.tokenizer) if source.format != "dummy" and group.rank == 0 else None
     dtype, device = config.torch_dtype(), config.torch_device()
-    model = load_model(source, model_config, dtype, device, backend, config.seed, group, quantization)
+    progress = LoadProgress() if group.rank == 0 else None
+    model = load_model(source, model_config, dtype, device, backend, config.seed, group, quantization, progress)
     return LoadedModel(source, model_config, model, tokenizer, dtype, device, quantization=quantization)
 
 
@@ -90,6 +122,7 @@ def load_model(
     seed: int = 0,
     group: TPGroup = SINGLE_RANK,
     quantization: QuantSpec | None = None,
+    progress: LoadProgress | None = None,
 ) -> LlamaForCausalLM:
     """Build `group`'s rank of the model on `device` and fill its weights from `source`
     (random for dummy). With `quantization`, the decoder's projections are QuantizedLinear
@@ -117,8 +150,10 @@ def load_model(
                 (name, tuple(t.shape), _slice(t, shards.get(name)))
                 for name, t in gguf_file.iter_tensors(source.gguf_reader, cfg, source.gguf_path)
             )
+            total = gguf_file.tensor_count(source.gguf_reader)
+            tensors = _counted(tensors, source.gguf_path.name, 1, 1, total, progress)
         else:
-            tensors = _iter_safetensors(source.path, shards)
+            tensors = _iter_safetensors(source.path, shards, progress)
             if packed:
                 assert quantization is not None
                 tensors = drop_trivial_g_idx(tensors, quantization, str(source.path))
@@ -184,7 +219,8 @@ def read_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
-def _iter_safetensors(folder: Path, shards: dict[str, Shard]) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
+def _iter_safetensors(folder: Path, shards: dict[str, Shard], progress: LoadProgress | None = None,
+                      ) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
     """(name, checkpoint shape, the part `shards` names) of every tensor, reading only that part."""
     from safetensors import safe_open
 
@@ -198,13 +234,14 @@ def _iter_safetensors(folder: Path, shards: dict[str, Shard]) -> Iterator[tuple[
         files = [p.name for p in sorted(folder.glob("*.safetensors"))]
     if not files:
         raise FileNotFoundError(f"model: {folder} has no .safetensors files")
-    for name in files:
+    for index, name in enumerate(files, 1):
         path = folder / name
         if not path.exists():
             raise FileNotFoundError(f"{path}: listed in the index but missing")
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
+                keys = list(f.keys())
+                for key in _counted(iter(keys), name, index, len(files), len(keys), progress):
                     tensor = f.get_slice(key)
                     yield key, tuple(tensor.get_shape()), _slice(tensor, shards.get(key))
         except (OSError, RuntimeError, ValueError) as exc:
