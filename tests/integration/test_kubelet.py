@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from kvflock.local.kubelet import ProcessKubelet, available_cores
+from kvflock.local.kubelet import ProcessKubelet, worker_cores
 from kvflock.operator.children import container_security_context, pod_security_context
 from tests.operator.conftest import ServerThread, wait_for
 
@@ -171,7 +171,7 @@ def _threads(tmp_path: Path, name: str, starts: int = 1) -> int:
 
 def test_workers_divide_the_cores_and_a_cpu_limit_caps_the_share(core: Any, tmp_path: Path) -> None:
     api, _ = core
-    cores = available_cores()
+    cores = worker_cores()
     api.create_namespaced_pod("default", _compute_pod("w-0"))
     assert _threads(tmp_path, "w-0") == cores
     api.create_namespaced_pod("default", _compute_pod("w-1"))
@@ -183,12 +183,12 @@ def test_workers_divide_the_cores_and_a_cpu_limit_caps_the_share(core: Any, tmp_
 def test_a_restarted_worker_takes_its_share_of_the_cores_then(core: Any, tmp_path: Path) -> None:
     api, _ = core
     api.create_namespaced_pod("default", _compute_pod("w-0"))
-    assert _threads(tmp_path, "w-0") == available_cores()
+    assert _threads(tmp_path, "w-0") == worker_cores()
     api.create_namespaced_pod("default", _compute_pod("w-1"))
     _threads(tmp_path, "w-1")
     running = wait_for(_when(api, "w-0", lambda s: s.get("containerStatuses")), 20, what="w-0 running")
     os.kill(_pid(running), signal.SIGKILL)
-    assert _threads(tmp_path, "w-0", starts=2) == max(1, available_cores() // 2)
+    assert _threads(tmp_path, "w-0", starts=2) == max(1, worker_cores() // 2)
 
 
 def test_a_router_takes_one_thread_and_no_share(core: Any, tmp_path: Path) -> None:
@@ -196,7 +196,7 @@ def test_a_router_takes_one_thread_and_no_share(core: Any, tmp_path: Path) -> No
     api.create_namespaced_pod("default", _compute_pod("router", role="router"))
     assert _threads(tmp_path, "router") == 1
     api.create_namespaced_pod("default", _compute_pod("w-0"))
-    assert _threads(tmp_path, "w-0") == available_cores()
+    assert _threads(tmp_path, "w-0") == worker_cores()
 
 
 def test_a_restricted_security_context_is_ignored_and_the_pod_runs(core: Any) -> None:
