@@ -27,12 +27,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvflock.shared.auth import AccessControl, AccessPolicy
 from kvflock.shared.chat import render_chat
-from kvflock.worker.api_errors import RETRY_AFTER_SECONDS, ApiError, build_or_400, validation_error
+from kvflock.worker.api_errors import RETRY_AFTER_SECONDS, ApiError, build_or_400, error_from_value, validation_error
 from kvflock.worker.async_engine import AsyncEngine
+from kvflock.worker.config import SamplingParams
 from kvflock.worker.metrics import WorkerMetrics
 from kvflock.worker.openai_format import ChatFormat, CompletionFormat
 from kvflock.worker.protocol import ChatCompletionRequest, CompletionRequest
 from kvflock.worker.responses import respond, start_requests
+from kvflock.worker.structured_output import Grammar
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +185,9 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         arrived = time.monotonic()
         engine = _prepare(state, body.model)
         params = build_or_400(lambda: body.sampling_params(body.max_tokens, body.logprobs))
+        grammar = await _compile_grammar(engine, params, body.structured_output_field)
         prompts = body.prompts()
-        stream = await start_requests(state.metrics, engine, [(p, params) for p in prompts])
+        stream = await start_requests(state.metrics, engine, [(p, params) for p in prompts], grammar)
         formatter = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", state.served_model_name, body.n, engine)
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, len(prompts), arrived)
 
@@ -193,8 +196,9 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         arrived = time.monotonic()
         engine = _prepare(state, body.model)
         params = build_or_400(lambda: body.sampling_params(body.output_limit, body.num_logprobs))
+        grammar = await _compile_grammar(engine, params, body.structured_output_field)
         prompt = _chat_prompt(engine, body)
-        stream = await start_requests(state.metrics, engine, [(prompt, params)])
+        stream = await start_requests(state.metrics, engine, [(prompt, params)], grammar)
         formatter = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", state.served_model_name, body.n, engine)
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, 1, arrived)
 
@@ -219,6 +223,19 @@ def _prepare(state: WorkerState, model: str) -> AsyncEngine:
         raise ApiError(404, f"model: {model!r} is not served here; this worker serves {state.served_model_name!r}",
                        param="model")
     return state.serving_engine()
+
+
+async def _compile_grammar(engine: AsyncEngine, params: SamplingParams, field: str | None) -> Grammar | None:
+    """The request's structured output compiled, before the request enters the engine; a 400
+    naming the request's `field` when it does not compile."""
+    if params.structured_output is None:
+        return None
+    try:
+        return await engine.compile_grammar(params.structured_output)
+    except ValueError as exc:
+        if field is None:
+            raise error_from_value(exc) from exc
+        raise ApiError(400, f"{field}: {str(exc).partition(': ')[2]}", param=field) from exc
 
 
 def _chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> str:
