@@ -246,9 +246,9 @@ class LLMEngine:
             return self._complete(previous)
         current = self._launch(previous)
         outputs = self._complete(previous) if previous is not None else []
-        if current is not None and current.logits is not None:
-            self._sample(current)  # its grammar masks needed the previous step's tokens
         if current is not None:
+            if current.logits is not None:
+                self._sample(current)  # its grammar masks needed the previous step's tokens
             if self.async_scheduling:
                 self._in_flight = current
             else:

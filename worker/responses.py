@@ -38,7 +38,8 @@ async def start_requests(metrics: WorkerMetrics, engine: AsyncEngine, requests: 
     a refusal becomes an HTTP error before any byte of the answer is sent. `grammar`: the
     requests' structured output, compiled."""
     base = uuid.uuid4().hex
-    generators = [engine.generate(f"{base}-{i}", prompt, params, grammar) for i, (prompt, params) in enumerate(requests)]
+    generators = [engine.generate(f"{base}-{i}", prompt, params, grammar)
+                  for i, (prompt, params) in enumerate(requests)]
     firsts: list[RequestOutput] = []
     try:
         for gen in generators:

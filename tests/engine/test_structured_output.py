@@ -30,7 +30,8 @@ def compiler(smollm2) -> GrammarCompiler:
 
 
 def _engine(smollm2, **settings) -> LLMEngine:
-    return LLMEngine(EngineConfig(model="demo", max_model_len=512, **settings), loaded=smollm2)
+    return LLMEngine(EngineConfig(model="demo", max_model_len=512, kv_cache_memory_gib=0.25, **settings),
+                     loaded=smollm2)
 
 
 def _chat(engine: LLMEngine, question: str) -> list[int]:

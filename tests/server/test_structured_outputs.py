@@ -12,7 +12,11 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server.conftest import MODEL
+from kvflock.worker.async_engine import AsyncEngine
+from kvflock.worker.config import EngineConfig
+from kvflock.worker.engine import LLMEngine
+from kvflock.worker.server import WorkerState, create_app
+from tests.server.conftest import MODEL, free_port, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +73,17 @@ SCHEMAS = [
 QUESTION = "Reply with a short JSON answer about a cat called Tom."
 
 
+@pytest.fixture(scope="module")
+def url(smollm2) -> str:
+    """One worker for the module (each test's requests are independent), its KV cache small."""
+    engine = LLMEngine(EngineConfig(model="demo", max_model_len=512, max_num_seqs=20, kv_cache_memory_gib=0.25),
+                       loaded=smollm2)
+    state = WorkerState(served_model_name=MODEL)
+    state.set_engine(AsyncEngine(engine))
+    with running_server(create_app(state), free_port()) as served:
+        yield served
+
+
 def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
 
@@ -95,8 +110,7 @@ async def _json_schema_answer(api: openai.AsyncOpenAI, i: int, schema: dict) -> 
     return text, finish
 
 
-def test_twenty_json_schemas_give_valid_json_streaming_or_not(serve):
-    url = serve(max_num_seqs=20)
+def test_twenty_json_schemas_give_valid_json_streaming_or_not(url):
 
     async def ask_all() -> list[tuple[str, str]]:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600) as api:
@@ -107,8 +121,8 @@ def test_twenty_json_schemas_give_valid_json_streaming_or_not(serve):
         jsonschema.validate(json.loads(text), schema)
 
 
-def test_json_object_output_parses_as_an_object(serve):
-    api = client(serve())
+def test_json_object_output_parses_as_an_object(url):
+    api = client(url)
     response = api.chat.completions.create(model=MODEL, messages=_messages("Describe Paris in JSON."), temperature=0,
                                            max_tokens=60, response_format={"type": "json_object"})
     choice = response.choices[0]
@@ -118,8 +132,8 @@ def test_json_object_output_parses_as_an_object(serve):
         assert choice.finish_reason == "length" and choice.message.content.startswith("{")
 
 
-def test_regex_and_choice_outputs_match_exactly(serve):
-    api = client(serve())
+def test_regex_and_choice_outputs_match_exactly(url):
+    api = client(url)
     date = api.completions.create(model=MODEL, prompt="The date today is", temperature=0, max_tokens=12,
                                   extra_body={"guided_regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"})
     assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date.choices[0].text)
@@ -134,8 +148,8 @@ def test_regex_and_choice_outputs_match_exactly(serve):
     assert all(c.message.content in ("red", "blue") and c.finish_reason == "stop" for c in picked.choices)
 
 
-def test_an_ebnf_grammar_constrains_the_output(serve):
-    api = client(serve())
+def test_an_ebnf_grammar_constrains_the_output(url):
+    api = client(url)
     grammar = 'root ::= "The answer is " ("yes" | "no") "."'
     response = api.completions.create(model=MODEL, prompt="Is water wet?", temperature=0, max_tokens=12,
                                       extra_body={"guided_grammar": grammar})
@@ -161,8 +175,7 @@ def test_an_ebnf_grammar_constrains_the_output(serve):
     ("chat/completions", {"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "response_format"),
     ("completions", {"guided_json": {"type": "object"}, "guided_choice": ["a"]}, "guided_json"),
 ])
-def test_bad_grammars_and_conflicting_constraints_are_refused_naming_the_field(serve, path, body, param):
-    url = serve()
+def test_bad_grammars_and_conflicting_constraints_are_refused_naming_the_field(url, path, body, param):
     request = {"model": MODEL, "max_tokens": 4, **body}
     request |= {"messages": _messages()} if path.startswith("chat") else {"prompt": "Hello"}
     response = httpx.post(f"{url}/v1/{path}", json=request, timeout=120)
