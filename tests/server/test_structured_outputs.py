@@ -6,6 +6,7 @@ and conflicting constraints are refused with a 400 that names the field."""
 import asyncio
 import json
 import re
+from collections.abc import Iterator
 
 import httpx
 import jsonschema
@@ -74,7 +75,7 @@ QUESTION = "Reply with a short JSON answer about a cat called Tom."
 
 
 @pytest.fixture(scope="module")
-def url(smollm2) -> str:
+def url(smollm2) -> Iterator[str]:
     """One worker for the module (each test's requests are independent), its KV cache small."""
     engine = LLMEngine(EngineConfig(model="demo", max_model_len=512, max_num_seqs=20, kv_cache_memory_gib=0.25),
                        loaded=smollm2)
