@@ -40,6 +40,7 @@ from typing import Any
 import llguidance
 import llguidance.torch
 import torch
+from tokenizers import Tokenizer
 
 from kvflock.worker.config import StructuredOutput
 from kvflock.worker.step_plan import ScheduledSequence
@@ -88,7 +89,8 @@ class GrammarCompiler:
         # The tokenizer's definition is read now, on the engine's thread: a fast tokenizer used by
         # two threads at once can fail, and compiling runs on others. The index built from it
         # takes a second, so it is built when the first constrained request arrives.
-        self._definition = None if tokenizer is None else tokenizer.backend_tokenizer.to_str()
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # None: no tokenizer, or a slow (Python) one
+        self._definition = None if backend is None else backend.to_str()
         self.vocab_size = vocab_size
         self._eos_token_ids = list(eos_token_ids)
         self._index: llguidance.LLTokenizer | None = None
@@ -119,10 +121,8 @@ class GrammarCompiler:
         with self._lock:
             if self._index is None:
                 if self._definition is None:
-                    raise ValueError("structured_output: this model has no tokenizer, so its output cannot be "
-                                     "constrained")
-                from tokenizers import Tokenizer
-
+                    raise ValueError("structured_output: this model has no fast (tokenizers) tokenizer, so its "
+                                     "output cannot be constrained")
                 backend = Tokenizer.from_str(self._definition)
                 backend.no_padding()  # padding or truncation would change how llguidance tokenizes text
                 backend.no_truncation()
