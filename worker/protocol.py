@@ -172,11 +172,11 @@ class _SamplingFields(BaseModel):
 
     def _structured_outputs(self) -> dict[str, StructuredOutput]:
         found: dict[str, StructuredOutput] = {}
-        if self.response_format is not None and self.response_format.json_schema is not None \
-                and self.response_format.type == "json_schema":
+        response_format = self.response_format or ResponseFormat(type="text")
+        if response_format.type == "json_schema" and response_format.json_schema is not None:
             found["response_format.json_schema.schema"] = StructuredOutput(
-                json_schema=self.response_format.json_schema.schema_)
-        elif self.response_format is not None and self.response_format.type == "json_object":
+                json_schema=response_format.json_schema.schema_)
+        elif response_format.type == "json_object":
             found["response_format"] = StructuredOutput(json_object=True)
         if self.structured_outputs is not None:
             field, constraint = self.structured_outputs.constraint()
