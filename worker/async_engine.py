@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvflock.worker.config import SamplingParams
+from kvflock.worker.config import SamplingParams, StructuredOutput
 from kvflock.worker.engine import EngineStats, LLMEngine, RequestOutput
+from kvflock.worker.structured_output import Grammar
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class _Add:
     request_id: str
     prompt: str | list[int]
     params: SamplingParams
+    grammar: Grammar | None
     accepted: asyncio.Future
     outputs: asyncio.Queue
 
@@ -83,11 +85,17 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    async def compile_grammar(self, spec: StructuredOutput) -> Grammar:
+        """A structured output compiled for the engine's tokenizer, in a thread of its own (the
+        compiler is thread-safe): a ValueError naming the spec's field when it does not compile."""
+        return await asyncio.to_thread(self.engine.grammars.compile, spec)
+
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, grammar: Grammar | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs (cumulative) until it finishes. A ValueError from
-        validation is raised before the first output; leaving early aborts the request."""
+        validation is raised before the first output; leaving early aborts the request.
+        `grammar`: params.structured_output compiled by `compile_grammar`."""
         if not self.is_alive:
             raise EngineDead("the engine thread has stopped")
         self.check_room(1)
@@ -98,7 +106,7 @@ class AsyncEngine:
         finished = False
         try:
             self._streams[request_id] = (outputs, loop)
-            self._commands.put(_Add(request_id, prompt, params, accepted, outputs))
+            self._commands.put(_Add(request_id, prompt, params, grammar, accepted, outputs))
             await accepted
             while True:
                 item = await outputs.get()
@@ -153,7 +161,7 @@ class AsyncEngine:
         if loop is None:
             return  # the client left before its request was applied
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params)
+            self.engine.add_request(command.request_id, command.prompt, command.params, command.grammar)
         except Exception as exc:  # ValueError for bad input; anything else fails this request alone
             loop.call_soon_threadsafe(_settle, command.accepted, exc)
             return

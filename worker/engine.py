@@ -15,6 +15,14 @@ device computes step n, and the device never waits for the host. Step n+1 reads 
 of step n on the device (placeholders, kvflock.worker.sequence). A sequence that step n
 finishes has one more token computed by step n+1, which is dropped. Penalties need every
 token on the host, so a step that samples with them is completed before the next is launched.
+
+Structured outputs (kvflock.worker.structured_output): a request's grammar is compiled before it
+is added (`add_request` takes it compiled, or compiles it), each of its sequences advances its
+own matcher in the post-step update, and a matcher that allows nothing but EOS ends its sequence
+("stop"). A step with constrained sequences is queued on the device without its sampling; the
+host fills the grammar masks while the forward pass runs, then queues the sampling. With async
+scheduling that happens after the previous step is completed, whose tokens the masks depend on,
+so the device computes this step's forward pass while the host completes the previous one.
 """
 
 import itertools
@@ -41,6 +49,7 @@ from kvflock.worker.sequence import SampleResult, Sequence, TokenLogprobs
 from kvflock.worker.spec_decode.speculator import load_draft_model, make_speculator
 from kvflock.worker.spec_decode.verify import SpecDecodeStats
 from kvflock.worker.step_plan import ScheduledSequence, StepPlan
+from kvflock.worker.structured_output import Grammar, GrammarCompiler, fill_masks
 from kvflock.worker.tp import make_runner
 
 log = logging.getLogger(__name__)
@@ -95,12 +104,14 @@ class _Request:
 @dataclass
 class _LaunchedStep:
     """A step queued on the device: its plan, the items of it that sample, and their tokens (on
-    the device, or already on the host with speculative decoding)."""
+    the device, or already on the host with speculative decoding); until they are sampled, the
+    logits they are sampled from."""
 
     plan: StepPlan
     sampling: list[ScheduledSequence]
     sampled: SampledTokens | None = None
     emitted: list[list[SampleResult]] | None = None
+    logits: torch.Tensor | None = None
 
     @property
     def next_may_launch_first(self) -> bool:
@@ -150,6 +161,7 @@ class LLMEngine:
         self.speculator = make_speculator(config, num_blocks, self.sampler, self.draft)
         self._inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
         self._detokenizer = Detokenizer(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.async_scheduling = self._use_async_scheduling(config)
@@ -174,11 +186,16 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    grammar: Grammar | None = None) -> None:
+        """`grammar`: params.structured_output compiled by `self.grammars` (the server compiles it
+        off the engine's thread); compiled here when not given."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
         prompt_in = self._inputs.process(prompt, params)
+        if params.structured_output is not None and grammar is None:
+            grammar = self.grammars.compile(params.structured_output)
         ids = prompt_in.token_ids
         request = _Request(request_id, prompt_in.text, ids)
         for i in range(params.n):
@@ -186,6 +203,8 @@ class LLMEngine:
             if params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seq = Sequence(next(self._seq_ids), request_id, i, ids, params, generator)
+            if params.structured_output is not None:
+                seq.grammar = grammar.matcher()
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = request
@@ -232,6 +251,8 @@ class LLMEngine:
         current = self._launch(previous)
         outputs = self._complete(previous) if previous is not None else []
         if current is not None:
+            if current.logits is not None:
+                self._sample(current)  # its grammar masks needed the previous step's tokens
             if self.async_scheduling:
                 self._in_flight = current
             else:
@@ -259,13 +280,23 @@ class LLMEngine:
         step = _LaunchedStep(plan, sampling)
         if not sampling:
             step.emitted = []
-        elif self.speculator is not None:
-            step.emitted = self.speculator.sample(logits, sampling)
-        else:
-            step.sampled = self.sampler.sample(logits, [item.seq for item in sampling])
-            for row, item in enumerate(sampling):
-                item.seq.append_pending(row)
+            return step
+        step.logits = logits
+        if not any(item.seq.grammar is not None for item in sampling):
+            self._sample(step)
         return step
+
+    def _sample(self, step: _LaunchedStep) -> None:
+        """Queue the step's sampling, its constrained rows masked by their grammars."""
+        logits, step.logits = step.logits, None
+        masks = fill_masks(step.sampling, self.model_config.vocab_size)
+        if self.speculator is not None:
+            step.emitted = self.speculator.sample(logits, step.sampling, masks)
+            return
+        step.sampled = self.sampler.sample(logits, [item.seq for item in step.sampling], masks)
+        for row, item in enumerate(step.sampling):
+            if not item.seq.is_finished:  # one the previous step finished has no tokens to wait for
+                item.seq.append_pending(row)
 
     def _transfer_kv(self, plan: StepPlan) -> StepPlan:
         """Carry out the plan's KV transfers before its forward pass: evicted blocks go down to
@@ -289,7 +320,7 @@ class LLMEngine:
         the requests that progressed."""
         emitted = step.emitted if step.sampled is None else [[result] for result in step.sampled.results()]
         progressed: dict[str, _Request] = {}
-        for seq in self.scheduler.update(step.plan, emitted, self._detokenizer.check_stop):
+        for seq in self.scheduler.update(step.plan, emitted, self._apply_token):
             if seq.is_finished and self.speculator is not None:
                 self.speculator.release(seq)
             progressed[seq.request_id] = self._requests[seq.request_id]
@@ -299,6 +330,15 @@ class LLMEngine:
             if out.finished:
                 del self._requests[out.request_id]
         return outputs
+
+    def _apply_token(self, seq: Sequence) -> None:
+        """After a sequence's new token: its grammar advances over it, then the stop conditions,
+        to which a complete grammar adds its own."""
+        if seq.grammar is not None:
+            seq.grammar.accept(seq.output_token_ids[-1])
+        self._detokenizer.check_stop(seq)
+        if seq.finish_reason is None and seq.grammar is not None and seq.grammar.is_terminated:
+            seq.finish_reason = "stop"
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)

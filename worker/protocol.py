@@ -10,7 +10,7 @@ surrogate, which JSON's escapes can carry, is refused before it reaches the toke
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
 from kvflock.worker.api_errors import FieldError
@@ -24,6 +24,79 @@ class StreamOptions(BaseModel):
     model_config = _STRICT
 
     include_usage: bool = False
+
+
+def _json_schema(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """A JSON Schema given as an object or as its JSON text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        schema = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"a JSON Schema must be an object, got {type(schema).__name__}")
+    return schema
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema. The schema is always enforced, strict or not."""
+
+    model_config = _STRICT
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, any JSON object, or JSON that validates against a schema."""
+
+    model_config = _STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputsParams(BaseModel):
+    """vLLM's structured_outputs: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @field_validator("json_")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        return _json_schema(value)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputsParams":
+        given = [name.rstrip("_") for name, value in self if value not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of json, regex, choice, grammar, json_object must be set; got "
+                             f"{given or 'none'}")
+        return self
+
+    def constraint(self) -> tuple[str, StructuredOutput]:
+        """The field that is set and its constraint."""
+        if self.json_ is not None:
+            return "json", StructuredOutput(json_schema=self.json_)
+        if self.json_object:
+            return "json_object", StructuredOutput(json_object=True)
+        field = next(name for name in ("regex", "choice", "grammar") if getattr(self, name) is not None)
+        return field, StructuredOutput(**{field: getattr(self, field)})
 
 
 class _SamplingFields(BaseModel):
@@ -59,6 +132,18 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+
+    @field_validator("guided_json")
+    @classmethod
+    def _guided_schema(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        return _json_schema(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -75,7 +160,14 @@ class _SamplingFields(BaseModel):
         return self
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        structured_output: StructuredOutput | None = None) -> SamplingParams:
+                        tool_constraint: StructuredOutput | None = None) -> SamplingParams:
+        """The engine's parameters; `tool_constraint` is what a required or named tool_choice forces."""
+        structured_output = self.structured_output()
+        if tool_constraint is not None:
+            if structured_output is not None:
+                raise ValueError(f"tool_choice: a required or named tool choice cannot be combined with "
+                                 f"{self.structured_output_field}")
+            structured_output = tool_constraint
         given = {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -99,6 +191,39 @@ class _SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             **{k: v for k, v in given.items() if v is not None},
         )
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The structured output the request asks for, None when it asks for none; a ValueError
+        naming the fields when it asks for more than one."""
+        constraints = self._structured_outputs()
+        if len(constraints) > 1:
+            first, *others = (field.partition(".")[0] for field in constraints)
+            raise ValueError(f"{first}: cannot be combined with {', '.join(others)}; a request takes one structured "
+                             f"output constraint (response_format, structured_outputs or one guided_* field)")
+        return next(iter(constraints.values()), None)
+
+    @property
+    def structured_output_field(self) -> str | None:
+        """The request field that holds the structured output, for errors about it."""
+        return next(iter(self._structured_outputs()), None)
+
+    def _structured_outputs(self) -> dict[str, StructuredOutput]:
+        found: dict[str, StructuredOutput] = {}
+        response_format = self.response_format or ResponseFormat(type="text")
+        if response_format.type == "json_schema" and response_format.json_schema is not None:
+            found["response_format.json_schema.schema"] = StructuredOutput(
+                json_schema=response_format.json_schema.schema_)
+        elif response_format.type == "json_object":
+            found["response_format"] = StructuredOutput(json_object=True)
+        if self.structured_outputs is not None:
+            field, constraint = self.structured_outputs.constraint()
+            found[f"structured_outputs.{field}"] = constraint
+        guided = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+        for name, kind in guided.items():
+            if getattr(self, name) is not None:
+                found[name] = StructuredOutput(**{kind: getattr(self, name)})
+        return found
 
     @property
     def include_usage(self) -> bool:
@@ -194,7 +319,7 @@ def _arguments_object(arguments: str) -> Any:
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     description: str | None = None
@@ -250,12 +375,9 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: TemplateKwargs = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_checks(self) -> "ChatCompletionRequest":
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
         if self.continue_final_message and (self.add_generation_prompt or self.messages[-1].role != "assistant"):
@@ -300,7 +422,7 @@ class TokenizeCompletionRequest(BaseModel):
     """vLLM's /tokenize of a prompt. Special tokens are left out by default, as the engine
     encodes a prompt: `count` is then the prompt's usage.prompt_tokens."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str | None = None
     prompt: str
@@ -311,7 +433,7 @@ class TokenizeCompletionRequest(BaseModel):
 class TokenizeChatRequest(BaseModel):
     """vLLM's /tokenize of a conversation, rendered as /v1/chat/completions renders it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -328,7 +450,7 @@ class TokenizeChatRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str | None = None
     tokens: list[int]

@@ -18,6 +18,7 @@ from kvflock.worker.async_engine import AsyncEngine, EngineDead, EngineOverloade
 from kvflock.worker.engine import RequestOutput
 from kvflock.worker.metrics import WorkerMetrics
 from kvflock.worker.openai_format import Format, usage
+from kvflock.worker.structured_output import Grammar
 
 
 @dataclass
@@ -31,15 +32,17 @@ class _Tracked:
     text_seen: dict[int, int] = field(default_factory=dict)
 
 
-async def start_requests(metrics: WorkerMetrics, engine: AsyncEngine, requests: list[tuple[Any, Any]]
-                 ) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def start_requests(metrics: WorkerMetrics, engine: AsyncEngine, requests: list[tuple[Any, Any]],
+                         grammar: Grammar | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every request and wait until each is accepted and has its first output, so that
-    a refusal becomes an HTTP error before any byte of the answer is sent."""
+    a refusal becomes an HTTP error before any byte of the answer is sent. `grammar`: the
+    requests' structured output, compiled."""
     if len(requests) > engine.capacity:
         raise ApiError(400, f"prompt: {len(requests)} prompts exceed the {engine.capacity} this server holds at once "
                        "(max_num_seqs + max_queued_requests); send them in several requests", param="prompt")
     base = uuid.uuid4().hex
-    generators = [engine.generate(f"{base}-{i}", prompt, params) for i, (prompt, params) in enumerate(requests)]
+    generators = [engine.generate(f"{base}-{i}", prompt, params, grammar)
+                  for i, (prompt, params) in enumerate(requests)]
     firsts: list[RequestOutput] = []
     try:
         engine.check_room(len(requests))

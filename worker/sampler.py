@@ -1,7 +1,8 @@
 """Choosing the next token of each sequence from its logits.
 
-Order per row: penalties (repetition, frequency, presence), min_tokens masking, logit_bias, then for
-non-greedy rows temperature, top-k, top-p and min-p, then a draw. A row with a seed draws
+Order per row: penalties (repetition, frequency, presence), min_tokens masking, logit_bias, the
+grammar's mask of a structured output (kvflock.worker.structured_output), then for non-greedy rows
+temperature, top-k, top-p and min-p, then a draw. A row with a seed draws
 from its own generator, so its output does not depend on what else is in the batch.
 Logprobs are reported from the model's raw distribution, before any of the processing.
 
@@ -14,6 +15,7 @@ for that copy: the step's one synchronization.
 import torch
 
 from kvflock.worker.sequence import SampleResult, Sequence, TokenLogprobs
+from kvflock.worker.structured_output import StepMasks, apply_token_bitmask
 from kvflock.worker.transfer import HostCopy, to_device
 
 
@@ -41,7 +43,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def _mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> None:
     for row, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_tokens:
+        # A grammar decides where its output may end: once complete, it allows nothing but EOS.
+        if seq.num_output_tokens < seq.params.min_tokens and seq.grammar is None:
             banned = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(eos_token_ids))
             if banned:
                 logits[row].index_fill_(0, _ids(sorted(banned), logits.device), float("-inf"))
@@ -112,10 +115,11 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        return self.sample(logits, seqs).results()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], masks: StepMasks | None = None) -> list[SampleResult]:
+        return self.sample(logits, seqs, masks).results()
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], masks: StepMasks | None = None) -> SampledTokens:
+        """The rows' tokens; `masks` restrict the rows of constrained sequences to their grammars."""
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
         if any(s.params.has_penalties or s.num_output_tokens < s.params.min_tokens for s in seqs):
@@ -123,6 +127,8 @@ class Sampler:
             _mask_stop_tokens(logits, seqs, self.eos_token_ids)
         if any(s.params.logit_bias for s in seqs):
             logits = apply_logit_bias(logits.clone(), seqs)  # a copy, as above
+        if masks is not None:
+            logits = apply_token_bitmask(logits, masks)
 
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]

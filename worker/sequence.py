@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # torch and the config stay out of the torch-free scheduler's
     import torch
 
     from kvflock.worker.config import SamplingParams
+    from kvflock.worker.structured_output import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -62,6 +63,7 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_preemptions: int = 0
     num_pending_tokens: int = 0
+    grammar: GrammarMatcher | None = None  # where its output is in its structured output's grammar
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)

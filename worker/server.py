@@ -32,10 +32,10 @@ from kvflock.shared.auth import AccessControl, AccessPolicy
 from kvflock.shared.chat import render_chat
 from kvflock.shared.logs import RequestIdMiddleware
 from kvflock.shared.version import __version__
-from kvflock.worker.api_errors import RETRY_AFTER_SECONDS, ApiError, build_or_400, validation_error
+from kvflock.worker.api_errors import RETRY_AFTER_SECONDS, ApiError, build_or_400, error_from_value, validation_error
 from kvflock.worker.async_engine import AsyncEngine
+from kvflock.worker.config import SamplingParams, StructuredOutput
 from kvflock.worker.metrics import WorkerMetrics
-from kvflock.worker.config import StructuredOutput
 from kvflock.worker.openai_format import ChatFormat, CompletionFormat
 from kvflock.worker.protocol import (
     ChatCompletionRequest,
@@ -45,6 +45,7 @@ from kvflock.worker.protocol import (
     TokenizeCompletionRequest,
 )
 from kvflock.worker.responses import respond, start_requests
+from kvflock.worker.structured_output import Grammar
 from kvflock.worker.tool_parsers import ToolCallFormat, ToolCallReader, detect_format
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,9 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         arrived = time.monotonic()
         engine = _prepare(state, body.model)
         params = build_or_400(lambda: body.sampling_params(body.max_tokens, body.logprobs))
+        grammar = await _compile_grammar(engine, params, body.structured_output_field)
         prompts = body.prompts()
-        stream = await start_requests(state.metrics, engine, [(p, params) for p in prompts])
+        stream = await start_requests(state.metrics, engine, [(p, params) for p in prompts], grammar)
         echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else None
         formatter = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", body.model, body.n, engine, echo)
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, len(prompts), arrived)
@@ -263,8 +265,10 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         schema = reader.forcing_schema([tool.model_dump() for tool in body.tools or []]) if reader else None
         constraint = StructuredOutput(json_schema=schema) if schema is not None else None  # a forced tool choice
         params = build_or_400(lambda: body.sampling_params(body.output_limit, body.num_logprobs, constraint))
+        field = body.structured_output_field or ("tool_choice" if constraint is not None else None)
+        grammar = await _compile_grammar(engine, params, field)
         prompt = _render(engine, body.messages, body.template_tools(), body)
-        stream = await start_requests(state.metrics, engine, [(prompt, params)])
+        stream = await start_requests(state.metrics, engine, [(prompt, params)], grammar)
         formatter = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", body.model, body.n, engine, reader)
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, 1, arrived)
 
@@ -292,6 +296,19 @@ def _prepare(state: WorkerState, model: str | None) -> AsyncEngine:
         served = ", ".join(repr(name) for name in state.served_names)
         raise ApiError(404, f"model: {model!r} is not served here; this worker serves {served}", param="model")
     return state.serving_engine()
+
+
+async def _compile_grammar(engine: AsyncEngine, params: SamplingParams, field: str | None) -> Grammar | None:
+    """The request's structured output compiled, before the request enters the engine; a 400
+    naming the request's `field` when it does not compile."""
+    if params.structured_output is None:
+        return None
+    try:
+        return await engine.compile_grammar(params.structured_output)
+    except ValueError as exc:
+        if field is None:
+            raise error_from_value(exc) from exc
+        raise ApiError(400, f"{field}: {str(exc).partition(': ')[2]}", param=field) from exc
 
 
 def _render(engine: AsyncEngine, messages: list[Any], tools: list[dict[str, Any]] | None,

@@ -4,7 +4,9 @@ positions (kvflock.worker.spec_decode.verify), next to plain sampling for the ot
 
 Sequences with repetition, frequency or presence penalties, with logprobs or a logit_bias, or
 still short of their min_tokens are never drafted for: their processing depends on every token before, so
-each position would need its own; they decode one token per step as before.
+each position would need its own; they decode one token per step as before. Sequences with a
+structured output are drafted for: the grammar's mask at each drafted position (the matcher
+advanced over the drafts before it) rejects the drafts it refuses.
 """
 
 import logging
@@ -20,6 +22,7 @@ from kvflock.worker.spec_decode.draft_model import DraftModelDrafter
 from kvflock.worker.spec_decode.drafters import Drafter, NgramDrafter
 from kvflock.worker.spec_decode.verify import SpecDecodeStats, accept_greedy, accept_sampled, target_probs
 from kvflock.worker.step_plan import ScheduledSequence
+from kvflock.worker.structured_output import StepMasks, apply_token_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +69,13 @@ class Speculator:
     def release(self, seq: Sequence) -> None:
         self.drafter.release(seq)
 
-    def sample(self, logits: torch.Tensor, items: list[ScheduledSequence]) -> list[list[SampleResult]]:
+    def sample(self, logits: torch.Tensor, items: list[ScheduledSequence],
+               masks: StepMasks | None = None) -> list[list[SampleResult]]:
         """The tokens each sampling item emits, in order: one sampled for a plain item; the
         accepted drafts and the target's next token for one that verified drafts. An item's
-        logits rows are its 1 + num_draft_tokens consecutive rows."""
+        logits rows are its 1 + num_draft_tokens consecutive rows; `masks` hold the grammar's
+        allowed tokens at each row of a constrained item, so that a draft the grammar refuses is
+        rejected like one the target would not have chosen."""
         rows: list[range] = []
         for item in items:
             start = rows[-1].stop if rows else 0
@@ -77,9 +83,13 @@ class Speculator:
         emitted: list[list[SampleResult]] = [[] for _ in items]
         plain = [i for i, item in enumerate(items) if not item.num_draft_tokens]
         if plain:
-            first_rows = torch.tensor([rows[i].start for i in plain], device=logits.device)
-            for i, result in zip(plain, self.sampler(logits[first_rows], [items[i].seq for i in plain])):
+            first_rows = [rows[i].start for i in plain]
+            plain_masks = masks.select(first_rows) if masks is not None else None
+            index = torch.tensor(first_rows, device=logits.device)
+            for i, result in zip(plain, self.sampler(logits[index], [items[i].seq for i in plain], plain_masks)):
                 emitted[i] = [result]
+        if masks is not None:
+            logits = apply_token_bitmask(logits, masks)
 
         drafted = [i for i, item in enumerate(items) if item.num_draft_tokens]
         argmax = logits.argmax(dim=-1).tolist()
