@@ -62,6 +62,8 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_preemptions: int = 0
     num_pending_tokens: int = 0
+    lora_name: str | None = None  # the adapter it runs with (kvflock.worker.lora); None: the base model
+    block_hash_root: int | None = None  # what its first KV block hashes from (its adapter's weights)
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)
