@@ -31,15 +31,16 @@ class _Tracked:
     text_seen: dict[int, int] = field(default_factory=dict)
 
 
-async def start_requests(metrics: WorkerMetrics, engine: AsyncEngine, requests: list[tuple[Any, Any]]
-                 ) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def start_requests(metrics: WorkerMetrics, engine: AsyncEngine, requests: list[tuple[Any, Any]],
+                         lora_name: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every request and wait until each is accepted and has its first output, so that
     a refusal becomes an HTTP error before any byte of the answer is sent."""
     if len(requests) > engine.capacity:
         raise ApiError(400, f"prompt: {len(requests)} prompts exceed the {engine.capacity} this server holds at once "
                        "(max_num_seqs + max_queued_requests); send them in several requests", param="prompt")
     base = uuid.uuid4().hex
-    generators = [engine.generate(f"{base}-{i}", prompt, params) for i, (prompt, params) in enumerate(requests)]
+    generators = [engine.generate(f"{base}-{i}", prompt, params, lora_name)
+                  for i, (prompt, params) in enumerate(requests)]
     firsts: list[RequestOutput] = []
     try:
         engine.check_room(len(requests))
