@@ -38,6 +38,7 @@ from kvflock.worker.kv.manager import KVCacheManager
 from kvflock.worker.kv.sizing import max_model_len, num_kv_blocks, offload_tiers
 from kvflock.worker.lora.adapter import LoRAWeights
 from kvflock.worker.lora.layers import LoRALayers
+from kvflock.worker.lora.layers import detach as detach_lora
 from kvflock.worker.lora.manager import LoRAManager, LoRAStats
 from kvflock.worker.model.loader import LoadedModel, load
 from kvflock.worker.model.tokenizer import read_chat_template
@@ -151,6 +152,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras if config.enable_lora else None)
         self.runner = make_runner(self.loaded, kv_cache, config.block_size)
+        detach_lora(self.loaded.model)  # a shared model load may carry another engine's adapter hooks
         self.loras = self._make_lora_manager(config) if config.enable_lora else None
         if self._use_cuda_graphs(config):
             verify_tokens = 1 + config.num_speculative_tokens if config.speculative_method else None

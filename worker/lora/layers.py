@@ -47,6 +47,9 @@ class LoRALayers:
         self._shrink = lora_kernels.lora_shrink if triton else lora_kernels.lora_shrink_ref
         self._expand = lora_kernels.lora_expand if triton else lora_kernels.lora_expand_ref
         shapes = projection_shapes(cfg)
+        detach(model)  # engines may share a model load: only the newest engine's slots stay hooked
+        model.lora_layers = self
+        self._undo: list[Callable[[], None]] = []
         self.groups: list[dict[str, _Group]] = []
         for layer in model.model.layers:
             groups = {}
@@ -95,11 +98,12 @@ class LoRALayers:
             def after(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, i: int = i) -> torch.Tensor:
                 self._apply(group, args[0], [out], first=i)
                 return out
-            getattr(parent, member).register_forward_hook(after)
+            self._undo.append(getattr(parent, member).register_forward_hook(after).remove)
         fused = getattr(parent, fused_attr) if fused_attr else None
         if fused is not None:
             sizes = [b.shape[1] for b in group.bs]
             setattr(parent, fused_attr, self._with_deltas(fused, group, sizes))
+            self._undo.append(lambda: setattr(parent, fused_attr, fused))
 
     def _with_deltas(self, fused: Callable[[torch.Tensor], torch.Tensor], group: _Group,
                      sizes: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -109,3 +113,12 @@ class LoRALayers:
             return out
         return run
 
+
+
+def detach(model: LlamaForCausalLM) -> None:
+    """Take the adapter hooks off `model`, if any engine put them there."""
+    layers = getattr(model, "lora_layers", None)
+    if layers is not None:
+        for undo in reversed(layers._undo):
+            undo()
+        model.lora_layers = None
