@@ -254,8 +254,25 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--admin-token-file", default=None,
                    help="require this operator token on /admin/* (default: $KVFLOCK_ADMIN_TOKEN_FILE, else open)")
     p.add_argument("--metrics-port", type=_port, default=None, help="serve /metrics on this port instead of --port")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT folders) served from the start, each under its name (needs --enable-lora)")
     _add_engine_options(p)
     p.set_defaults(func=_run_serve)
+
+
+def _lora_modules(values: list[str], enabled: bool) -> dict[str, str]:
+    """--lora-modules NAME=PATH ... as {name: path}."""
+    modules: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"lora_modules: {value!r} is not NAME=PATH")
+        if name in modules:
+            raise ValueError(f"lora_modules: the name {name!r} is given twice")
+        modules[name] = path
+    if modules and not enabled:
+        raise ValueError("lora_modules: adapters need --enable-lora")
+    return modules
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -279,15 +296,20 @@ def _run_serve(args: argparse.Namespace) -> int:
     from kvflock.worker.model.tokenizer import read_chat_template
 
     read_chat_template(config.chat_template)  # a wrong --chat-template fails now, in one line, not in the load
+    lora_modules = _lora_modules(args.lora_modules, config.enable_lora)
 
     def load() -> AsyncEngine:
         engine = LLMEngine(config)
+        for name, path in lora_modules.items():
+            engine.load_lora(name, path)
         engine.warm_up()
         return AsyncEngine(engine, args.max_queued_requests)
 
     names = args.served_model_name or [config.model]
     if len(set(names)) != len(names):
         raise ValueError(f"served_model_name: each name may be given once, got {names}")
+    if set(names) & set(lora_modules):
+        raise ValueError(f"lora_modules: {sorted(set(names) & set(lora_modules))} also served as the base model's name")
     state = WorkerState(served_model_name=names[0], aliases=tuple(names[1:]), tool_call_parser=config.tool_call_parser)
     server: uvicorn.Server | None = None
 

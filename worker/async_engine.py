@@ -41,6 +41,15 @@ class _Add:
     grammar: Grammar | None
     accepted: asyncio.Future
     outputs: asyncio.Queue
+    lora_name: str | None = None
+
+
+@dataclass
+class _Call:
+    """Run `fn` on the engine thread between steps; its result or exception settles `done`."""
+
+    fn: Callable[[], Any]
+    done: asyncio.Future
 
 
 @dataclass
@@ -52,7 +61,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queued_requests: int = 256) -> None:
         self.engine = engine
         self.max_queued_requests = max_queued_requests
-        self._commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._in_flight = 0
         self.last_step_at = time.monotonic()
@@ -62,6 +71,7 @@ class AsyncEngine:
         self.tokenizer: Any = copy.deepcopy(engine.tokenizer)
         self.chat_template = engine.chat_template
         self.stats: EngineStats = engine.stats()  # replaced by the engine thread, never changed in place
+        self.lora_names: tuple[str, ...] = self._lora_names()  # replaced by the engine thread after each call
         self._thread = threading.Thread(target=self._run, name="kvflock-engine", daemon=True)
         self._thread.start()
 
@@ -90,8 +100,20 @@ class AsyncEngine:
         compiler is thread-safe): a ValueError naming the spec's field when it does not compile."""
         return await asyncio.to_thread(self.engine.grammars.compile, spec)
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """fn's result, run on the engine thread between two steps (its exception is raised here)."""
+        if not self.is_alive:
+            raise EngineDead("the engine thread has stopped")
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._commands.put(_Call(fn, done))
+        return await done
+
+    def _lora_names(self) -> tuple[str, ...]:
+        return () if self.engine.loras is None else tuple(self.engine.loras.names)
+
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, grammar: Grammar | None = None
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, grammar: Grammar | None = None,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs (cumulative) until it finishes. A ValueError from
         validation is raised before the first output; leaving early aborts the request.
@@ -106,7 +128,7 @@ class AsyncEngine:
         finished = False
         try:
             self._streams[request_id] = (outputs, loop)
-            self._commands.put(_Add(request_id, prompt, params, grammar, accepted, outputs))
+            self._commands.put(_Add(request_id, prompt, params, grammar, accepted, outputs, lora_name))
             await accepted
             while True:
                 item = await outputs.get()
@@ -140,7 +162,7 @@ class AsyncEngine:
                 self.last_step_at = time.monotonic()  # idle, but turning
             self.stats = self.engine.stats()
 
-    def _next_commands(self) -> list[_Add | _Abort | None]:
+    def _next_commands(self) -> list[_Add | _Abort | _Call | None]:
         """Whatever arrived since the last step; when idle, wait (briefly) for something."""
         commands = []
         try:
@@ -153,15 +175,26 @@ class AsyncEngine:
         except queue.Empty:
             return commands
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Add | _Abort | _Call) -> None:
         if isinstance(command, _Abort):
             self.engine.abort_request(command.request_id)
+            return
+        if isinstance(command, _Call):
+            loop = command.done.get_loop()
+            try:
+                result = command.fn()
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, command.done, exc)
+                return
+            self.lora_names = self._lora_names()
+            loop.call_soon_threadsafe(_settle_with, command.done, result)
             return
         loop = self._streams.get(command.request_id, (None, None))[1]
         if loop is None:
             return  # the client left before its request was applied
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params, command.grammar)
+            self.engine.add_request(command.request_id, command.prompt, command.params, command.grammar,
+                                    command.lora_name)
         except Exception as exc:  # ValueError for bad input; anything else fails this request alone
             loop.call_soon_threadsafe(_settle, command.accepted, exc)
             return
@@ -188,6 +221,11 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream[1].call_soon_threadsafe(stream[0].put_nowait, RuntimeError(f"engine step failed: {exc}"))
+
+
+def _settle_with(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _settle(future: asyncio.Future, error: Any) -> None:

@@ -174,6 +174,14 @@ class EngineConfig(BaseModel):
         None, description="draft: the small model (HF folder or .gguf) with the target's vocabulary"
     )
     seed: int = Field(0, description="seed of the engine's random state (a request's own seed wins)")
+    enable_lora: bool = Field(False, description="serve LoRA adapters (PEFT folders) on the base model, each "
+                              "request naming its adapter as the model")
+    max_loras: int = Field(8, ge=1, le=256, description="adapters on the device at once (one step uses at most "
+                           "this many)")
+    max_lora_rank: int = Field(16, ge=1, le=128, description="the largest adapter rank served (device slots are "
+                               "this wide)")
+    max_cpu_loras: int = Field(32, ge=1, le=4096, description="adapters kept in CPU memory; others are read "
+                               "from disk again when used")
 
     @model_validator(mode="after")
     def _check_speculative(self) -> "EngineConfig":
@@ -188,6 +196,14 @@ class EngineConfig(BaseModel):
         if self.async_scheduling and (self.speculative_method or self.tensor_parallel_size > 1):
             raise ValueError("async_scheduling: not supported with speculative decoding or tensor_parallel_size > 1 "
                              "(drafting and the other ranks need each step's tokens on the host)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> "EngineConfig":
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora: LoRA adapters are served with tensor_parallel_size=1 only")
+        if self.enable_lora and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras: {self.max_cpu_loras} is below max_loras={self.max_loras}")
         return self
 
     @model_validator(mode="after")

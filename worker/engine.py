@@ -23,6 +23,10 @@ own matcher in the post-step update, and a matcher that allows nothing but EOS e
 host fills the grammar masks while the forward pass runs, then queues the sampling. With async
 scheduling that happens after the previous step is completed, whose tokens the masks depend on,
 so the device computes this step's forward pass while the host completes the previous one.
+
+With `enable_lora` a request may name a LoRA adapter (`add_request(..., lora_name=...)`):
+the engine registers adapters (`load_lora`, `unload_lora`), and before each step gives every
+scheduled sequence its adapter's device slot (kvflock.worker.lora.manager).
 """
 
 import itertools
@@ -40,6 +44,10 @@ from kvflock.worker.detokenizer import Detokenizer
 from kvflock.worker.inputs import InputProcessor
 from kvflock.worker.kv.manager import KVCacheManager
 from kvflock.worker.kv.sizing import max_model_len, num_kv_blocks, offload_tiers
+from kvflock.worker.lora.adapter import LoRAWeights
+from kvflock.worker.lora.layers import LoRALayers
+from kvflock.worker.lora.layers import detach as detach_lora
+from kvflock.worker.lora.manager import LoRAManager, LoRAStats
 from kvflock.worker.model.loader import LoadedModel, load
 from kvflock.worker.model.tokenizer import read_chat_template
 from kvflock.worker.runner import allocate_kv_cache
@@ -87,6 +95,7 @@ class EngineStats:
     prefix_queried_tokens: int
     prefix_hit_tokens: int
     spec_decode: SpecDecodeStats | None  # None when speculative decoding is off
+    lora: LoRAStats | None = None  # None when LoRA is off
 
 
 @dataclass
@@ -151,8 +160,11 @@ class LLMEngine:
                                      self.loaded.tp_size)
         self.tiers = offload_tiers(config, self.loaded, kv_cache)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, self.tiers)
-        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_loras if config.enable_lora else None)
         self.runner = make_runner(self.loaded, kv_cache, config.block_size)
+        detach_lora(self.loaded.model)  # a shared model load may carry another engine's adapter hooks
+        self.loras = self._make_lora_manager(config) if config.enable_lora else None
         if self._use_cuda_graphs(config):
             verify_tokens = 1 + config.num_speculative_tokens if config.speculative_method else None
             self.runner.capture_decode_graphs(self.max_model_len, capture_batch_sizes(config.max_num_seqs),
@@ -172,6 +184,33 @@ class LLMEngine:
             config.block_size, self.max_model_len,
         )
 
+    def _make_lora_manager(self, config: EngineConfig) -> LoRAManager:
+        """Adapter slots hooked into the model before any CUDA graph is captured (the graphs
+        then hold the adapter kernels, reading the slots and the step's grouping)."""
+        layers = LoRALayers(self.loaded.model, config.max_loras, config.max_lora_rank, config.max_num_batched_tokens,
+                            triton=self.loaded.model.model.layers[0].self_attn.backend.triton_pointwise)
+        self.runner.lora = layers
+        return LoRAManager(layers, self.model_config, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
+                           self.dtype, pin_memory=self.device.type == "cuda")
+
+    def load_lora(self, name: str, path: str, adapter: LoRAWeights | None = None) -> None:
+        """Serve the adapter folder `path` as `name` (ValueError naming lora_path if it is not a
+        usable adapter); `adapter`: its weights when already read (LoRAManager.read)."""
+        if self.loras is None:
+            raise ValueError("lora_name: this engine serves no adapters; start it with enable_lora")
+        if name in self.loras.names and self.loras.path(name) != str(path):
+            raise ValueError(f"lora_name: {name!r} is already loaded from {self.loras.path(name)}; unload it first")
+        self.loras.register(name, path, adapter)
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving `name`; ValueError if unknown or still in use by a request."""
+        if self.loras is None or name not in self.loras.names:
+            raise ValueError(f"lora_name: no adapter {name!r} is loaded")
+        users = [r for r in self._requests.values() if any(s.lora_name == name for s in r.seqs)]
+        if users:
+            raise ValueError(f"lora_name: {name!r} is in use by {len(users)} request(s); unload it when they finish")
+        self.loras.unregister(name)
+
     def _use_cuda_graphs(self, config: EngineConfig) -> bool:
         """On CUDA with the Triton kernels and one rank (graph capture would need every rank of
         a tensor-parallel replica to capture in step)."""
@@ -187,12 +226,17 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    grammar: Grammar | None = None) -> None:
+                    grammar: Grammar | None = None, lora_name: str | None = None) -> None:
         """`grammar`: params.structured_output compiled by `self.grammars` (the server compiles it
-        off the engine's thread); compiled here when not given."""
+        off the engine's thread); compiled here when not given. `lora_name`: the adapter to run with."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
+        root = None
+        if lora_name is not None:
+            if self.loras is None or lora_name not in self.loras.names:
+                raise ValueError(f"model: no adapter {lora_name!r} is loaded")
+            root = self.loras.block_hash_root(lora_name)
         prompt_in = self._inputs.process(prompt, params)
         if params.structured_output is not None and grammar is None:
             grammar = self.grammars.compile(params.structured_output)
@@ -202,12 +246,15 @@ class LLMEngine:
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            seq = Sequence(next(self._seq_ids), request_id, i, ids, params, generator)
+            seq = Sequence(next(self._seq_ids), request_id, i, ids, params, generator, lora_name=lora_name,
+                           block_hash_root=root)
             if params.structured_output is not None:
                 seq.grammar = grammar.matcher()
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = request
+        if lora_name is not None and self.loras is not None:
+            self.loras.stats.requests[lora_name] += 1
 
     def abort_request(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -232,7 +279,9 @@ class LLMEngine:
         spec = None if self.speculator is None else replace(self.speculator.stats)
         return EngineStats(len(scheduler.running), len(scheduler.waiting), pool.capacity, pool.capacity - pool.num_free,
                            pool.num_cached, scheduler.num_preemptions, scheduler.prefix_queried_tokens,
-                           scheduler.prefix_hit_tokens, spec)
+                           scheduler.prefix_hit_tokens, spec, None if self.loras is None else replace(
+                               self.loras.stats, requests=self.loras.stats.requests.copy(),
+                               generation_tokens=self.loras.stats.generation_tokens.copy()))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -268,6 +317,8 @@ class LLMEngine:
         plan = self._transfer_kv(self.scheduler.schedule(drafts))
         if not plan.scheduled:
             return None
+        if self.loras is not None:
+            self.loras.assign(plan)
         sampling = plan.sampling
         pending = None
         if previous is not None and previous.sampled is not None and any(
@@ -319,10 +370,15 @@ class LLMEngine:
         """Read the step's tokens and apply them (kvflock.worker.scheduler.Scheduler.update);
         the requests that progressed."""
         emitted = step.emitted if step.sampled is None else [[result] for result in step.sampled.results()]
+        if self.loras is not None:
+            for item, results in zip(step.sampling, emitted):
+                if item.seq.lora_name is not None:
+                    self.loras.stats.generation_tokens[item.seq.lora_name] += len(results)
         progressed: dict[str, _Request] = {}
         for seq in self.scheduler.update(step.plan, emitted, self._apply_token):
             if seq.is_finished and self.speculator is not None:
                 self.speculator.release(seq)
+
             progressed[seq.request_id] = self._requests[seq.request_id]
 
         outputs = [self._output(r) for r in progressed.values()]

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from kvflock.shared import metrics
 from kvflock.worker.async_engine import AsyncEngine
+from kvflock.worker.lora.manager import LoRAStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -47,6 +48,8 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("kvflock_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                   value=stats.prefix_hit_tokens)
         yield GaugeMetricFamily("kvflock_kv_blocks_cached", "KV blocks holding a known prefix", value=stats.kv_blocks_cached)
+        if stats.lora is not None:
+            yield from _lora_metrics(stats.lora)
         if stats.spec_decode is not None:
             spec = stats.spec_decode
             yield CounterMetricFamily("kvflock_spec_decode_draft_tokens", "Tokens drafted for speculative decoding",
@@ -60,6 +63,21 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily("kvflock_spec_decode_tokens_per_step",
                                     "Tokens a sequence gains per step that verifies drafts, since start",
                                     value=spec.tokens_per_step)
+
+
+def _lora_metrics(lora: LoRAStats) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    yield GaugeMetricFamily("kvflock_lora_adapters_loaded", "LoRA adapters in device slots", value=lora.loaded)
+    yield GaugeMetricFamily("kvflock_lora_adapters_registered", "LoRA adapters served", value=lora.registered)
+    yield CounterMetricFamily("kvflock_lora_swaps", "LoRA adapters put into a device slot", value=lora.swaps)
+    yield CounterMetricFamily("kvflock_lora_disk_reads", "LoRA adapters read from disk again after leaving the CPU "
+                              "copy", value=lora.disk_reads)
+    for name, help_text, counts in [("kvflock_lora_requests", "Requests by LoRA adapter", lora.requests),
+                                    ("kvflock_lora_generation_tokens", "Generated tokens by LoRA adapter",
+                                     lora.generation_tokens)]:
+        family = CounterMetricFamily(name, help_text, labels=["lora_name"])
+        for adapter, value in sorted(counts.items()):
+            family.add_metric([adapter], value)
+        yield family
 
 
 class WorkerMetrics:

@@ -33,7 +33,8 @@ class _Tracked:
 
 
 async def start_requests(metrics: WorkerMetrics, engine: AsyncEngine, requests: list[tuple[Any, Any]],
-                         grammar: Grammar | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+                         grammar: Grammar | None = None, lora_name: str | None = None
+                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every request and wait until each is accepted and has its first output, so that
     a refusal becomes an HTTP error before any byte of the answer is sent. `grammar`: the
     requests' structured output, compiled."""
@@ -41,7 +42,7 @@ async def start_requests(metrics: WorkerMetrics, engine: AsyncEngine, requests: 
         raise ApiError(400, f"prompt: {len(requests)} prompts exceed the {engine.capacity} this server holds at once "
                        "(max_num_seqs + max_queued_requests); send them in several requests", param="prompt")
     base = uuid.uuid4().hex
-    generators = [engine.generate(f"{base}-{i}", prompt, params, grammar)
+    generators = [engine.generate(f"{base}-{i}", prompt, params, grammar, lora_name)
                   for i, (prompt, params) in enumerate(requests)]
     firsts: list[RequestOutput] = []
     try:

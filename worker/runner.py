@@ -9,6 +9,10 @@ The packed form is what tensor-parallel rank 0 broadcasts to the other ranks eac
 With async scheduling an input id may be a placeholder for a token the previous step sampled
 (kvflock.worker.sequence); the runner reads its value from that step's sampled tokens on the
 device, so the step can be queued before the host has seen them.
+
+With LoRA adapters the packed step also groups the tokens by adapter slot (`order` and
+`seg_starts`, kvflock.kernels.lora), which the runner hands to the adapter layers
+(kvflock.worker.lora.layers) before the forward pass.
 """
 
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ import torch
 from kvflock.worker.attention import AttentionMetadata
 from kvflock.worker.config import ModelConfig
 from kvflock.worker.cuda_graphs import DecodeGraphs
+from kvflock.worker.lora.layers import LoRALayers
 from kvflock.worker.model.llama import LlamaForCausalLM
 from kvflock.worker.model.parallel import kv_heads_per_rank
 from kvflock.worker.step_plan import StepPlan
@@ -41,17 +46,19 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp
 @dataclass(frozen=True)
 class StepShape:
     """The sizes that delimit the fields of a packed step: tokens, sequences, sampling
-    sequences, and the width of the padded block tables."""
+    sequences, the width of the padded block tables, and the adapter slots (0: no LoRA)."""
 
     num_tokens: int
     num_seqs: int
     num_samples: int
     max_blocks: int
+    num_lora_slots: int = 0
 
     @property
     def packed_len(self) -> int:
         t, b = self.num_tokens, self.num_seqs
-        return 3 * t + 2 * b + 1 + self.num_samples + b * self.max_blocks
+        lora = t + self.num_lora_slots + 1 if self.num_lora_slots else 0
+        return 3 * t + 2 * b + 1 + self.num_samples + b * self.max_blocks + lora
 
 
 @dataclass
@@ -63,11 +70,15 @@ class StepInputs:
     meta: AttentionMetadata
     sample_rows: torch.Tensor
     tokens_per_seq: int | None = None  # when every sequence has this many new tokens
+    lora_order: torch.Tensor | None = None  # the tokens grouped by adapter slot (with LoRA)
+    lora_seg_starts: torch.Tensor | None = None
 
 
-def pack_step(plan: StepPlan, block_size: int, pin_memory: bool = False) -> tuple[StepShape, torch.Tensor]:
+def pack_step(plan: StepPlan, block_size: int, pin_memory: bool = False,
+              num_lora_slots: int = 0) -> tuple[StepShape, torch.Tensor]:
     """The step as one int64 CPU tensor: input ids, positions, slot mapping (per token),
-    context lengths, cu_seqlens, the rows that sample, then the block tables row by row.
+    context lengths, cu_seqlens, the rows that sample, then the block tables row by row, and
+    with `num_lora_slots` the tokens grouped by adapter slot (order, then seg_starts).
     `pin_memory` puts it in pinned memory, so its copy to the GPU can be queued."""
     input_ids: list[int] = []
     positions: list[int] = []
@@ -93,16 +104,32 @@ def pack_step(plan: StepPlan, block_size: int, pin_memory: bool = False) -> tupl
     tables: list[int] = []
     for item in plan.scheduled:
         tables += item.block_ids + [0] * (max_blocks - len(item.block_ids))
-    shape = StepShape(len(input_ids), len(plan.scheduled), len(sample_rows), max_blocks)
+    shape = StepShape(len(input_ids), len(plan.scheduled), len(sample_rows), max_blocks, num_lora_slots)
     fields = input_ids + positions + slots + context_lens + cu_seqlens + sample_rows + tables
+    if num_lora_slots:
+        fields += _group_by_slot(plan, cu_seqlens, num_lora_slots)
     return shape, torch.tensor(fields, dtype=torch.int64, pin_memory=pin_memory)
+
+
+def _group_by_slot(plan: StepPlan, cu_seqlens: list[int], num_slots: int) -> list[int]:
+    """`order` (token rows by slot, padded to the step's tokens) then `seg_starts`."""
+    by_slot: list[list[int]] = [[] for _ in range(num_slots)]
+    for i, item in enumerate(plan.scheduled):
+        if item.lora_slot >= 0:
+            by_slot[item.lora_slot].extend(range(cu_seqlens[i], cu_seqlens[i + 1]))
+    order = [row for rows in by_slot for row in rows]
+    seg_starts = [0]
+    for rows in by_slot:
+        seg_starts.append(seg_starts[-1] + len(rows))
+    return order + [0] * (cu_seqlens[-1] - len(order)) + seg_starts
 
 
 def unpack_step(shape: StepShape, packed: torch.Tensor) -> StepInputs:
     """Views of a packed step (already on the model's device) as the model's inputs."""
     t, b, s = shape.num_tokens, shape.num_seqs, shape.num_samples
-    input_ids, positions, slots, context_lens, cu_seqlens, sample_rows, tables = packed.split(
-        [t, t, t, b, b + 1, s, b * shape.max_blocks]
+    lora = [t, shape.num_lora_slots + 1] if shape.num_lora_slots else []
+    input_ids, positions, slots, context_lens, cu_seqlens, sample_rows, tables, *grouping = packed.split(
+        [t, t, t, b, b + 1, s, b * shape.max_blocks, *lora]
     )
     meta = AttentionMetadata(
         slot_mapping=slots,
@@ -111,7 +138,7 @@ def unpack_step(shape: StepShape, packed: torch.Tensor) -> StepInputs:
         cu_seqlens_q=cu_seqlens.to(torch.int32),
         is_decode=t == b,
     )
-    return StepInputs(input_ids, positions, meta, sample_rows)
+    return StepInputs(input_ids, positions, meta, sample_rows, None, *grouping)
 
 
 def fill_pending(input_ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
@@ -128,6 +155,7 @@ class ModelRunner:
         self.device = kv_cache.device
         self.decode_graphs: DecodeGraphs | None = None
         self.verify_graphs: DecodeGraphs | None = None
+        self.lora: LoRALayers | None = None  # set by the engine when it serves adapters
 
     def capture_decode_graphs(self, max_model_len: int, batch_sizes: list[int], verify_tokens: int | None = None) -> None:
         """From now on, decode steps of up to max(batch_sizes) sequences replay CUDA graphs, and
@@ -141,7 +169,8 @@ class ModelRunner:
         """Logits [num_sampling_rows, vocab] in the order of `plan.scheduled`: one row per
         sampling sequence, 1 + num_draft_tokens for one that verifies drafts. `pending`: the
         previous step's sampled tokens, which the plan's placeholders stand for."""
-        shape, packed = pack_step(plan, self.block_size, pin_memory=self.device.type == "cuda")
+        num_lora_slots = 0 if self.lora is None else self.lora.seg_starts.shape[0] - 1
+        shape, packed = pack_step(plan, self.block_size, self.device.type == "cuda", num_lora_slots)
         inputs = unpack_step(shape, packed.to(self.device, non_blocking=True))
         if pending is not None:
             inputs.input_ids = fill_pending(inputs.input_ids, pending)
@@ -156,6 +185,8 @@ class ModelRunner:
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
         """The forward pass; logits on tensor-parallel rank 0, None on the other ranks."""
         meta = inputs.meta
+        if self.lora is not None and inputs.lora_order is not None:
+            self.lora.set_batch(inputs.lora_order, inputs.lora_seg_starts)
         graphs = next((g for g in (self.decode_graphs, self.verify_graphs) if g is not None
                        and g.tokens_per_seq == inputs.tokens_per_seq
                        and g.fits(meta.context_lens.shape[0], meta.block_tables.shape[1])), None)

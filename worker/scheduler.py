@@ -29,6 +29,10 @@ its value unknown here, see kvflock.worker.sequence): it counts like any token, 
 no block is registered before its value is known, and a sequence whose pending tokens end it
 (max_tokens) is not scheduled again. A sequence preempted with a pending token waits at least
 one schedule, by which time its value has arrived, before it is prefilled again.
+
+With LoRA adapters, the running sequences use at most `max_loras` adapters between them (the
+device slots hold that many): a waiting sequence whose adapter would be one more waits, and
+the queue behind it too (first come, first served).
 """
 
 import logging
@@ -43,8 +47,10 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int | None = None) -> None:
         self.kv = kv
+        self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -82,8 +88,11 @@ class Scheduler:
             i += 1
 
         # Admitting new work right after a preemption would only thrash the pool.
+        adapters = {s.lora_name for s in self.running if s.lora_name is not None}
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self._adapter_fits(seq, adapters):
+                break
             cached = self.kv.start(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate(seq, n):
@@ -102,6 +111,15 @@ class Scheduler:
         for seq, n, _ in planned:
             seq.num_computed_tokens += n  # the drafts count once they are accepted, in update()
         return StepPlan(scheduled, preempted, self.kv.take_transfers())
+
+    def _adapter_fits(self, seq: Sequence, adapters: set[str]) -> bool:
+        """Whether seq's adapter may join the running ones (it is added to them if so)."""
+        if seq.lora_name is None or seq.lora_name in adapters:
+            return True
+        if self.max_loras is not None and len(adapters) >= self.max_loras:
+            return False
+        adapters.add(seq.lora_name)
+        return True
 
     def _fit_draft(self, seq: Sequence, draft: list[int], n: int, budget: int, num_behind: int) -> list[int]:
         """The part of the sequence's draft this step can verify: only right after its last

@@ -64,6 +64,8 @@ class Sequence:
     num_preemptions: int = 0
     num_pending_tokens: int = 0
     grammar: GrammarMatcher | None = None  # where its output is in its structured output's grammar
+    lora_name: str | None = None  # the adapter it runs with (kvflock.worker.lora); None: the base model
+    block_hash_root: int | None = None  # what its first KV block hashes from (its adapter's weights)
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)

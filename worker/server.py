@@ -1,7 +1,9 @@
 """The worker's OpenAI-compatible HTTP server (FastAPI).
 
 /v1/completions and /v1/chat/completions (streaming over SSE or not; chat with tool calls),
-/v1/models (every name the model is served under), vLLM's /tokenize, /detokenize and /version, the
+/v1/models (every name the model is served under, and its LoRA adapters with the base as their
+"parent"), vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (admin token when keys are on),
+vLLM's /tokenize, /detokenize and /version, the
 kubelet's /health and /ready, Prometheus /metrics (or on its own port), and /admin/drain for the
 operator; `access` (kvflock/shared/auth.py) decides which of them need a key.
 Every refusal is an OpenAI-style error body (kvflock.worker.api_errors): 400 for bad input
@@ -11,6 +13,7 @@ routes; kvflock.worker.responses runs a request's prompts and answers, whole or 
 the shapes of kvflock.worker.openai_format.
 """
 
+import asyncio
 import logging
 import threading
 import time
@@ -32,10 +35,17 @@ from kvflock.shared.auth import AccessControl, AccessPolicy
 from kvflock.shared.chat import render_chat
 from kvflock.shared.logs import RequestIdMiddleware
 from kvflock.shared.version import __version__
-from kvflock.worker.api_errors import RETRY_AFTER_SECONDS, ApiError, build_or_400, error_from_value, validation_error
+from kvflock.worker.api_errors import (
+    RETRY_AFTER_SECONDS,
+    ApiError,
+    build_or_400,
+    error_from_value,
+    validation_error,
+)
 from kvflock.worker.async_engine import AsyncEngine
 from kvflock.worker.config import SamplingParams, StructuredOutput
 from kvflock.worker.metrics import WorkerMetrics
+from kvflock.worker.lora.api import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from kvflock.worker.openai_format import ChatFormat, CompletionFormat
 from kvflock.worker.protocol import (
     ChatCompletionRequest,
@@ -215,7 +225,40 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
             if state.engine is not None:
                 model["max_model_len"] = state.engine.max_model_len
             data.append(model)
+        for name in state.engine.lora_names if state.engine is not None else ():
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "kvflock",
+                         "root": state.engine.engine.loras.path(name), "parent": state.served_model_name,
+                         "max_model_len": state.engine.max_model_len})
         return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter", responses=api_doc.errors(400, 503))
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        engine = state.serving_engine()
+        loras = engine.engine.loras
+        if loras is None:
+            raise ApiError(400, "lora_name: this worker serves no adapters; start it with --enable-lora",
+                           param="lora_name")
+        if body.lora_name in state.served_names:
+            raise ApiError(400, f"lora_name: {body.lora_name!r} is the base model's name", param="lora_name")
+        try:  # read and checked off the event loop, registered on the engine thread
+            adapter = await asyncio.to_thread(loras.read, body.lora_path)
+            await engine.call(lambda: engine.engine.load_lora(body.lora_name, body.lora_path, adapter))
+        except ValueError as exc:
+            raise error_from_value(exc) from exc
+        log.info("loaded LoRA adapter %s from %s", body.lora_name, body.lora_path)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter", responses=api_doc.errors(400, 404, 503))
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        engine = state.serving_engine()
+        if body.lora_name not in engine.lora_names:
+            raise ApiError(404, f"lora_name: no adapter {body.lora_name!r} is loaded", param="lora_name")
+        try:
+            await engine.call(lambda: engine.engine.unload_lora(body.lora_name))
+        except ValueError as exc:
+            raise error_from_value(exc) from exc
+        log.info("unloaded LoRA adapter %s", body.lora_name)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -252,7 +295,8 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         params = build_or_400(lambda: body.sampling_params(body.max_tokens, body.logprobs))
         grammar = await _compile_grammar(engine, params, body.structured_output_field)
         prompts = body.prompts()
-        stream = await start_requests(state.metrics, engine, [(p, params) for p in prompts], grammar)
+        stream = await start_requests(state.metrics, engine, [(p, params) for p in prompts], grammar,
+                                      _adapter(state, body.model))
         echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else None
         formatter = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", body.model, body.n, engine, echo)
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, len(prompts), arrived)
@@ -268,7 +312,7 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         field = body.structured_output_field or ("tool_choice" if constraint is not None else None)
         grammar = await _compile_grammar(engine, params, field)
         prompt = _render(engine, body.messages, body.template_tools(), body)
-        stream = await start_requests(state.metrics, engine, [(prompt, params)], grammar)
+        stream = await start_requests(state.metrics, engine, [(prompt, params)], grammar, _adapter(state, body.model))
         formatter = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", body.model, body.n, engine, reader)
         return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, 1, arrived)
 
@@ -290,10 +334,11 @@ def _load_in_background(state: WorkerState, load: Callable[[], AsyncEngine],
 
 
 def _prepare(state: WorkerState, model: str | None) -> AsyncEngine:
-    """The engine, for a request that names one of the served names (or, where the field is
-    optional, none)."""
-    if model is not None and model not in state.served_names:
-        served = ", ".join(repr(name) for name in state.served_names)
+    """The engine, for a request that names one of the served names or adapters (or, where the
+    field is optional, none)."""
+    adapters = state.engine.lora_names if state.engine is not None else ()
+    if model is not None and model not in state.served_names and model not in adapters:
+        served = ", ".join(repr(name) for name in (*state.served_names, *adapters))
         raise ApiError(404, f"model: {model!r} is not served here; this worker serves {served}", param="model")
     return state.serving_engine()
 
@@ -309,6 +354,11 @@ async def _compile_grammar(engine: AsyncEngine, params: SamplingParams, field: s
         if field is None:
             raise error_from_value(exc) from exc
         raise ApiError(400, f"{field}: {str(exc).partition(': ')[2]}", param=field) from exc
+
+
+def _adapter(state: WorkerState, model: str | None) -> str | None:
+    """The LoRA adapter a request's `model` names; None for the base model."""
+    return None if model is None or model in state.served_names else model
 
 
 def _render(engine: AsyncEngine, messages: list[Any], tools: list[dict[str, Any]] | None,

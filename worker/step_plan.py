@@ -25,6 +25,7 @@ class ScheduledSequence:
     block_ids: list[int]  # the sequence's block table
     samples: bool  # the step reaches the sequence's last token: it samples a new one (or verifies the drafts)
     num_new_tokens: int  # tokens this step computes for the sequence, drafts included (the runner reads it often)
+    lora_slot: int = -1  # its adapter's device slot, set by the engine after planning; -1: none
 
     @classmethod
     def of(cls, seq: Sequence, num_tokens: int, block_ids: list[int],

@@ -3,8 +3,9 @@
 Both apps wrap themselves in `AccessControl`, so the rules live in one place: the kubelet's
 probes (/health, /ready) and /metrics stay open, everything else needs `Authorization: Bearer <key>`
 with an accepted key (as the OpenAI client sends it), and /admin/* needs the operator's token (with
-API keys on and no admin token, /admin/* is closed: it can take a worker out of service). Keys are compared in constant time over every accepted key, and never
-logged or echoed: a refusal says what was wrong, not what was sent. Optional per-key limits
+API keys on and no admin token, /admin/* is closed: it can take a worker out of service); so do
+the LoRA adapter endpoints under /v1 (ADMIN_V1_PATHS), which change what a worker serves. Keys are
+compared in constant time over every accepted key, and never logged or echoed: a refusal says what was wrong, not what was sent. Optional per-key limits
 (requests and tokens per minute) answer 429 with Retry-After, before any GPU work starts.
 """
 
@@ -73,7 +74,7 @@ class AccessPolicy:
         admin token, refusing everyone while none is configured."""
         if path in OPEN_PATHS:
             return (), ""
-        if path == "/admin" or path.startswith("/admin/"):
+        if path == "/admin" or path.startswith("/admin/") or path in ADMIN_V1_PATHS:
             return (self.admin_tokens or (CLOSED if self.api_keys else ())), "admin token"
         return self.api_keys, "API key"
 
@@ -81,6 +82,8 @@ class AccessPolicy:
 # Open whatever the keys: the kubelet's probes, and /metrics, which holds no request content and
 # which Prometheus scrapes (the chart's NetworkPolicy says from where).
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# vLLM's paths for loading and unloading LoRA adapters at run time: the operator's, not a user's.
+ADMIN_V1_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 # No presented key equals this (keys are stripped, non-empty lines), so a path that accepts only it is closed.
 CLOSED = (b" closed ",)
 

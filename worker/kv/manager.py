@@ -76,7 +76,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return 0
         entry = self._blocks(seq)
-        entry.block_hashes = hash_blocks(seq.token_ids, self.block_size, entry.block_hashes)
+        entry.block_hashes = hash_blocks(seq.token_ids, self.block_size, entry.block_hashes, seq.block_hash_root)
         usable = entry.block_hashes[: (seq.num_tokens - 1) // self.block_size]
         entry.block_ids = self.pool.take_cached(usable)
         entry.num_cached = len(entry.block_ids)
@@ -129,7 +129,7 @@ class KVCacheManager:
         full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         if full > entry.num_cached:
             entry.block_hashes = hash_blocks(seq.token_ids[: full * self.block_size], self.block_size,
-                                             entry.block_hashes)
+                                             entry.block_hashes, seq.block_hash_root)
             for i in range(entry.num_cached, full):
                 self.pool.cache(entry.block_ids[i], entry.block_hashes[i])
             entry.num_cached = full
