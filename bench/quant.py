@@ -1,11 +1,11 @@
-"""Weight-only quantization: decode speed of int8/int4 against bf16 and greedy agreement, in one run.
+"""Quantization: decode speed of fp8 (W8A8) and int8/int4 (weight-only) against bf16 and greedy agreement, in one run.
 
     python bench/quant.py [--out bench/results/quant-h100.md]   # GPU: both parts
     python bench/quant.py --sweep                                # also time quant_matmul tile variants
     python bench/quant.py --smoke                                # tiny settings; on CPU only the agreement part
 
-Decode: one decode step of a Llama-3-8B-shaped model (dummy weights: bf16, int8 per channel,
-int4 in groups of 128) for batch 1 and 16 at a context of 128 tokens, replayed as a CUDA graph,
+Decode: one decode step of a Llama-3-8B-shaped model (dummy weights: bf16, fp8 e4m3 per channel
+with per-token activations, int8 per channel, int4 in groups of 128) for batch 1, 16 and 64 at a context of 128 tokens, replayed as a CUDA graph,
 reported as tokens/s and as a fraction of that format's bandwidth limit: (bytes one step must
 read: the weights with their scales and zero points, plus the KV cache) / the device-to-device
 copy bandwidth measured in the same run.
@@ -34,6 +34,7 @@ from kvflock.worker.config import ModelConfig, SamplingParams
 from kvflock.worker.llm import LLM
 from kvflock.worker.model.loader import load_model
 from kvflock.worker.model.quant import QUANTIZED_PROJECTIONS, RTN_SPECS, QuantSpec, quantize_rtn, replace_linears
+from kvflock.kernels.fp8_matmul import fp8_supported
 from kvflock.worker.model.source import ModelSource
 from kvflock.worker.runner import allocate_kv_cache
 
@@ -46,7 +47,8 @@ TINY = ModelConfig(
     architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
     num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512,
 )
-FORMATS: dict[str, QuantSpec | None] = {"bf16": None, "int8": RTN_SPECS["int8"], "int4": RTN_SPECS["int4"]}
+FORMATS: dict[str, QuantSpec | None] = {"bf16": None, "fp8": RTN_SPECS["fp8"], "int8": RTN_SPECS["int8"],
+                                        "int4": RTN_SPECS["int4"]}
 BLOCK_SIZE = 16
 
 
@@ -107,6 +109,9 @@ def bench_decode(cfg: ModelConfig, copy_gbs: float, batches: tuple[int, ...], co
     backend = select_attention_backend(torch.device("cuda"))
     bf16_rate: dict[int, float] = {}
     for fmt, spec in FORMATS.items():
+        if spec is not None and spec.fp8 and not fp8_supported(torch.device("cuda")):
+            print(f"{fmt}: skipped, needs CUDA capability 8.9+", flush=True)
+            continue
         model = load_model(ModelSource("dummy", Path(".")), cfg, torch.bfloat16, torch.device("cuda"), backend,
                            quantization=spec)
         wbytes = weight_bytes(model)
@@ -220,7 +225,7 @@ def main() -> None:
         tables += [f"## Decode, {'tiny' if args.smoke else 'Llama-3-8B'}-shaped dummy weights, context 128, "
                    f"CUDA graph per step", f"copy bandwidth (device-to-device, read + write): {copy_gbs:.0f} GB/s", ""]
         print("\n".join(tables), flush=True)
-        tables += bench_decode(cfg, copy_gbs, (1, 16), 128)
+        tables += bench_decode(cfg, copy_gbs, (1, 16, 64), 128)
     else:
         tables += ["## Decode", "skipped: needs a CUDA device"]
         print(tables[-1])

@@ -119,9 +119,12 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_quantize(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("quantize", help="write a GPTQ-format int4/int8 copy of a Hugging Face checkpoint")
+    p = sub.add_parser("quantize", help="write a GPTQ-format int4/int8 or an FP8 copy of a Hugging Face checkpoint")
     p.add_argument("--model", type=Path, required=True, help="HF folder with bf16/fp16/fp32 safetensors")
-    p.add_argument("--bits", type=int, required=True, choices=[4, 8])
+    p.add_argument("--format", default="gptq", choices=["gptq", "fp8"],
+                   help="gptq: int4/int8 weights (--bits); fp8: e4m3 weights, one scale per tensor, that vLLM's "
+                   "fp8 method also loads")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="gptq: bits per weight (required)")
     p.add_argument("--group-size", type=int, default=None,
                    help="input features per scale (default: 128 for 4 bits, -1 = per channel for 8 bits)")
     p.add_argument("--out", type=Path, required=True, help="new folder for the quantized checkpoint")
@@ -132,8 +135,12 @@ def _add_quantize(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
 def _run_quantize(args: argparse.Namespace) -> int:
     from kvflock.worker.model.quantize_checkpoint import quantize_checkpoint
 
+    if args.format == "gptq" and args.bits is None:
+        raise ValueError("--bits: required with --format gptq (4 or 8)")
+    if args.format == "fp8" and (args.bits not in (None, 8) or args.group_size is not None):
+        raise ValueError("--bits/--group-size: --format fp8 has one scale per tensor and 8 bits; leave them out")
     quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.device,
-                        progress=lambda line: print(line, flush=True))
+                        progress=lambda line: print(line, flush=True), fmt=args.format)
     return 0
 
 

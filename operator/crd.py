@@ -189,10 +189,12 @@ class EngineSpec(_Model):
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
         "auto", description="Weights' dtype (auto: bfloat16 on a GPU, float32 on CPU)."
     )
-    quantization: Literal["gptq", "int8", "int4"] | None = Field(
+    quantization: Literal["gptq", "int8", "int4", "fp8"] | None = Field(
         None,
-        description="Weight-only quantization of the linear layers (default: as the checkpoint is). gptq: require"
-        " a GPTQ checkpoint; int8 (per channel) / int4 (groups of 128): quantize plain weights at load.",
+        description="Quantization of the linear layers (default: as the checkpoint is). gptq: require a GPTQ"
+        " checkpoint; int8 (per channel) / int4 (groups of 128): weight-only, quantize plain weights at load;"
+        " fp8: e4m3 weights and per-token activations (an FP8 checkpoint, or plain weights quantized at load;"
+        " GPUs of CUDA capability 8.9+).",
     )
     maxModelLen: int | None = Field(
         None, ge=1, le=1048576, description="Longest context in tokens (default: the model's own)."

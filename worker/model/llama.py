@@ -28,7 +28,7 @@ from kvflock.worker.model.parallel import (
     VocabParallelEmbedding,
     input_major,
 )
-from kvflock.worker.model.quant import QuantizedLinear
+from kvflock.worker.model.quant import QUANTIZED_LINEARS
 from kvflock.worker.model.rope import RotaryEmbedding
 
 
@@ -82,9 +82,9 @@ class Attention(nn.Module):
         """One matmul for q, k and v (as MLP.fuse_gate_up): at decode batch sizes three small
         matmuls leave the memory bus idle between them."""
         projections = [self.q_proj, self.k_proj, self.v_proj]
-        if isinstance(self.q_proj, QuantizedLinear):
+        if isinstance(self.q_proj, QUANTIZED_LINEARS):
             if self.q_proj.bias is None:
-                self._qkv = QuantizedLinear.fuse(projections).forward
+                self._qkv = type(self.q_proj).fuse(projections).forward
             return
         weight = torch.cat([p.weight.data for p in projections])
         bias = torch.cat([p.bias.data for p in projections]) if self.q_proj.bias is not None else None
@@ -138,8 +138,8 @@ class MLP(nn.Module):
     def fuse_gate_up(self) -> None:
         if self.gate_proj.bias is not None:
             return  # biased MLPs keep two matmuls
-        if isinstance(self.gate_proj, QuantizedLinear):
-            self._gate_up = QuantizedLinear.fuse([self.gate_proj, self.up_proj]).forward
+        if isinstance(self.gate_proj, QUANTIZED_LINEARS):
+            self._gate_up = type(self.gate_proj).fuse([self.gate_proj, self.up_proj]).forward
             return
         fused = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
         rows = self.gate_proj.weight.shape[0]
@@ -148,9 +148,9 @@ class MLP(nn.Module):
 
     def store_input_major(self) -> None:
         """See LlamaForCausalLM._store_input_major."""
-        if not isinstance(self.down_proj, QuantizedLinear):
+        if not isinstance(self.down_proj, QUANTIZED_LINEARS):
             self.down_proj.weight.data = input_major(self.down_proj.weight.data)
-        if self._gate_up is None or isinstance(self.gate_proj, QuantizedLinear):
+        if self._gate_up is None or isinstance(self.gate_proj, QUANTIZED_LINEARS):
             return
         fused = input_major(torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data]))
         rows = self.gate_proj.weight.shape[0]
@@ -256,7 +256,7 @@ class LlamaForCausalLM(nn.Module):
         2026-11-26, bench/results/engine-h100.md). Quantized and tied weights stay as they are."""
         for layer in self.model.layers:
             o_proj = layer.self_attn.o_proj
-            if not isinstance(o_proj, QuantizedLinear):
+            if not isinstance(o_proj, QUANTIZED_LINEARS):
                 o_proj.weight.data = input_major(o_proj.weight.data)
             layer.mlp.store_input_major()
         if self.lm_head.weight is not self.model.embed_tokens.weight:

@@ -24,6 +24,7 @@ from kvflock.worker.config import EngineConfig, ModelConfig
 from kvflock.worker.model import gguf_file
 from kvflock.worker.model.llama import LlamaForCausalLM
 from kvflock.worker.model.parallel import SINGLE_RANK, Shard, TPGroup, check_tp_size
+from kvflock.worker.model.fp8 import Fp8Linear, check_fp8_device, expand_scales
 from kvflock.worker.model.quant import QuantizedLinear, QuantSpec, drop_trivial_g_idx, replace_linears
 from kvflock.worker.model.source import (
     ModelSource,
@@ -126,8 +127,11 @@ def load_model(
 ) -> LlamaForCausalLM:
     """Build `group`'s rank of the model on `device` and fill its weights from `source`
     (random for dummy). With `quantization`, the decoder's projections are QuantizedLinear
-    layers: read packed from a GPTQ checkpoint, random for dummy, else quantized once loaded."""
+    (or Fp8Linear) layers: read from a GPTQ (FP8) checkpoint, random for dummy, else quantized
+    once loaded."""
     start = time.perf_counter()
+    if quantization is not None and quantization.fp8:
+        check_fp8_device(device)
     packed = quantization is not None and (source.format == "dummy" or read_checkpoint_quantization(source) is not None)
     with torch.device("meta"):  # no memory and no random init until the real weights arrive
         model = LlamaForCausalLM(cfg, backend, group).to(dtype)
@@ -154,7 +158,10 @@ def load_model(
             tensors = _counted(tensors, source.gguf_path.name, 1, 1, total, progress)
         else:
             tensors = _iter_safetensors(source.path, shards, progress)
-            if packed:
+            if packed and quantization is not None and quantization.fp8:
+                fp8_layers = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+                tensors = expand_scales(tensors, fp8_layers, str(source.path))
+            elif packed:
                 assert quantization is not None
                 tensors = drop_trivial_g_idx(tensors, quantization, str(source.path))
         _load_weights(model, tensors, str(source.gguf_path if source.gguf_name else source.path), shards)
@@ -254,9 +261,9 @@ def _iter_safetensors(folder: Path, shards: dict[str, Shard], progress: LoadProg
 
 def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
     """Random weights with a realistic scale, so activations stay finite in any dtype."""
-    quantized = [(f"{name}.", m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    quantized = [(f"{name}.", m) for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, Fp8Linear))]
     for _, module in quantized:
-        module.fill_random(torch.Generator(device=module.qweight.device).manual_seed(seed))
+        module.fill_random(torch.Generator(device=next(module.parameters()).device).manual_seed(seed))
         seed += 1
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -1,5 +1,6 @@
-"""Weight-only quantization of the decoder's linear layers: int8 with one scale per output
-column, int4 with a scale and zero point per group of 128 input features.
+"""Quantization of the decoder's linear layers: weight-only int8 with one scale per output
+column, int4 with a scale and zero point per group of 128 input features, and FP8 e4m3 W8A8
+(kvflock.worker.model.fp8, which documents its checkpoint formats).
 
 Weights are kept in GPTQ's packed layout (kvflock.kernels.quant_matmul documents it), whether
 they come from a GPTQ checkpoint (`<prefix>.qweight/.qzeros/.scales/.g_idx`, config.json's
@@ -23,6 +24,7 @@ from kvflock.kernels.quant_matmul import (
     quant_matmul,
     quant_matmul_ref,
 )
+from kvflock.worker.model.fp8 import Fp8Linear, read_fp8_config
 from kvflock.worker.model.parallel import ColumnParallelLinear, RowParallelLinear, Shard, TPGroup
 
 # The projections that are quantized, by their name in a decoder layer.
@@ -39,26 +41,36 @@ class QuantSpec:
 
     bits: int
     group_size: int  # input features per scale; -1: one group over all of them (per channel)
+    fp8: bool = False  # e4m3 weights and activations (Fp8Linear) rather than GPTQ-packed integers
 
     @property
     def label(self) -> str:
+        if self.fp8:
+            return "fp8 e4m3 (per channel, dynamic per-token activations)"
         groups = "per channel" if self.group_size < 0 else f"groups of {self.group_size}"
         return f"int{self.bits} ({groups})"
 
 
-# What `quantization: int8|int4` quantizes to at load (and for dummy weights).
-RTN_SPECS = {"int8": QuantSpec(8, -1), "int4": QuantSpec(4, 128)}
+FP8_SPEC = QuantSpec(8, -1, fp8=True)
+# What `quantization: int8|int4|fp8` quantizes to at load (and for dummy weights).
+RTN_SPECS = {"int8": QuantSpec(8, -1), "int4": QuantSpec(4, 128), "fp8": FP8_SPEC}
 
 
-def read_gptq_config(hf_config: dict[str, Any], where: str) -> QuantSpec | None:
+def read_quantization_config(hf_config: dict[str, Any], where: str) -> QuantSpec | None:
     """The QuantSpec of a config.json's `quantization_config`, None when there is none.
     Refuses what the kernels cannot run, naming the key."""
     qc = hf_config.get("quantization_config")
     if not qc:
         return None
     method = qc.get("quant_method")
+    if method in ("fp8", "compressed-tensors"):
+        layers = [f"model.layers.{i}.{p}" for i in range(hf_config.get("num_hidden_layers", 0))
+                  for p in QUANTIZED_PROJECTIONS]
+        read_fp8_config(qc, layers, where)
+        return FP8_SPEC
     if method != "gptq":
-        raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not supported; kvflock runs 'gptq'")
+        raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not supported; kvflock runs "
+                         "'gptq', 'fp8' and 'compressed-tensors' (float-quantized)")
     bits, group_size = qc.get("bits"), qc.get("group_size", 128)
     if bits not in (4, 8):
         raise ValueError(f"{where}: quantization_config.bits {bits!r} is not supported; use 4 or 8")
@@ -217,11 +229,16 @@ class QuantizedLinear(nn.Module):
         return fused
 
 
+# The layer types that replace_linears puts in place of the projections.
+QUANTIZED_LINEARS = (QuantizedLinear, Fp8Linear)
+
+
 def replace_linears(
     model: nn.Module, spec: QuantSpec, triton: bool, quantize: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> None:
-    """Swap each decoder layer's projections for QuantizedLinear layers of the same shard.
+    """Swap each decoder layer's projections for QuantizedLinear (Fp8Linear for fp8) layers of
+    the same shard.
 
     With `quantize`, the new layers hold the old ones' weights quantized (round-to-nearest);
     otherwise they are empty, to be loaded (build it on the meta device).
@@ -233,7 +250,7 @@ def replace_linears(
             old = getattr(parent, name)
             new = _quantized_like(old, spec, triton, f"model.layers.{i}.{path}")
             if quantize:
-                new.set_weight(quantize_rtn(old.weight, spec))
+                new.set_weight(old.weight if spec.fp8 else quantize_rtn(old.weight, spec))
                 if old.bias is not None:
                     with torch.no_grad():
                         new.bias.copy_(old.bias)
@@ -242,10 +259,14 @@ def replace_linears(
             progress(f"quantized layer {i + 1}/{len(model.model.layers)} to {spec.label}")
 
 
-def _quantized_like(old: nn.Module, spec: QuantSpec, triton: bool, name: str) -> QuantizedLinear:
+def _quantized_like(old: nn.Module, spec: QuantSpec, triton: bool, name: str) -> QuantizedLinear | Fp8Linear:
     out_features, in_features = old.weight.shape
     row = isinstance(old, RowParallelLinear)
     assert row or isinstance(old, ColumnParallelLinear), name
+    if spec.fp8:
+        with torch.device(old.weight.device):
+            return Fp8Linear(in_features, out_features, old.bias is not None, old.group if row else None,
+                             old.shards["weight"], old.weight.dtype)
     p = pack_factor(spec.bits)
     group = in_features if spec.group_size < 0 else spec.group_size
     if in_features % group or in_features % p or out_features % p:

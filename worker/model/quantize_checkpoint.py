@@ -1,9 +1,12 @@
 """`kvflock quantize`: turn a plain Hugging Face checkpoint (bf16, fp16 or fp32 safetensors)
-into a GPTQ-format one that kvflock and other GPTQ readers load, by round-to-nearest.
+into a GPTQ-format (int4/int8) or FP8 one that kvflock, vLLM and other readers load, by
+round-to-nearest.
 
-The decoder's projections become `<prefix>.qweight/.qzeros/.scales/.g_idx` (GPTQ v1, act-order
-off); every other tensor is copied as it is; config.json gains a `quantization_config`; the
-tokenizer and generation files are copied beside them.
+GPTQ: the decoder's projections become `<prefix>.qweight/.qzeros/.scales/.g_idx` (GPTQ v1,
+act-order off). FP8: they become `<prefix>.weight` (e4m3) and `<prefix>.weight_scale` (fp32,
+one per tensor), the format kvflock.worker.model.fp8 describes. Every other tensor is copied as
+it is; config.json gains a `quantization_config`; the tokenizer and generation files are
+copied beside them.
 """
 
 import json
@@ -17,8 +20,16 @@ import torch
 
 from kvflock.kernels.quant_matmul import pack_factor
 from kvflock.worker.config import ModelConfig
+from kvflock.worker.model import fp8
 from kvflock.worker.model.loader import read_safetensors
-from kvflock.worker.model.quant import QUANTIZED_PROJECTIONS, QuantSpec, gptq_config, quantize_rtn, trivial_g_idx
+from kvflock.worker.model.quant import (
+    FP8_SPEC,
+    QUANTIZED_PROJECTIONS,
+    QuantSpec,
+    gptq_config,
+    quantize_rtn,
+    trivial_g_idx,
+)
 
 _PROJECTION = re.compile(r"model\.layers\.(\d+)\.(" + "|".join(re.escape(p) for p in QUANTIZED_PROJECTIONS) + r")\.weight")
 _CHECKPOINT_FILES = re.compile(r".*\.safetensors|model\.safetensors\.index\.json|config\.json")
@@ -31,14 +42,20 @@ def default_group_size(bits: int) -> int:
 
 
 def quantize_checkpoint(
-    model: Path, out: Path, bits: int, group_size: int | None = None, device: str = "cpu",
-    progress: Callable[[str], None] = print, shard_bytes: int = SHARD_BYTES,
+    model: Path, out: Path, bits: int | None, group_size: int | None = None, device: str = "cpu",
+    progress: Callable[[str], None] = print, shard_bytes: int = SHARD_BYTES, fmt: str = "gptq",
 ) -> QuantSpec:
-    """Write `model` quantized to `bits` into the new folder `out`; returns what it wrote."""
-    spec = QuantSpec(bits, default_group_size(bits) if group_size is None else group_size)
+    """Write `model` quantized (`fmt` gptq: to `bits`; fp8: e4m3) into the new folder `out`;
+    returns what it wrote."""
+    if fmt == "fp8":
+        spec = FP8_SPEC
+    else:
+        assert bits is not None
+        spec = QuantSpec(bits, default_group_size(bits) if group_size is None else group_size)
     hf = _read_plain_config(model)
     cfg = ModelConfig.from_hf(hf)
-    _check_dimensions(cfg, spec)
+    if not spec.fp8:
+        _check_dimensions(cfg, spec)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out: {out} already exists and is not an empty folder; choose a new one")
     out.mkdir(parents=True, exist_ok=True)
@@ -51,11 +68,16 @@ def quantize_checkpoint(
             writer.add(name, tensor)
             continue
         prefix = name.removesuffix(".weight")
-        packed = quantize_rtn(tensor.to(device), spec)
-        writer.add(f"{prefix}.qweight", packed.qweight.cpu())
-        writer.add(f"{prefix}.qzeros", packed.qzeros.cpu())
-        writer.add(f"{prefix}.scales", packed.scales.cpu())
-        writer.add(f"{prefix}.g_idx", trivial_g_idx(tensor.shape[1], spec))
+        if spec.fp8:
+            weight, scale = fp8.quantize_for_checkpoint(tensor.to(device))
+            writer.add(name, weight.cpu())
+            writer.add(f"{prefix}.weight_scale", scale.cpu())
+        else:
+            packed = quantize_rtn(tensor.to(device), spec)
+            writer.add(f"{prefix}.qweight", packed.qweight.cpu())
+            writer.add(f"{prefix}.qzeros", packed.qzeros.cpu())
+            writer.add(f"{prefix}.scales", packed.scales.cpu())
+            writer.add(f"{prefix}.g_idx", trivial_g_idx(tensor.shape[1], spec))
         layer = int(match.group(1))
         done[layer] = done.get(layer, 0) + 1
         if done[layer] == len(QUANTIZED_PROJECTIONS):
@@ -64,7 +86,8 @@ def quantize_checkpoint(
     if len(done) != cfg.num_layers:
         raise ValueError(f"model: {model} holds projections of {len(done)} layers, config.json says {cfg.num_layers}")
 
-    (out / "config.json").write_text(json.dumps({**hf, "quantization_config": gptq_config(spec)}, indent=2) + "\n")
+    quantization_config = fp8.CHECKPOINT_CONFIG if spec.fp8 else gptq_config(spec)
+    (out / "config.json").write_text(json.dumps({**hf, "quantization_config": quantization_config}, indent=2) + "\n")
     for path in sorted(model.iterdir()):
         if path.is_file() and not _CHECKPOINT_FILES.fullmatch(path.name):
             shutil.copy2(path, out / path.name)

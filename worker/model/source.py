@@ -11,7 +11,7 @@ from typing import Any, Literal
 from kvflock.shared.model_files import DEMO_MODEL, demo_model_path
 from kvflock.worker.config import ModelConfig
 from kvflock.worker.model import gguf_file
-from kvflock.worker.model.quant import RTN_SPECS, QuantSpec, read_gptq_config
+from kvflock.worker.model.quant import RTN_SPECS, QuantSpec, read_quantization_config
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,10 @@ def _read_hf_config(source: ModelSource) -> dict[str, Any]:
 
 
 def read_checkpoint_quantization(source: ModelSource) -> QuantSpec | None:
-    """How the checkpoint's weights are quantized (GPTQ), None for plain weights."""
+    """How the checkpoint's weights are quantized (GPTQ or FP8), None for plain weights."""
     if source.format != "hf":
         return None
-    return read_gptq_config(_read_hf_config(source), str(source.path / "config.json"))
+    return read_quantization_config(_read_hf_config(source), str(source.path / "config.json"))
 
 
 def resolve_quantization(requested: str | None, source: ModelSource) -> QuantSpec | None:
@@ -76,15 +76,15 @@ def resolve_quantization(requested: str | None, source: ModelSource) -> QuantSpe
     stored = read_checkpoint_quantization(source)
     if requested is None:
         return stored
-    if requested == "gptq":
-        if stored is None:
-            raise ValueError(f"quantization: 'gptq' needs a GPTQ checkpoint (config.json with a gptq "
-                             f"quantization_config); {source.path} has none. Quantize it with `kvflock quantize`, "
-                             f"or use int8/int4 to quantize at load")
-        return stored
     if stored is not None:
-        raise ValueError(f"quantization: {requested!r} quantizes plain weights at load, but {source.path} is "
-                         f"already quantized ({stored.label}); leave quantization unset or use 'gptq'")
+        if requested == ("fp8" if stored.fp8 else "gptq"):
+            return stored
+        raise ValueError(f"quantization: {requested!r} does not match {source.path}, which is already quantized "
+                         f"({stored.label}); leave quantization unset")
+    if requested == "gptq":
+        raise ValueError(f"quantization: 'gptq' needs a GPTQ checkpoint (config.json with a gptq "
+                         f"quantization_config); {source.path} has none. Quantize it with `kvflock quantize`, "
+                         f"or use int8/int4/fp8 to quantize at load")
     return RTN_SPECS[requested]
 
 
