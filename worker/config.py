@@ -130,7 +130,7 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rope_scaling=None if rope_type == "default" else rope,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=hf.get("qkv_bias", arch == "qwen2") or hf.get("attention_bias", False),
+            qkv_bias=hf.get("qkv_bias", arch in ("qwen2", "qwen2_moe")) or hf.get("attention_bias", False),
             o_bias=arch not in ("qwen2", "qwen2_moe") and hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
             sliding_window=sliding,

@@ -44,7 +44,11 @@ _LAYER_NAMES = {
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
 }
 # Stacked experts: each expert's slice is mlp.experts.<e>.<projection>.weight
-_EXPERT_NAMES = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj", "ffn_down_exps.weight": "down_proj"}
+_EXPERT_NAMES = {
+    "ffn_gate_exps.weight": "gate_proj",
+    "ffn_up_exps.weight": "up_proj",
+    "ffn_down_exps.weight": "down_proj",
+}
 # llama.cpp's converter interleaves the rotary halves of Q and K for these only
 _PERMUTED_QK = ("llama", "mistral", "mixtral")
 _GLOBAL_NAMES = {

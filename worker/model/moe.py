@@ -90,7 +90,9 @@ class SparseMoE(nn.Module):
             start = group.rank * size
         self.gate = nn.Linear(cfg.hidden_size, moe.num_experts, bias=False)
         local = range(self.first_expert, self.first_expert + self.num_local)
-        self.experts = nn.ModuleDict({str(e): _Expert(cfg.hidden_size, moe.intermediate_size, start, size) for e in local})
+        self.experts = nn.ModuleDict(
+            {str(e): _Expert(cfg.hidden_size, moe.intermediate_size, start, size) for e in local}
+        )
         self.shared_expert = shared_expert
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if shared_expert is not None else None
         self.w13 = self.w2 = torch.empty(0)
