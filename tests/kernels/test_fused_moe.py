@@ -90,3 +90,32 @@ def test_fused_moe_matches_reference_at_qwen3_30b_shapes(gpu, t):
     x, w13, w2, ids, weights = random_moe(t, 2048, 768, 128, 8, torch.bfloat16, gpu, seed=t)
     w13, w2 = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (w13, w2))
     assert_matches_reference(x, w13, w2, ids, weights.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("rank", [None, 0, 1], ids=["all-experts", "ep-rank0", "ep-rank1"])
+def test_moe_block_gives_the_same_output_on_the_triton_and_torch_paths(device, rank):
+    """The engine's block (router, fused weights, another rank's experts skipped under expert
+    parallelism, Qwen2-MoE's shared expert) on both paths; a rank's part is its experts' share."""
+    from kvflock.worker.config import ModelConfig
+    from kvflock.worker.model.llama import MLP
+    from kvflock.worker.model.moe import SparseMoE
+    from kvflock.worker.model.parallel import TPGroup
+
+    hf = {"architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 64, "hidden_size": 48, "intermediate_size": 64,
+          "num_hidden_layers": 1, "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 2,
+          "moe_intermediate_size": 40, "shared_expert_intermediate_size": 24, "norm_topk_prob": True}
+    cfg = ModelConfig.from_hf(hf)
+    group = TPGroup() if rank is None else TPGroup(rank=rank, world_size=2)  # no process group: no all-reduce
+    blocks = []
+    for triton in (True, False):
+        torch.manual_seed(0)
+        shared = MLP(cfg, TPGroup(), triton, 24, reduce_output=False)
+        block = SparseMoE(cfg, group, triton, rank is not None, shared).to(device)
+        for p in block.parameters():
+            p.data.normal_(0, 0.2)
+        block.fuse_experts(input_major_weights=True)
+        blocks.append(block)
+    x = torch.randn(13, 48, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        out, ref = (b(x) for b in blocks)
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)

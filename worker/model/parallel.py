@@ -127,8 +127,8 @@ class HeadSplit:
 
 
 def input_major(weight: torch.Tensor) -> torch.Tensor:
-    """The same [out, in] matrix, stored with the input features outermost."""
-    return weight.t().contiguous().t()
+    """The same [out, in] matrix (or stack of them), stored with the input features outermost."""
+    return weight.transpose(-2, -1).contiguous().transpose(-2, -1)
 
 
 class ColumnParallelLinear(nn.Module):
