@@ -152,6 +152,8 @@ def iter_tensors(reader: Any, cfg: ModelConfig, path: Path) -> Iterator[tuple[st
                 data = _unpermute_qk(data, cfg.num_heads)
             elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
                 data = _unpermute_qk(data, cfg.num_kv_heads)
+        if name.endswith("shared_expert_gate.weight"):  # llama.cpp keeps this [1, hidden] matrix as a vector
+            data = data.reshape(1, -1)
         if name.endswith("_exps.weight"):
             layer, projection = name.split(".")[2], _EXPERT_NAMES[t.name.split(".", 2)[2]]
             for e, expert in enumerate(data):
