@@ -186,6 +186,10 @@ class EngineSpec(_Model):
     camelCase, or the one `ENGINE_FIELD_NAMES` gives."""
 
     tensorParallelSize: Literal[1, 2, 4, 8] = Field(1, description="GPUs (ranks) per replica.")
+    expertParallel: bool = Field(
+        False, description="Mixture-of-experts models with tensorParallelSize > 1: each GPU holds whole experts"
+        " (numExperts / tensorParallelSize of them) instead of a share of every expert.",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
         "auto", description="Weights' dtype (auto: bfloat16 on a GPU, float32 on CPU)."
     )

@@ -1,5 +1,6 @@
-"""Tiny random Llama, Mistral and Qwen2 checkpoints (float64 reference weights), built with
-transformers so that our loader reads exactly what a real checkpoint holds."""
+"""Tiny random Llama, Mistral, Qwen2, Qwen3 and mixture-of-experts (Qwen3-MoE, Qwen2-MoE,
+Mixtral) checkpoints (float64 reference weights), built with transformers so that our loader
+reads exactly what a real checkpoint holds."""
 
 from pathlib import Path
 
@@ -24,7 +25,15 @@ def _common() -> dict:
 
 
 def tiny_configs() -> dict:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     return {
         # Llama 3.1 style: llama3 rope scaling, GQA 4:1
@@ -42,6 +51,19 @@ def tiny_configs() -> dict:
         "mistral": MistralConfig(**_common(), sliding_window=None),
         # Qwen2: qkv bias, tied embeddings, GQA 2:1
         "qwen2": Qwen2Config(**{**_common(), "num_key_value_heads": 4}, tie_word_embeddings=True),
+        # Qwen3: q/k RMSNorm per head, head_dim (16) not hidden / heads (8)
+        "qwen3": Qwen3Config(**_common(), head_dim=16),
+        # Qwen3-MoE: 8 experts, top 2 renormalized, every layer sparse
+        "qwen3_moe": Qwen3MoeConfig(
+            **_common(), num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+        ),
+        # Qwen2-MoE: a shared expert with its sigmoid gate, top 2 not renormalized, layer 2 dense
+        "qwen2_moe": Qwen2MoeConfig(
+            **{**_common(), "num_hidden_layers": 3}, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[2],
+        ),
+        # Mixtral: 4 experts of intermediate_size, top 2 always renormalized
+        "mixtral": MixtralConfig(**_common(), num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
     }
 
 
@@ -71,7 +93,10 @@ def hf_greedy(path_or_model, prompts: list[list[int]], max_new_tokens: int) -> l
 
     model = path_or_model
     if isinstance(path_or_model, Path):
-        model = AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float64).eval()
+        # The experts one by one: transformers' default grouped matmul has no float64.
+        model = AutoModelForCausalLM.from_pretrained(
+            path_or_model, dtype=torch.float64, experts_implementation="eager"
+        ).eval()
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])

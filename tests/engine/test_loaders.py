@@ -1,4 +1,5 @@
-"""Loaders: GGUF in F32/F16/Q8_0/Q4_0/Q4_1 (dequantized, Q/K permutation undone), sharded
+"""Loaders: GGUF in F32/F16/Q8_0/Q4_0/Q4_1 (dequantized, Q/K permutation undone; Qwen3-MoE's
+stacked experts split), sharded
 safetensors, dummy weights; and clear errors for missing or corrupt files."""
 
 import io
@@ -42,6 +43,20 @@ def test_f32_gguf_generates_exactly_as_the_safetensors_checkpoint(plain_llama, t
     write_llama_gguf(model.state_dict(), model.config, tmp_path / "m.gguf", "F32")
     from_hf = LLM(str(folder), max_model_len=64).generate(PROMPTS, GREEDY)
     from_gguf = LLM(str(tmp_path / "m.gguf"), max_model_len=64).generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in from_gguf] == [o.outputs[0].token_ids for o in from_hf]
+
+
+def test_qwen3_moe_gguf_generates_exactly_as_the_safetensors_checkpoint(tiny_models, tmp_path):
+    """llama.cpp's qwen3moe: experts stacked per projection, router, q/k norms, no Q/K permutation."""
+    from transformers import AutoConfig
+
+    from kvflock.worker.model.loader import read_safetensors
+
+    folder = tiny_models["qwen3_moe"]
+    write_llama_gguf(dict(read_safetensors(folder)), AutoConfig.from_pretrained(folder), tmp_path / "m.gguf", "F32",
+                     arch="qwen3moe")
+    from_hf = LLM(str(folder), dtype="float32", max_model_len=64).generate(PROMPTS, GREEDY)
+    from_gguf = LLM(str(tmp_path / "m.gguf"), dtype="float32", max_model_len=64).generate(PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in from_gguf] == [o.outputs[0].token_ids for o in from_hf]
 
 

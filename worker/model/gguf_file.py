@@ -1,7 +1,9 @@
 """Reading a llama.cpp GGUF file: the model's config from its metadata and its tensors,
-dequantized and renamed to the Hugging Face names our model uses. The header is read by
-kvflock.shared.gguf_header (arrays skipped: 0.2 s where gguf's GGUFReader took 8.8 s for SmolLM2),
-the tensors are views of one memory map, dequantized by gguf's own routines."""
+dequantized and renamed to the Hugging Face names our model uses. llama.cpp stores a MoE
+layer's experts stacked, one [experts, out, in] tensor per projection; they are yielded one
+expert at a time, as HF checkpoints hold them. Mixtral is llama.cpp's `llama` with experts. The
+header is read by kvflock.shared.gguf_header (arrays skipped: 0.2 s where gguf's GGUFReader took
+8.8 s for SmolLM2), the tensors are views of one memory map, dequantized by gguf's own routines."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +17,14 @@ import torch
 from kvflock.shared.gguf_header import GGUFHeader, TensorInfo, read_header
 from kvflock.worker.config import ModelConfig
 
-_ARCH_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCH_NAMES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+}
 _SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
 
 _LAYER_NAMES = {
@@ -31,7 +40,22 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
 }
+# Stacked experts: each expert's slice is mlp.experts.<e>.<projection>.weight
+_EXPERT_NAMES = {
+    "ffn_gate_exps.weight": "gate_proj",
+    "ffn_up_exps.weight": "up_proj",
+    "ffn_down_exps.weight": "down_proj",
+}
+# llama.cpp's converter interleaves the rotary halves of Q and K for these only
+_PERMUTED_QK = ("llama", "mistral", "mixtral")
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -93,8 +117,9 @@ def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
     num_heads = reader.field(f"{arch}.attention.head_count")
     hidden = reader.field(f"{arch}.embedding_length")
     embed = next(t for t in tensors if t.name == "token_embd.weight")
+    experts = reader.field(f"{arch}.expert_count", 0)
     hf: dict[str, Any] = {
-        "architectures": [_ARCH_NAMES[arch]],
+        "architectures": ["MixtralForCausalLM" if arch == "llama" and experts else _ARCH_NAMES[arch]],
         "vocab_size": int(embed.dims[1]),
         "hidden_size": hidden,
         "intermediate_size": reader.field(f"{arch}.feed_forward_length"),
@@ -108,6 +133,16 @@ def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
         "tie_word_embeddings": "output.weight" not in names,
         "eos_token_id": reader.field("tokenizer.ggml.eos_token_id"),
     }
+    if experts:  # llama.cpp renormalizes the top k for Mixtral and Qwen3-MoE, not for Qwen2-MoE
+        hf |= {
+            "num_experts": experts,
+            "num_experts_per_tok": reader.field(f"{arch}.expert_used_count"),
+            "moe_intermediate_size": reader.field(f"{arch}.expert_feed_forward_length"),
+            "shared_expert_intermediate_size": reader.field(f"{arch}.expert_shared_feed_forward_length", 0),
+            "norm_topk_prob": arch != "qwen2moe",
+        }
+        if arch == "llama":  # Mixtral's experts have the model's feed_forward_length
+            hf["num_local_experts"] = hf.pop("num_experts")
     scaling_type = reader.field(f"{arch}.rope.scaling.type")
     freq_factors = next((t for t in tensors if t.name == "rope_freqs.weight"), None)
     if freq_factors is not None:  # llama.cpp stores Llama 3.1 scaling as per-frequency divisors
@@ -149,11 +184,18 @@ def iter_tensors(reader: GGUFFile, cfg: ModelConfig, path: Path) -> Iterator[tup
         data = np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.dims)])
         if not data.flags.writeable:  # unquantized tensors are read-only views of the mmap
             data = data.copy()
-        if cfg.architecture != "qwen2":
+        if cfg.architecture in _PERMUTED_QK:
             if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
                 data = _unpermute_qk(data, cfg.num_heads)
             elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
                 data = _unpermute_qk(data, cfg.num_kv_heads)
+        if name.endswith("shared_expert_gate.weight"):  # llama.cpp keeps this [1, hidden] matrix as a vector
+            data = data.reshape(1, -1)
+        if name.endswith("_exps.weight"):
+            layer, projection = name.split(".")[2], _EXPERT_NAMES[t.name.split(".", 2)[2]]
+            for e, expert in enumerate(data):
+                yield f"model.layers.{layer}.mlp.experts.{e}.{projection}.weight", torch.from_numpy(expert.copy())
+            continue
         yield name, torch.from_numpy(np.ascontiguousarray(data))
 
 
@@ -164,4 +206,6 @@ def _hf_name(gguf_name: str) -> str | None:
         _, idx, rest = gguf_name.split(".", 2)
         if rest in _LAYER_NAMES:
             return f"model.layers.{idx}.{_LAYER_NAMES[rest]}"
+        if rest in _EXPERT_NAMES:  # split into experts by iter_tensors
+            return f"model.layers.{idx}.{rest}"
     return None

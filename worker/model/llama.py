@@ -1,4 +1,6 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, and the MoE models
+Qwen2-MoE, Qwen3-MoE and Mixtral, whose experts live in kvflock.worker.model.moe) over a paged
+KV cache.
 
 Parameter names follow the Hugging Face checkpoints, so a safetensors state dict loads as is.
 The forward pass works on a flat batch: all sequences' new tokens concatenated, with their
@@ -18,6 +20,7 @@ from kvflock.kernels.activation import silu_and_mul
 from kvflock.kernels.norm import rms_norm
 from kvflock.worker.attention import AttentionBackend, AttentionMetadata
 from kvflock.worker.config import ModelConfig
+from kvflock.worker.model.moe import SparseMoE, expert_of
 from kvflock.worker.model.parallel import (
     SINGLE_RANK,
     ColumnParallelLinear,
@@ -75,6 +78,9 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.qkv_bias, *kv)
         self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.qkv_bias, *kv)
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_bias, group, *q)
+        # Qwen3 normalizes each query and key head before the rotary embedding.
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, backend.triton_pointwise) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, backend.triton_pointwise) if cfg.qk_norm else None
         self._qkv: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._qkv_sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
 
@@ -111,13 +117,18 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k, triton=self.backend.triton_pointwise)
         out = self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU over this rank's share of the intermediate features.
+    """SwiGLU over this rank's share of the intermediate features (`intermediate_size`, default
+    the model's). With `reduce_output` False the ranks' partial outputs are left to the caller to
+    sum (a MoE block's shared expert, summed with the experts).
 
     `fuse_gate_up` makes the gate and up weights two halves of one buffer (the parameters stay,
     as views), so that one matmul yields `[gate | up]` for the fused silu_and_mul kernel. The
@@ -125,13 +136,18 @@ class MLP(nn.Module):
     output features, which carry their own scales and zero points.
     """
 
-    def __init__(self, cfg: ModelConfig, group: TPGroup, triton: bool) -> None:
+    def __init__(
+        self, cfg: ModelConfig, group: TPGroup, triton: bool, intermediate_size: int | None = None,
+        reduce_output: bool = True,
+    ) -> None:
         super().__init__()
-        size = cfg.intermediate_size // group.world_size
+        full = intermediate_size or cfg.intermediate_size
+        size = full // group.world_size
         part = (group.rank * size, size)
-        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, *part)
-        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, *part)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, group, *part)
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, full, cfg.mlp_bias, *part)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, full, cfg.mlp_bias, *part)
+        down_group = group if reduce_output else SINGLE_RANK
+        self.down_proj = RowParallelLinear(full, cfg.hidden_size, cfg.mlp_bias, down_group, *part)
         self.triton = triton
         self._gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -164,13 +180,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend, group: TPGroup) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend, group: TPGroup, expert_parallel: bool
+    ) -> None:
         super().__init__()
         triton = backend.triton_pointwise
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, triton)
         self.self_attn = Attention(cfg, layer_idx, backend, group)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, triton)
-        self.mlp = MLP(cfg, group, triton)
+        self.mlp: MLP | SparseMoE
+        if cfg.moe is not None and layer_idx in cfg.moe.sparse_layers:
+            shared = cfg.moe.shared_intermediate_size
+            shared_expert = MLP(cfg, group, triton, shared, reduce_output=False) if shared else None
+            self.mlp = SparseMoE(cfg, group, triton, expert_parallel, shared_expert)
+        else:
+            self.mlp = MLP(cfg, group, triton)
 
     def forward(
         self,
@@ -193,10 +217,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup, expert_parallel: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend, group) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, backend, group, expert_parallel) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend.triton_pointwise)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
@@ -218,13 +244,17 @@ class LlamaForCausalLM(nn.Module):
     """Decoder plus LM head. `forward` returns hidden states; `logits` projects selected rows.
 
     `group` is this process's tensor-parallel rank; the default, one rank, is the whole model.
+    `expert_parallel`: with several ranks, each holds whole experts rather than a share of every
+    expert (kvflock.worker.model.moe).
     """
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup = SINGLE_RANK) -> None:
+    def __init__(
+        self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup = SINGLE_RANK, expert_parallel: bool = False
+    ) -> None:
         super().__init__()
         self.config = cfg
         self.group = group
-        self.model = LlamaModel(cfg, backend, group)
+        self.model = LlamaModel(cfg, backend, group, expert_parallel)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -244,7 +274,12 @@ class LlamaForCausalLM(nn.Module):
         cuBLAS reads faster input-major are then stored so."""
         for layer in self.model.layers:
             layer.self_attn.fuse_qkv()
-            layer.mlp.fuse_gate_up()
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.fuse_experts(input_major_weights=self.lm_head.weight.is_cuda)
+                if layer.mlp.shared_expert is not None:
+                    layer.mlp.shared_expert.fuse_gate_up()
+            else:
+                layer.mlp.fuse_gate_up()
         if self.lm_head.weight.is_cuda:
             self._store_input_major()
 
@@ -258,9 +293,20 @@ class LlamaForCausalLM(nn.Module):
             o_proj = layer.self_attn.o_proj
             if not isinstance(o_proj, QUANTIZED_LINEARS):
                 o_proj.weight.data = input_major(o_proj.weight.data)
-            layer.mlp.store_input_major()
+            mlp = layer.mlp.shared_expert if isinstance(layer.mlp, SparseMoE) else layer.mlp
+            if mlp is not None:
+                mlp.store_input_major()
         if self.lm_head.weight is not self.model.embed_tokens.weight:
             self.lm_head.weight.data = input_major(self.lm_head.weight.data)
+
+    def holds(self, name: str) -> bool:
+        """Whether this rank keeps the checkpoint tensor `name` (false for the experts that
+        expert parallelism puts on other ranks)."""
+        where = expert_of(name)
+        if where is None:
+            return True
+        mlp = self.model.layers[where[0]].mlp
+        return not isinstance(mlp, SparseMoE) or mlp.holds_expert(where[1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary on rank 0; None on the other ranks."""

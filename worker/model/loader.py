@@ -23,6 +23,7 @@ from kvflock.worker.attention import AttentionBackend
 from kvflock.worker.config import EngineConfig, ModelConfig
 from kvflock.worker.model import gguf_file
 from kvflock.worker.model.llama import LlamaForCausalLM
+from kvflock.worker.model.moe import param_name
 from kvflock.worker.model.parallel import SINGLE_RANK, Shard, TPGroup, check_tp_size
 from kvflock.worker.model.fp8 import Fp8Linear, check_fp8_device, expand_scales
 from kvflock.worker.model.quant import QuantizedLinear, QuantSpec, drop_trivial_g_idx, replace_linears
@@ -105,12 +106,15 @@ def load(config: EngineConfig, backend: AttentionBackend, group: TPGroup | None 
         group = SINGLE_RANK
     source = resolve_model(config.model, config.load_format)
     model_config = read_model_config(source)
-    check_tp_size(model_config, group.world_size)
+    check_tp_size(model_config, group.world_size, config.expert_parallel)
     quantization = resolve_quantization(config.quantization, source)
+    if quantization is not None and model_config.moe is not None:
+        raise ValueError(f"quantization: {quantization.label} is not supported for mixture-of-experts models")
     tokenizer = load_tokenizer(source, config.tokenizer) if source.format != "dummy" and group.rank == 0 else None
     dtype, device = config.torch_dtype(), config.torch_device()
     progress = LoadProgress() if group.rank == 0 else None
-    model = load_model(source, model_config, dtype, device, backend, config.seed, group, quantization, progress)
+    model = load_model(source, model_config, dtype, device, backend, config.seed, group, quantization, progress,
+                       config.expert_parallel)
     return LoadedModel(source, model_config, model, tokenizer, dtype, device, quantization=quantization)
 
 
@@ -124,6 +128,7 @@ def load_model(
     group: TPGroup = SINGLE_RANK,
     quantization: QuantSpec | None = None,
     progress: LoadProgress | None = None,
+    expert_parallel: bool = False,
 ) -> LlamaForCausalLM:
     """Build `group`'s rank of the model on `device` and fill its weights from `source`
     (random for dummy). With `quantization`, the decoder's projections are QuantizedLinear
@@ -134,7 +139,7 @@ def load_model(
         check_fp8_device(device)
     packed = quantization is not None and (source.format == "dummy" or read_checkpoint_quantization(source) is not None)
     with torch.device("meta"):  # no memory and no random init until the real weights arrive
-        model = LlamaForCausalLM(cfg, backend, group).to(dtype)
+        model = LlamaForCausalLM(cfg, backend, group, expert_parallel).to(dtype)
         if packed:
             assert quantization is not None
             replace_linears(model, quantization, backend.triton_pointwise)
@@ -197,8 +202,8 @@ def _load_weights(
     for name, shape, part in tensors:
         param = params.get(name)
         if param is None:
-            if name == "lm_head.weight" or "rotary_emb" in name:
-                continue  # tied head stored anyway, or precomputed rotary buffers
+            if name == "lm_head.weight" or "rotary_emb" in name or not model.holds(name):
+                continue  # tied head stored anyway, precomputed rotary buffers, another rank's expert
             raise ValueError(f"{where}: unexpected tensor {name!r}")
         shard = shards.get(name)
         expected = list(param.shape)
@@ -249,8 +254,8 @@ def _iter_safetensors(folder: Path, shards: dict[str, Shard], progress: LoadProg
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
                 for key in _counted(iter(keys), name, index, len(files), len(keys), progress):
-                    tensor = f.get_slice(key)
-                    yield key, tuple(tensor.get_shape()), _slice(tensor, shards.get(key))
+                    tensor, hf_name = f.get_slice(key), param_name(key)
+                    yield hf_name, tuple(tensor.get_shape()), _slice(tensor, shards.get(hf_name))
         except (OSError, RuntimeError, ValueError) as exc:
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
         except Exception as exc:  # safetensors raises its own SafetensorError on bad headers

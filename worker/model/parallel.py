@@ -82,11 +82,24 @@ class TPGroup:
 SINGLE_RANK = TPGroup()
 
 
-def check_tp_size(cfg: ModelConfig, tp: int) -> None:
-    """Refuse a tensor-parallel size that cannot split this model's heads and MLP evenly."""
+def check_tp_size(cfg: ModelConfig, tp: int, expert_parallel: bool = False) -> None:
+    """Refuse a tensor-parallel size that cannot split this model's heads, MLP and experts evenly
+    (each expert's features, or with `expert_parallel` the experts themselves)."""
     problem = tp_split_problem(ModelShape(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size), tp)
     if problem is not None:
         raise ValueError(problem)
+    moe = cfg.moe
+    if moe is None:
+        return
+    if expert_parallel and moe.num_experts % tp:
+        raise ValueError(f"tensor_parallel_size: {tp} does not divide the model's {moe.num_experts} experts, which "
+                         "expert_parallel spreads whole over the ranks; use a divisor of it or expert_parallel=false")
+    if not expert_parallel and moe.intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size: {tp} does not divide the experts' intermediate size "
+                         f"{moe.intermediate_size}; use a divisor of it or expert_parallel=true")
+    if moe.shared_intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size: {tp} does not divide the shared expert's intermediate size "
+                         f"{moe.shared_intermediate_size}")
 
 
 def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
@@ -114,8 +127,8 @@ class HeadSplit:
 
 
 def input_major(weight: torch.Tensor) -> torch.Tensor:
-    """The same [out, in] matrix, stored with the input features outermost."""
-    return weight.t().contiguous().t()
+    """The same [out, in] matrix (or stack of them), stored with the input features outermost."""
+    return weight.transpose(-2, -1).contiguous().transpose(-2, -1)
 
 
 class ColumnParallelLinear(nn.Module):
