@@ -97,8 +97,8 @@ def test_a_worker_a_router_and_the_operator_leader_die_under_load_and_no_request
     lines = []
 
     # One client with short answers: a request is nearly always in flight, and on 2 shared cores a
-    # second client only slows the restarts down (the router sends each request to the replica of
-    # the lowest load, so the restarted worker gets the next one once it is back).
+    # second client only slows the restarts down (the router sends each request to the least-loaded
+    # replica, the restarted worker, fresh and idle, among them once it is back).
     with SteadyLoad(url, clients=1, max_tokens=4) as load:
         wait_for(lambda: load.done >= 2, 120, "requests under way")
 
@@ -123,7 +123,8 @@ def test_a_worker_a_router_and_the_operator_leader_die_under_load_and_no_request
         lines.append(f"router {router} deleted: two routers ready again after {time.monotonic() - killed:.1f}s")
 
         leader = _leader(cluster)
-        operators = [p["metadata"]["name"] for p in _pods(cluster, "app.kubernetes.io/name=kvflock-operator", OPERATORS)]
+        operator_pods = _pods(cluster, "app.kubernetes.io/name=kvflock-operator", OPERATORS)
+        operators = [p["metadata"]["name"] for p in operator_pods]
         assert leader in operators and len(operators) == 2, operators
         acted = [name for name in operators if _acted(cluster, name)]
         assert acted == [leader], f"operators that ran handlers: {acted}; the leader: {leader}"
