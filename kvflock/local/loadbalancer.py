@@ -281,6 +281,8 @@ class LocalLoadBalancer:
                 await _copy(upstream_reader, client_writer, half_close=False)
             finally:
                 to_upstream.cancel()
+        except asyncio.CancelledError:
+            pass  # the load balancer stops; asyncio (3.11) logs a connection handler cancelled as an error
         finally:
             for writer in (client_writer, upstream_writer):
                 if writer is not None:
