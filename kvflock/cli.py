@@ -369,6 +369,7 @@ def _run_router(args: argparse.Namespace) -> int:
     from kvflock.router.app import RouterOptions, StaticDiscovery, create_app
     from kvflock.router.config import RouterSettings, read_settings_file
     from kvflock.router.discovery import KubernetesDiscovery, parse_worker_flag
+    from kvflock.router.drain import DrainingServer
     from kvflock.shared import auth
 
     if bool(args.worker) == bool(args.service):
@@ -401,7 +402,8 @@ def _run_router(args: argparse.Namespace) -> int:
                             poll_interval=args.poll_interval, access=access, internal_token=internal[0] if internal else None,
                             hold_seconds=args.hold_seconds)
     app = create_app(discovery, settings, tokenizer, options)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level, log_config=None)
+    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level,
+                                  log_config=None)).run()
     return 0
 
 

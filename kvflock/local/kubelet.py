@@ -540,6 +540,9 @@ class ProcessKubelet:
         self.extra_env = dict(extra_env or {})
         self.pid_dir = pid_dir
         self._runners: dict[str, _PodRunner] = {}
+        # Deleted pods whose processes are still ending (within their grace period): `stop` and
+        # `processes` must still see them, or a shutdown right after a deletion leaves them running.
+        self._retiring: dict[str, _PodRunner] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="kubelet", daemon=True)
@@ -550,7 +553,7 @@ class ProcessKubelet:
     def processes(self) -> dict[str, int]:
         """namespace/name -> pid of every container process running now."""
         with self._lock:
-            runners = list(self._runners.values())
+            runners = [*self._runners.values(), *self._retiring.values()]
         return {f"{r.namespace}/{r.name}": r.process.pid for r in runners
                 if r.process is not None and r.process.pid and r.process.poll() is None}
 
@@ -560,16 +563,20 @@ class ProcessKubelet:
             return max(1, sum(1 for r in self._runners.values() if r.is_worker and not r.stopping.is_set()))
 
     def stop(self) -> None:
-        """Stop watching and end every Pod's process (in parallel, each with its grace period)."""
+        """Stop watching and end every Pod's process, those of deleted pods still ending included
+        (in parallel, each with its grace period); returns once every runner has finished."""
         self._stop.set()
         with self._lock:
-            runners = list(self._runners.values())
+            runners = [*self._runners.values(), *self._retiring.values()]
             self._runners.clear()
         stoppers = [threading.Thread(target=r.stop) for r in runners]
         for thread in stoppers:
             thread.start()
         for thread in stoppers:
             thread.join()
+        for runner in runners:  # a runner between two runs of its container could start another one
+            if runner.thread.is_alive():
+                runner.thread.join(timeout=runner.grace + 15)
         self._thread.join(timeout=10)
 
     # ---- the API server's side -----------------------------------------------------------
@@ -615,10 +622,19 @@ class ProcessKubelet:
     def _forget(self, uid: str) -> None:
         with self._lock:
             runner = self._runners.pop(uid, None)
+            if runner is not None:
+                self._retiring[uid] = runner
         if runner is not None:
             log.info("kubelet: stopping pod %s/%s", runner.namespace, runner.name)
             self.event(runner, "Normal", "Killing", f"Stopping container {runner.container['name']}")
-            threading.Thread(target=runner.stop, name=f"stop-{runner.name}", daemon=True).start()
+            threading.Thread(target=self._retire, args=(uid, runner), name=f"stop-{runner.name}", daemon=True).start()
+
+    def _retire(self, uid: str, runner: _PodRunner) -> None:
+        runner.stop()
+        if runner.thread.is_alive():
+            runner.thread.join(timeout=runner.grace + 15)
+        with self._lock:
+            self._retiring.pop(uid, None)
 
     def read_data(self, namespace: str) -> volumes.ReadData:
         """How a pod of `namespace` reads a Secret's or ConfigMap's data for its volumes."""

@@ -136,6 +136,7 @@ class LocalLoadBalancer:
             self._routes.clear()
         for route in routes:
             self._call(self._close(route))
+        self._call(self._end_connections())
         self._loop.call_soon_threadsafe(self._loop.stop)
         for thread in self._threads:
             thread.join(timeout=10)
@@ -236,6 +237,15 @@ class LocalLoadBalancer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(route.server.wait_closed(), 5)
 
+    @staticmethod
+    async def _end_connections() -> None:
+        """Close the connections still forwarded (a client's kept-alive ones): a loop stopped with
+        them pending leaves tasks that print errors when the process exits."""
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _endpoint(self, route: _Route, refused: set[str]) -> str | None:
         """The next ready pod's address (not one that `refused` this connection), waiting
         briefly while there is none."""
@@ -271,6 +281,8 @@ class LocalLoadBalancer:
                 await _copy(upstream_reader, client_writer, half_close=False)
             finally:
                 to_upstream.cancel()
+        except asyncio.CancelledError:
+            pass  # the load balancer stops; asyncio (3.11) logs a connection handler cancelled as an error
         finally:
             for writer in (client_writer, upstream_writer):
                 if writer is not None:

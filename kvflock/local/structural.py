@@ -13,7 +13,10 @@ Three steps, in the API server's order:
   ``additionalProperties``, worded like kube-apiserver's messages
   (``spec.replicas in body should be greater than or equal to 0``).
 
-At the root, ``metadata`` is the server's ObjectMeta, never the schema's business.
+At the root, ``apiVersion``, ``kind`` and ``metadata`` are the server's, never the schema's
+business: kube-apiserver never prunes them, whether the schema declares them or not (kopf's
+peering CRDs declare only ``status``; with its kind pruned, an object is one that kubectl
+cannot read).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from kvflock.local.fielderrors import ErrorType, FieldError
 __all__ = ["apply_defaults", "prune", "validate"]
 
 _PRESERVE = "x-kubernetes-preserve-unknown-fields"
+_ROOT_FIELDS = ("apiVersion", "kind", "metadata")  # kept at the root whatever the schema says
 _INT_OR_STRING = "x-kubernetes-int-or-string"
 
 
@@ -59,7 +63,7 @@ def prune(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
         extra = schema.get("additionalProperties")
         for name in list(value):
             field = _child(path, name)
-            if not path and name == "metadata":
+            if not path and name in _ROOT_FIELDS:
                 continue
             if properties is not None and name in properties:
                 dropped += prune(properties[name], value[name], field)

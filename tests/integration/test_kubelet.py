@@ -142,6 +142,28 @@ def test_deleting_a_pod_stops_its_process(core: Any, tmp_path: Path) -> None:
     assert not list((tmp_path / "pids").iterdir())
 
 
+# A container that takes 3 s to end after SIGTERM (within its grace period of 5 s), as kopf takes a moment.
+SLOW_TO_STOP = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(3), sys.exit(0)));"
+                " print('up', flush=True); time.sleep(600)")
+
+
+def test_stopping_the_kubelet_ends_the_process_of_a_pod_deleted_just_before(core: Any, tmp_path: Path) -> None:
+    api, kubelet = core
+    api.create_namespaced_pod("default", _pod("slow", [sys.executable, "-c", SLOW_TO_STOP], probe=False))
+    pid = _pid(wait_for(_when(api, "slow", lambda s: s.get("phase") == "Running"), 20, what="slow Running"))
+    api.delete_namespaced_pod("slow", "default")
+
+    def stopping() -> bool:
+        events = api.list_namespaced_event("default", field_selector="involvedObject.name=slow").items
+        return any(e.reason == "Killing" for e in events)
+
+    wait_for(stopping, 15, what="the kubelet to stop the deleted pod")
+    assert kubelet.processes() == {"default/slow": pid}  # still ending: SIGTERMed, not yet gone
+    kubelet.stop()
+    assert not kubelet.processes() and not list((tmp_path / "pids").iterdir())
+    assert not Path(f"/proc/{pid}/cmdline").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
 # A container that prints the thread counts it was given, then idles.
 THREADS = ("import os, time; print('threads', os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'], flush=True);"
            " time.sleep(600)")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kvflock.operator.render import render_peering_crds
 from tests.operator.conftest import ServerThread
 
 KUBECTL = Path(sys.executable).parent / "kubectl"
@@ -153,3 +154,21 @@ def test_replace_validates(kubectl: Kubectl) -> None:
     done = kubectl("replace", "-f", "-", stdin=json.dumps(stored))
     assert done.returncode == 0, done.stderr
     assert kubectl.get("replaced")["spec"]["engine"]["tensorParallelSize"] == 2
+
+
+def test_a_kopf_peering_keeps_its_kind_and_its_peers_and_kubectl_reads_it(apiserver: ServerThread,
+                                                                           kubectl: Kubectl) -> None:
+    for crd in render_peering_crds():
+        apiserver.api.install_crd(crd)
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "leaders"}}
+    done = kubectl.apply(peering)
+    assert done.returncode == 0, done.stderr
+    for name, priority in (("op-a", 3), ("op-b", 7)):  # each replica's keep-alive, a merge patch as kopf sends it
+        keepalive = {"status": {name: {"priority": priority, "lifetime": 10, "lastseen": "2026-12-07T18:00:00"}}}
+        done = kubectl("patch", "clusterkopfpeering", "leaders", "--type=merge", "-p", json.dumps(keepalive))
+        assert done.returncode == 0, done.stderr
+    done = kubectl("get", "clusterkopfpeering", "leaders", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    stored = json.loads(done.stdout)
+    assert stored["kind"] == "ClusterKopfPeering" and stored["apiVersion"] == "kopf.dev/v1"
+    assert {name: peer["priority"] for name, peer in stored["status"].items()} == {"op-a": 3, "op-b": 7}

@@ -82,6 +82,18 @@ def test_unknown_fields_are_refused_warned_or_dropped_as_asked() -> None:
     assert warnings == [] and "prot" not in obj["spec"]
 
 
+def test_api_version_and_kind_are_kept_though_the_schema_does_not_declare_them() -> None:
+    schema = {"type": "object",
+              "properties": {"status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}
+    obj = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "x"},
+           "status": {"op-a": {"priority": 3}}}
+    validator = CustomResourceValidator("ClusterKopfPeering", "kopf.dev", "v1", schema)
+    warnings = validator.admit(obj, FieldValidation.STRICT)
+    assert warnings == []
+    assert obj == {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "x"},
+                   "status": {"op-a": {"priority": 3}}}
+
+
 def test_a_bad_field_validation_directive_is_a_400() -> None:
     with pytest.raises(kmock.KubernetesError) as caught:
         FieldValidation.of({"fieldValidation": "Loose"})
