@@ -124,7 +124,7 @@ def test_a_valid_service_is_stored_with_the_crd_defaults(kubectl: Kubectl) -> No
     spec = kubectl.get("fine")["spec"]
     assert spec["replicas"] == 2 and spec["engine"]["maxNumSeqs"] == 8
     assert spec["engine"]["tensorParallelSize"] == 1 and spec["engine"]["kvCache"]["blockSize"] == 16
-    assert spec["model"] == {"source": "demo", "format": "auto"}
+    assert spec["model"] == {"source": "demo", "format": "auto", "hubCache": {"hostPath": "/var/cache/kvflock/hub"}}
     assert spec["router"]["pools"] == [] and spec["drainTimeoutSeconds"] == 60
 
 
