@@ -402,8 +402,12 @@ def _run_router(args: argparse.Namespace) -> int:
                             poll_interval=args.poll_interval, access=access, internal_token=internal[0] if internal else None,
                             hold_seconds=args.hold_seconds)
     app = create_app(discovery, settings, tokenizer, options)
-    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level,
-                                  log_config=None)).run()
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
+                                           log_level=args.log_level, log_config=None))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has stopped; the stop is the normal end
+        pass
     return 0
 
 
