@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
-import llguidance.torch
 import torch
 from tokenizers import Tokenizer
 
@@ -227,10 +226,12 @@ def fill_masks(items: list[ScheduledSequence], vocab_size: int) -> StepMasks | N
         return None
     words = (vocab_size + _BITS - 1) // _BITS
     bitmask = torch.full((len(rows), words), -1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
+    # The executor writes straight into the tensor's memory (llguidance.torch would do the same
+    # but imports torch.compile's machinery, seconds of a worker's start-up).
     if plain:
-        llguidance.torch.fill_next_token_bitmask_par(_executor(), plain, bitmask)
+        _executor().unsafe_compute_mask_ptr(plain, bitmask.data_ptr(), words * 4, len(rows))
     if drafted:
-        llguidance.torch.fill_next_token_bitmask_par_with_draft_tokens(_executor(), drafted, bitmask)
+        _executor().unsafe_compute_mask_ptr_with_draft_token(drafted, bitmask.data_ptr(), words * 4, len(rows))
     return StepMasks(rows, bitmask)
 
 
