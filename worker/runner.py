@@ -33,8 +33,13 @@ def allocate_kv_cache(
 ) -> torch.Tensor:
     """One tensor for every layer, blocks outermost (shared/DESIGN.md): a block of all layers
     is one contiguous span, so moving it between tiers is a single copy. Under tensor
-    parallelism it holds only this rank's KV heads."""
+    parallelism it holds only this rank's KV heads. Attention never reads a slot before it is
+    written (past a context, values are masked and zeroed), so on the CPU the memory is left
+    untouched: the pages are committed as blocks fill, not all at start (zeroing a 1 GiB cache
+    took half a second of every worker's start and its whole size in resident memory)."""
     shape = (num_blocks, cfg.num_layers, 2, block_size, kv_heads_per_rank(cfg, tp_size), cfg.head_dim)
+    if device.type == "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 

@@ -11,6 +11,7 @@ offset), then the tensor data from the next multiple of `general.alignment` (def
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, BinaryIO
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")
 _DEFAULT_ALIGNMENT = 32
 
 
@@ -37,18 +39,26 @@ class GGUFHeader:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
+    """Reads values from a memory map of the file, skipping arrays by their sizes."""
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data, self.pos = data, 0
 
     def scalar(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
-        data = self.f.read(size)
-        if len(data) != size:
+        if self.pos + size > len(self.data):
             raise ValueError("the header ends early")
-        return struct.unpack(fmt, data)[0]
+        value = struct.unpack_from(fmt, self.data, self.pos)[0]
+        self.pos += size
+        return value
 
     def string(self) -> str:
-        return self.f.read(self.scalar("<Q")).decode("utf-8", errors="replace")
+        size = self.scalar("<Q")
+        if self.pos + size > len(self.data):
+            raise ValueError("the header ends early")
+        text = self.data[self.pos:self.pos + size].decode("utf-8", errors="replace")
+        self.pos += size
+        return text
 
     def value(self, kind: int) -> Any:
         if kind in _SCALARS:
@@ -58,7 +68,12 @@ class _Reader:
         if kind == _ARRAY:
             item, count = self.scalar("<I"), self.scalar("<Q")
             if item in _SCALARS:
-                self.f.seek(struct.calcsize(_SCALARS[item]) * count, 1)
+                self.pos += struct.calcsize(_SCALARS[item]) * count
+            elif item == _STRING:  # a vocabulary: tens of thousands of strings, lengths only
+                length, pos = _LENGTH.unpack_from, self.pos
+                for _ in range(count):
+                    pos += 8 + length(self.data, pos)[0]
+                self.pos = pos
             else:
                 for _ in range(count):
                     self.value(item)
@@ -69,10 +84,11 @@ class _Reader:
 def read_header(path: Path, tensors: bool = True) -> GGUFHeader:
     """The header of the GGUF file at `path`; ValueError naming the file when it is not one."""
     try:
-        with path.open("rb") as f:
-            read = _Reader(f)
-            if f.read(4) != b"GGUF":
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            read = _Reader(data)
+            if data[:4] != b"GGUF":
                 raise ValueError("no GGUF magic number")
+            read.pos = 4
             read.scalar("<I")  # version
             num_tensors, num_metadata = read.scalar("<Q"), read.scalar("<Q")
             header = GGUFHeader({})
@@ -86,7 +102,7 @@ def read_header(path: Path, tensors: bool = True) -> GGUFHeader:
                 dims = tuple(read.scalar("<Q") for _ in range(read.scalar("<I")))
                 header.tensors.append(TensorInfo(name, dims, read.scalar("<I"), read.scalar("<Q")))
             alignment = header.metadata.get("general.alignment") or _DEFAULT_ALIGNMENT
-            header.data_offset = -(-f.tell() // alignment) * alignment
+            header.data_offset = -(-read.pos // alignment) * alignment
             return header
     except (struct.error, OverflowError, MemoryError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable GGUF file ({exc})") from exc

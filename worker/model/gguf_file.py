@@ -3,7 +3,8 @@ dequantized and renamed to the Hugging Face names our model uses. llama.cpp stor
 layer's experts stacked, one [experts, out, in] tensor per projection; they are yielded one
 expert at a time, as HF checkpoints hold them. Mixtral is llama.cpp's `llama` with experts. The
 header is read by kvflock.shared.gguf_header (arrays skipped: 0.2 s where gguf's GGUFReader took
-8.8 s for SmolLM2), the tensors are views of one memory map, dequantized by gguf's own routines."""
+8.8 s for SmolLM2), the tensors are read from one memory map and dequantized in torch
+(kvflock.worker.model.gguf_quants)."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 
 from kvflock.shared.gguf_header import GGUFHeader, TensorInfo, read_header
 from kvflock.worker.config import ModelConfig
+from kvflock.worker.model.gguf_quants import BLOCKS, dequantize, stored_bytes
 
 _ARCH_NAMES = {
     "llama": "LlamaForCausalLM",
@@ -25,7 +27,9 @@ _ARCH_NAMES = {
     "qwen2moe": "Qwen2MoeForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
 }
-_SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
+# GGML's type ids of the types gguf_quants reads.
+_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+assert set(_TYPE_NAMES.values()) == set(BLOCKS)
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -77,26 +81,30 @@ class GGUFFile:
         return default if value is None else value
 
     def type_name(self, tensor: TensorInfo) -> str:
+        if tensor.ggml_type in _TYPE_NAMES:
+            return _TYPE_NAMES[tensor.ggml_type]
         import gguf
 
-        return gguf.GGMLQuantizationType(tensor.ggml_type).name
+        try:
+            return gguf.GGMLQuantizationType(tensor.ggml_type).name
+        except ValueError:
+            return f"unknown type {tensor.ggml_type}"
 
-    def data(self, tensor: TensorInfo) -> np.ndarray:
-        """The tensor's stored values as GGUFReader gives them: float arrays for F32/F16, else its
-        quantized blocks as bytes, shaped for gguf.quants.dequantize."""
-        import gguf
-
-        kind = gguf.GGMLQuantizationType(tensor.ggml_type)
-        shape = tuple(reversed(tensor.dims))
-        block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
-        size = int(np.prod(tensor.dims)) * type_size // block_size
+    def tensor(self, tensor: TensorInfo) -> torch.Tensor:
+        """The tensor as float32, in the file's row-major order ([rows, columns] for a matrix)."""
+        type_name = self.type_name(tensor)
+        if type_name not in BLOCKS:
+            raise ValueError(f"{self.path}: tensor {tensor.name} has type {type_name}; supported: {sorted(BLOCKS)}")
+        shape = tuple(int(d) for d in reversed(tensor.dims))
+        try:
+            size = stored_bytes(type_name, int(np.prod(shape)))
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: tensor {tensor.name} is corrupt ({exc})") from None
         start = self.header.data_offset + tensor.offset
         raw = self._bytes[start:start + size]
         if len(raw) != size:
             raise ValueError(f"{self.path}: tensor {tensor.name} runs past the end of the file")
-        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            return raw.view(np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16).reshape(shape)
-        return raw.reshape(gguf.quants.quant_shape_to_byte_shape(shape, kind))
+        return dequantize(raw, type_name, shape)
 
 
 def open_gguf(path: Path) -> GGUFFile:
@@ -147,7 +155,7 @@ def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
     freq_factors = next((t for t in tensors if t.name == "rope_freqs.weight"), None)
     if freq_factors is not None:  # llama.cpp stores Llama 3.1 scaling as per-frequency divisors
         hf["rope_scaling"] = {"rope_type": "freq_factors",
-                              "factors": [float(x) for x in reader.data(freq_factors).reshape(-1)]}
+                              "factors": reader.tensor(freq_factors).reshape(-1).tolist()}
     elif scaling_type == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": reader.field(f"{arch}.rope.scaling.factor")}
     elif scaling_type not in (None, "none"):
@@ -155,10 +163,10 @@ def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
     return ModelConfig.from_hf(hf)
 
 
-def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
+def _unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's conversion, which interleaves each head's two rotary halves."""
     rows = w.shape[0]
-    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def tensor_count(reader: GGUFFile) -> int:
@@ -168,22 +176,11 @@ def tensor_count(reader: GGUFFile) -> int:
 
 def iter_tensors(reader: GGUFFile, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor in the file."""
-    import gguf
-
     for t in reader.header.tensors:
-        type_name = reader.type_name(t)
-        if type_name not in _SUPPORTED_TYPES:
-            raise ValueError(f"{path}: tensor {t.name} has type {type_name}; supported: {sorted(_SUPPORTED_TYPES)}")
         name = _hf_name(t.name)
         if name is None:
             continue  # rope_freqs went into the config; nothing else is expected
-        try:
-            data = gguf.quants.dequantize(reader.data(t), gguf.GGMLQuantizationType(t.ggml_type))
-        except Exception as exc:
-            raise ValueError(f"{path}: tensor {t.name} is corrupt ({exc})") from exc
-        data = np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.dims)])
-        if not data.flags.writeable:  # unquantized tensors are read-only views of the mmap
-            data = data.copy()
+        data = reader.tensor(t)
         if cfg.architecture in _PERMUTED_QK:
             if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
                 data = _unpermute_qk(data, cfg.num_heads)
@@ -194,9 +191,9 @@ def iter_tensors(reader: GGUFFile, cfg: ModelConfig, path: Path) -> Iterator[tup
         if name.endswith("_exps.weight"):
             layer, projection = name.split(".")[2], _EXPERT_NAMES[t.name.split(".", 2)[2]]
             for e, expert in enumerate(data):
-                yield f"model.layers.{layer}.mlp.experts.{e}.{projection}.weight", torch.from_numpy(expert.copy())
+                yield f"model.layers.{layer}.mlp.experts.{e}.{projection}.weight", expert
             continue
-        yield name, torch.from_numpy(np.ascontiguousarray(data))
+        yield name, data
 
 
 def _hf_name(gguf_name: str) -> str | None:

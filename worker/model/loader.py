@@ -143,7 +143,9 @@ def load_model(
         if packed:
             assert quantization is not None
             replace_linears(model, quantization, backend.triton_pointwise)
-    model = model.to_empty(device=device)
+    # Module.to_empty would allocate through torch's meta-tensor reference code, whose first use
+    # imports sympy: 0.4 s of CPU on every worker start. Plain torch.empty allocates the same.
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if source.format == "dummy":
