@@ -45,18 +45,23 @@ def lora_expand_ref(y: torch.Tensor, b: torch.Tensor, order: torch.Tensor, seg_s
 
 
 @jit
+def _tile_rows(order_ptr, first, end, BLOCK_M: tl.constexpr):
+    """The token rows at positions first .. first + BLOCK_M of the grouping, and which of them
+    belong to the segment that ends at `end`."""
+    pos = first + tl.arange(0, BLOCK_M)
+    row_ok = pos < end
+    return tl.load(order_ptr + pos, mask=row_ok, other=0), row_ok
+
+
+@jit
 def _shrink_kernel(x_ptr, a_ptr, y_ptr, order_ptr, seg_ptr, h, r,
                    stride_xt, stride_as, stride_ar, stride_yt,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     slot, tile, rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(seg_ptr + slot)
-    end = tl.load(seg_ptr + slot + 1)
-    first = start + tile * BLOCK_M
-    if first >= end:
+    first, end = tl.load(seg_ptr + slot) + tile * BLOCK_M, tl.load(seg_ptr + slot + 1)
+    if first >= end:  # the grid covers the longest segment; this slot has fewer tokens
         return
-    pos = first + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
+    rows, row_ok = _tile_rows(order_ptr, first, end, BLOCK_M)
     cols = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = cols < r
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -76,14 +81,10 @@ def _expand_kernel(y_ptr, b_ptr, out_ptr, order_ptr, seg_ptr, n, r,
                    stride_yt, stride_bs, stride_bn, stride_ot,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     slot, tile, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(seg_ptr + slot)
-    end = tl.load(seg_ptr + slot + 1)
-    first = start + tile * BLOCK_M
-    if first >= end:
+    first, end = tl.load(seg_ptr + slot) + tile * BLOCK_M, tl.load(seg_ptr + slot + 1)
+    if first >= end:  # the grid covers the longest segment; this slot has fewer tokens
         return
-    pos = first + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
+    rows, row_ok = _tile_rows(order_ptr, first, end, BLOCK_M)
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
     ranks = tl.arange(0, BLOCK_R)
