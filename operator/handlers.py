@@ -12,7 +12,9 @@ and the workers' HTTP calls are.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,16 +23,18 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from kvflock.operator import children, credentials, metrics, model_check, scaling, workers
+from kvflock.operator import adapters, children, credentials, metrics, model_check, scaling, workers
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import (
     GROUP,
     KIND,
     PLURAL,
     VERSION,
+    AdapterStatus,
     Condition,
     InferenceServiceSpec,
     InferenceServiceStatus,
+    check_adapter_names,
     check_name,
     format_errors,
 )
@@ -46,6 +50,10 @@ from kvflock.operator.reconcile import (
     reconcile,
 )
 from kvflock.shared import names
+
+log = logging.getLogger(__name__)
+# Seconds a worker may take to read an adapter folder and load it (a probe's timeout is too short).
+_ADAPTER_CALL_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,8 @@ class _Pass:
     lock: threading.Lock = field(default_factory=threading.Lock)
     again: bool = False
     probes: dict[str, Probe] = field(default_factory=dict)
+    # The probes are fresh: the next pass syncs the workers' adapters with them.
+    adapters_due: bool = False
 
 
 def _now() -> datetime.datetime:
@@ -106,17 +116,18 @@ class Runtime:
         state = self._pass(namespace, name)
         if probes is not None:
             state.probes = dict(probes)
+            state.adapters_due = True
         state.again = True
         while state.again:
             if not state.lock.acquire(blocking=False):
                 return  # the running pass sees `again` and runs once more
             try:
                 state.again = False
-                self._converge_once(namespace, name, state.probes)
+                self._converge_once(namespace, name, state)
             finally:
                 state.lock.release()
 
-    def _converge_once(self, namespace: str, name: str, probes: Mapping[str, Probe]) -> None:
+    def _converge_once(self, namespace: str, name: str, state: _Pass) -> None:
         body = self.cluster.get_service(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -128,6 +139,7 @@ class Runtime:
         try:
             check_name(name)
             spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
+            check_adapter_names(name, spec)
         except (ValidationError, ValueError) as exc:
             message = format_errors(exc) if isinstance(exc, ValidationError) else str(exc)
             self._report_invalid(body, previous, message, now, generation)
@@ -146,11 +158,13 @@ class Runtime:
 
         pods, objects = self.cluster.list_children(owner)
         pods_by_name = {p["metadata"]["name"]: p for p in pods}
+        worker_pods = [WorkerPod.from_manifest(p) for p in pods]
+        adapter_status = self._sync_adapters(owner, spec, worker_pods, pods_by_name, state, previous, body)
         known = {w.name: Probe.from_status(w) for w in previous.workers}
         observed = Observed(
-            pods=[WorkerPod.from_manifest(p) for p in pods],
+            pods=worker_pods,
             objects=objects,
-            probes={n: p for n, p in {**known, **probes}.items() if p is not None and n in pods_by_name},
+            probes={n: p for n, p in {**known, **state.probes}.items() if p is not None and n in pods_by_name},
             conditions=previous.conditions,
             auth_hash=auth.hash,
         )
@@ -158,11 +172,53 @@ class Runtime:
         for action in plan.actions:
             self._apply(owner, action, pods_by_name.get(action.name), body)
         # status.autoscaler is the autoscaler's to write (kvflock.operator.scaling); keep it.
-        status = plan.status.model_copy(update={"autoscaler": previous.autoscaler}).model_dump(mode="json")
-        if status != previous.model_dump(mode="json"):
-            self.cluster.patch_service_status(namespace, name, status)
-        _warn_when_degraded(body, previous, plan.status)
+        status = adapters.with_adapters(plan.status.model_copy(update={"autoscaler": previous.autoscaler}),
+                                        adapter_status, previous.conditions, now, generation)
+        if status.model_dump(mode="json") != previous.model_dump(mode="json"):
+            self.cluster.patch_service_status(namespace, name, status.model_dump(mode="json"))
+        _warn_when_degraded(body, previous, status)
         metrics.passes.labels(outcome="acted" if plan.actions else "steady").inc()
+
+    def _sync_adapters(
+        self, owner: Owner, spec: InferenceServiceSpec, pods: list[WorkerPod], pods_by_name: Mapping[str, Any],
+        state: _Pass, previous: InferenceServiceStatus, body: dict[str, Any],
+    ) -> list[AdapterStatus]:
+        """Load and unload adapters on the workers whose /v1/models the last probes read (once per
+        probe period: older reads could undo what a pass just did); their state goes into
+        `state.probes`. Returns each adapter's status, the previous one between probe periods."""
+        if not state.adapters_due:
+            wanted = {a.name for a in spec.adapters}
+            return [a for a in previous.adapters if a.name in wanted]
+        state.adapters_due = False
+        held = adapters.served(pods, state.probes)
+        actions = adapters.plan(spec.adapters, held)
+        token = self._admin_token(owner) if actions and spec.auth is not None else None
+        done, failures = [], {}
+        for action in actions:
+            url = workers.worker_url(pods_by_name[action.worker])
+            assert url is not None  # it was probed there
+            if action.verb == "load":
+                assert action.path is not None
+                problem = workers.load_adapter(url, action.adapter, action.path, _ADAPTER_CALL_TIMEOUT, token)
+            else:
+                problem = workers.unload_adapter(url, action.adapter, _ADAPTER_CALL_TIMEOUT, token)
+            if problem is None:
+                done.append(action)
+                verb = "Loaded" if action.verb == "load" else "Unloaded"
+                kopf.info(body, reason=f"Adapter{verb}", message=f"{verb} adapter {action.adapter!r} on worker"
+                          f" {action.worker}" + (f" from {action.path}" if action.path else ""))
+            elif action.verb == "load":
+                failures.setdefault(action.adapter, adapters.failure_message(action, problem))
+            else:  # e.g. still in use by a request: the next probe period tries again
+                log.info("unloading adapter %r from worker %s failed: %s", action.adapter, action.worker, problem)
+        held = adapters.after(held, done)
+        for worker, has in held.items():
+            state.probes[worker] = dataclasses.replace(state.probes[worker], adapters=has)
+        before = {a.name: a.error for a in previous.adapters}
+        for name, message in failures.items():
+            if before.get(name) != message:
+                kopf.warn(body, reason=adapters.REASON_LOAD_FAILED, message=message)
+        return adapters.statuses(spec.adapters, held, failures)
 
     def _report_invalid(
         self, body: dict[str, Any], previous: InferenceServiceStatus, message: str,
@@ -224,8 +280,8 @@ class Runtime:
                 return
         kopf.info(body, reason=action.reason, message=action.message)
 
-    def probe_workers(self, namespace: str, name: str, uid: str) -> dict[str, Probe]:
-        """Read every worker's /ready and /metrics, in parallel."""
+    def probe_workers(self, namespace: str, name: str, uid: str, read_adapters: bool = False) -> dict[str, Probe]:
+        """Read every worker's /ready and /metrics (and /v1/models, with `read_adapters`), in parallel."""
         owner = Owner(name=name, namespace=namespace, uid=uid)
         pods, _ = self.cluster.list_children(owner)
         targets = {}
@@ -237,9 +293,13 @@ class Runtime:
         if not targets:
             return {}
         timeout = self.options.probe_timeout
-        token = self._admin_token(owner) if any(d for _, d in targets.values()) else None
+        secret = self.cluster.get_secret(namespace, children.internal_secret_name(owner))
+        internal = credentials.secret_data(secret) if secret is not None else {}
+        token = credentials.admin_token(internal) if any(d for _, d in targets.values()) else None
+        internal_token = credentials.internal_token(internal)
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
-            futures = {n: pool.submit(workers.probe, u, timeout, d, token) for n, (u, d) in targets.items()}
+            futures = {n: pool.submit(workers.probe, u, timeout, d, token, read_adapters, internal_token)
+                       for n, (u, d) in targets.items()}
             return {n: f.result() for n, f in futures.items()}
 
     def delete_children(self, namespace: str, name: str, uid: str, body: dict[str, Any]) -> None:
@@ -300,7 +360,8 @@ def register(registry: kopf.OperatorRegistry, options: OperatorOptions) -> None:
     def workers_probed(name: str, namespace: str, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         """Periodically: read the workers into status, autoscale, finish drains, retry whatever failed."""
         runtime: Runtime = memo.runtime
-        probes = runtime.probe_workers(namespace, name, uid)
+        read_adapters = ((body.get("spec") or {}).get("engine") or {}).get("lora") is not None
+        probes = runtime.probe_workers(namespace, name, uid, read_adapters)
         previous = runtime.last_probes(namespace, name)
         runtime.converge(namespace, name, probes)
         runtime.autoscaler.run(dict(body), probes, previous, _now())

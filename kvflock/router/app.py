@@ -1,7 +1,9 @@
 """The router's HTTP app: the OpenAI API in front of the workers, plus its own probes and metrics.
 
-/v1/completions and /v1/chat/completions are routed by the prompt (`policy`), their bodies passed on
-unchanged; /v1/models and vLLM's /tokenize, /detokenize and /version go to any ready replica; /health says the router runs, /ready that it takes requests (some replica
+/v1/completions and /v1/chat/completions are routed by the prompt and, for a LoRA adapter, to a replica
+that serves it (`policy`), their bodies passed on unchanged; /v1/models lists what the serving replicas
+list (the model and every adapter any of them serves); vLLM's /tokenize, /detokenize and /version go
+to any ready replica; /health says the router runs, /ready that it takes requests (some replica
 can serve, or it holds requests until one can: `hold_seconds`), and
 /metrics is the router's own (`kvflock_router_*`); `access` (kvflock/shared/auth.py) decides which
 need a key, and `internal_token` is what the router shows the workers instead. Discovery, polling and routing settings
@@ -113,7 +115,7 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        poller = Poller(fleet, router.index, client, options.poll_interval)
+        poller = Poller(fleet, router.index, client, options.poll_interval, internal_token=options.internal_token)
         tasks = [asyncio.create_task(discovery.run(fleet, apply_settings), name="kvflock-router-discovery"),
                  asyncio.create_task(poller.run(), name="kvflock-router-poller")]
         try:
@@ -154,8 +156,16 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
         body = await request.body()
         return await state.proxy.forward(request, request.url.path, body, RequestFeatures(prompt_tokens=0))
 
-    for path, method in [("/v1/models", "GET"), ("/version", "GET"), ("/tokenize", "POST"), ("/detokenize", "POST")]:
+    for path, method in [("/version", "GET"), ("/tokenize", "POST"), ("/detokenize", "POST")]:
         app.add_api_route(path, any_replica, methods=[method])
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        """The union of the serving replicas' models; before any was polled, one replica's answer."""
+        found = fleet.models(clock())
+        if not found:
+            return await any_replica(request)
+        return JSONResponse({"object": "list", "data": found})
 
     async def generate(request: Request, path: str) -> Response:
         raw = await request.body()
@@ -169,10 +179,13 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
         if where is not None:
             return error_response(400, f"{where}: {LONE_SURROGATE}", "invalid_request_error", param=where)
         metrics.arrived(body)
+        # An unknown model goes to any replica, which answers OpenAI's 404 naming what it serves.
+        model = body.get("model")
+        adapter = model if isinstance(model, str) and model in fleet.adapters() else None
         if reader.tokenizer is not None and len(raw) > _TOKENIZE_INLINE_CHARS:
-            features = await asyncio.to_thread(reader.features, path, body)
+            features = await asyncio.to_thread(reader.features, path, body, adapter)
         else:
-            features = reader.features(path, body)
+            features = reader.features(path, body, adapter)
         return await state.proxy.forward(request, path, raw, features)
 
     @app.post("/v1/completions", responses=api_doc.GENERATION)
