@@ -1,15 +1,18 @@
 """Which LoRA adapters each worker loads or unloads, and what the status says of them.
 
-`spec.adapters` is the source of truth; each ready worker's /v1/models, read with its probe,
-says what it serves (name and folder). `plan` diffs the two: load what a worker lacks, unload
-what the spec no longer names, and unload then load an adapter whose folder changed. None of
-this is in the pod template or the engine config file, so it never rolls a worker.
+`spec.adapters` is the source of truth; each ready worker's /metrics, read with its probe, names
+the adapters it serves, and the status records the folder the operator loaded each one from on
+each worker (`WorkerStatus.adapters`). `plan` diffs the two: load what a worker lacks, unload
+what the spec no longer names, and unload then load an adapter whose folder changed (or whose
+folder the operator does not know: someone else loaded it). None of this is in the pod template
+or the engine config file, so it never rolls a worker. /metrics rather than /v1/models: it is
+read anyway, and a worker logs every /v1 call, which polling would fill its log with.
 
 A worker that restarts comes back without adapters and gets them again in the next probe
 period's pass (seconds), rather than from a file read at start: the spec stays the only place
 that names them, and no ConfigMap has to reach the pods first (a kubelet refreshes mounted
 ConfigMaps only every minute or so). Meanwhile the router sends that adapter's requests only to
-workers whose /v1/models lists it. Pure functions; the handlers call the workers.
+workers whose /metrics lists it. Pure functions; the handlers call the workers.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class AdapterAction:
 
 
 def served(pods: Sequence[WorkerPod], probes: Mapping[str, Probe]) -> dict[str, dict[str, str | None]]:
-    """What each ready, staying worker serves (adapter -> folder), where its /v1/models was read."""
+    """What each ready, staying worker serves (adapter -> folder), where its adapters were read."""
     result = {}
     for pod in pods:
         probe = probes.get(pod.name)

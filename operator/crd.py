@@ -685,8 +685,10 @@ class WorkerStatus(_Model):
     kvCacheUsage: float | None = Field(None, description="Share of KV blocks in use, from /metrics.")
     probeTime: str | None = Field(None, description="When /ready and /metrics were last read.")
     probeError: str | None = Field(None, description="Why the last read failed, if it did.")
-    adapters: list[str] | None = Field(None, description="The LoRA adapters it serves, from its /v1/models"
-                                       " (absent: not read).")
+    adapters: dict[str, str] | None = Field(
+        None, description="The LoRA adapters it serves (from its /metrics), each with the folder the operator loaded it"
+        " from (empty: not loaded by the operator); absent: not read.",
+    )
 
 
 class AdapterStatus(_Model):

@@ -69,8 +69,3 @@ def auth_hash(api_keys: bytes, internal: Mapping[str, bytes]) -> str:
 
 def admin_token(internal: Mapping[str, bytes]) -> bytes | None:
     return internal.get(ADMIN_TOKEN_KEY) or None
-
-
-def internal_token(internal: Mapping[str, bytes]) -> bytes | None:
-    """What the workers' /v1/* accepts besides the users' keys (the router's token)."""
-    return internal.get(INTERNAL_TOKEN_KEY) or None

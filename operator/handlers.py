@@ -183,13 +183,20 @@ class Runtime:
         self, owner: Owner, spec: InferenceServiceSpec, pods: list[WorkerPod], pods_by_name: Mapping[str, Any],
         state: _Pass, previous: InferenceServiceStatus, body: dict[str, Any],
     ) -> list[AdapterStatus]:
-        """Load and unload adapters on the workers whose /v1/models the last probes read (once per
-        probe period: older reads could undo what a pass just did); their state goes into
+        """Load and unload adapters on the workers whose adapters the last probes read (once per
+        probe period: older reads could undo what a pass just did); what they serve then goes into
         `state.probes`. Returns each adapter's status, the previous one between probe periods."""
         if not state.adapters_due:
             wanted = {a.name for a in spec.adapters}
             return [a for a in previous.adapters if a.name in wanted]
         state.adapters_due = False
+        # A worker's /metrics names its adapters; the folder each came from is the operator's record.
+        loaded_from = {w.name: w.adapters or {} for w in previous.workers}
+        for worker, probe in state.probes.items():
+            if probe.adapters is not None:
+                known = {name: probe.adapters[name] or loaded_from.get(worker, {}).get(name) or None
+                         for name in probe.adapters}
+                state.probes[worker] = dataclasses.replace(probe, adapters=known)
         held = adapters.served(pods, state.probes)
         actions = adapters.plan(spec.adapters, held)
         token = self._admin_token(owner) if actions and spec.auth is not None else None
@@ -280,8 +287,8 @@ class Runtime:
                 return
         kopf.info(body, reason=action.reason, message=action.message)
 
-    def probe_workers(self, namespace: str, name: str, uid: str, read_adapters: bool = False) -> dict[str, Probe]:
-        """Read every worker's /ready and /metrics (and /v1/models, with `read_adapters`), in parallel."""
+    def probe_workers(self, namespace: str, name: str, uid: str) -> dict[str, Probe]:
+        """Read every worker's /ready and /metrics, in parallel."""
         owner = Owner(name=name, namespace=namespace, uid=uid)
         pods, _ = self.cluster.list_children(owner)
         targets = {}
@@ -293,13 +300,9 @@ class Runtime:
         if not targets:
             return {}
         timeout = self.options.probe_timeout
-        secret = self.cluster.get_secret(namespace, children.internal_secret_name(owner))
-        internal = credentials.secret_data(secret) if secret is not None else {}
-        token = credentials.admin_token(internal) if any(d for _, d in targets.values()) else None
-        internal_token = credentials.internal_token(internal)
+        token = self._admin_token(owner) if any(d for _, d in targets.values()) else None
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
-            futures = {n: pool.submit(workers.probe, u, timeout, d, token, read_adapters, internal_token)
-                       for n, (u, d) in targets.items()}
+            futures = {n: pool.submit(workers.probe, u, timeout, d, token) for n, (u, d) in targets.items()}
             return {n: f.result() for n, f in futures.items()}
 
     def delete_children(self, namespace: str, name: str, uid: str, body: dict[str, Any]) -> None:
@@ -360,8 +363,7 @@ def register(registry: kopf.OperatorRegistry, options: OperatorOptions) -> None:
     def workers_probed(name: str, namespace: str, uid: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         """Periodically: read the workers into status, autoscale, finish drains, retry whatever failed."""
         runtime: Runtime = memo.runtime
-        read_adapters = ((body.get("spec") or {}).get("engine") or {}).get("lora") is not None
-        probes = runtime.probe_workers(namespace, name, uid, read_adapters)
+        probes = runtime.probe_workers(namespace, name, uid)
         previous = runtime.last_probes(namespace, name)
         runtime.converge(namespace, name, probes)
         runtime.autoscaler.run(dict(body), probes, previous, _now())

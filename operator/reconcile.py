@@ -143,7 +143,8 @@ class Probe:
     drained: bool | None = None  # from GET /admin/drain, read only while the worker drains
     error: str | None = None
     ttft_buckets: tuple[tuple[float, float], ...] = ()  # the TTFT histogram (for the autoscaler)
-    # LoRA adapter -> its folder, from /v1/models (None: not read; a folder None: from the status)
+    # The LoRA adapters it serves (from /metrics; None: not read), each with the folder the operator
+    # loaded it from (None: unknown; the handlers fill it in from the status)
     adapters: Mapping[str, str | None] | None = None
 
     @property
@@ -160,7 +161,7 @@ class Probe:
         return cls(
             at=at, running=worker.runningRequests, waiting=worker.waitingRequests, kv_usage=worker.kvCacheUsage,
             drained=worker.drained, error=worker.probeError,
-            adapters=dict.fromkeys(worker.adapters) if worker.adapters is not None else None,
+            adapters={n: p or None for n, p in worker.adapters.items()} if worker.adapters is not None else None,
         )
 
 
@@ -532,7 +533,7 @@ def _worker_status(pod: WorkerPod, probe: Probe | None, current_hash: str | None
         kvCacheUsage=probe.kv_usage if probe else None,
         probeTime=format_time(probe.at) if probe else None,
         probeError=probe.error if probe else None,
-        adapters=sorted(probe.adapters) if probe and probe.adapters is not None else None,
+        adapters={n: p or "" for n, p in sorted(probe.adapters.items())} if probe and probe.adapters is not None else None,
     )
 
 

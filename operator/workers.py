@@ -1,6 +1,6 @@
-"""The operator's calls to a worker's HTTP endpoints (kvflock.worker.server): /ready, /metrics, /admin/drain,
-/v1/models (the LoRA adapters it serves) and /v1/load_lora_adapter, /v1/unload_lora_adapter (with the
-service's admin token when it has auth; /v1/models with its internal token, as the router calls it).
+"""The operator's calls to a worker's HTTP endpoints (kvflock.worker.server): /ready, /metrics (its load, and
+the LoRA adapters it serves), /admin/drain, /v1/load_lora_adapter and /v1/unload_lora_adapter (the last
+three with the service's admin token when it has auth).
 
 A worker is reached at its pod's IP and the container's `http` port. Where pods do not get
 their own IP (the local cluster's process kubelet), the kubelet writes the address into the
@@ -44,11 +44,9 @@ def _get(url: str, timeout: float, admin_token: bytes | None = None) -> tuple[in
         return exc.code, ""
 
 
-def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes | None = None,
-          read_adapters: bool = False, internal_token: bytes | None = None) -> Probe:
+def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes | None = None) -> Probe:
     """Read /ready and /metrics once (and GET /admin/drain of a draining worker, with the
-    admin token where the service has auth; and with `read_adapters`, /v1/models, with the
-    internal token where the service has auth).
+    admin token where the service has auth).
 
     A failure is recorded in the probe, never raised.
     """
@@ -57,7 +55,6 @@ def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes |
         ready_code, _ = _get(f"{url}/ready", timeout)
         metrics_code, text = _get(f"{url}/metrics", timeout)
         drain_code, drain_text = _get(f"{url}/admin/drain", timeout, admin_token) if draining else (0, "")
-        models_code, models = _get(f"{url}/v1/models", timeout, internal_token) if read_adapters else (0, "")
     except (OSError, ValueError) as exc:
         return Probe(at=now, error=f"{url} unreachable: {exc}")
     values = metrics.parse_samples(text) if metrics_code == 200 else {}
@@ -65,6 +62,7 @@ def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes |
     used = values.get(metrics.KV_BLOCKS_USED)
     running = values.get(metrics.REQUESTS_RUNNING)
     waiting = values.get(metrics.REQUESTS_WAITING)
+    served = metrics.parse_lora_adapters(text) if metrics_code == 200 else None  # their folders: the status knows
     return Probe(
         at=now,
         ready=ready_code == 200,
@@ -74,7 +72,7 @@ def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes |
         drained=_drained(drain_text) if drain_code == 200 else None,
         error=None if metrics_code == 200 else f"/metrics answered {metrics_code}",
         ttft_buckets=metrics.parse_histogram_buckets(text, metrics.TIME_TO_FIRST_TOKEN) if metrics_code == 200 else (),
-        adapters=_adapters(models) if models_code == 200 else None,
+        adapters=dict.fromkeys(served) if served is not None else None,
     )
 
 
@@ -95,15 +93,6 @@ def _drained(text: str) -> bool | None:
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, bool) else None
-
-
-def _adapters(text: str) -> dict[str, str | None] | None:
-    """The LoRA adapters in a /v1/models answer (the entries with a parent), by name, with their folder."""
-    try:
-        entries = json.loads(text)["data"]
-        return {e["id"]: e.get("root") for e in entries if e.get("parent")}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def _post_json(url: str, body: dict[str, str], timeout: float, admin_token: bytes | None) -> str | None:

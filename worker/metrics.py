@@ -68,6 +68,11 @@ class _EngineCollector(Collector):
 def _lora_metrics(lora: LoRAStats) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     yield GaugeMetricFamily("kvflock_lora_adapters_loaded", "LoRA adapters in device slots", value=lora.loaded)
     yield GaugeMetricFamily("kvflock_lora_adapters_registered", "LoRA adapters served", value=lora.registered)
+    # Which ones: the router routes each adapter's requests by it, the operator loads what is missing.
+    served = GaugeMetricFamily(metrics.LORA_ADAPTER_INFO, "1 for each LoRA adapter served", labels=["lora_name"])
+    for adapter in sorted(lora.names):
+        served.add_metric([adapter], 1)
+    yield served
     yield CounterMetricFamily("kvflock_lora_swaps", "LoRA adapters put into a device slot", value=lora.swaps)
     yield CounterMetricFamily("kvflock_lora_disk_reads", "LoRA adapters read from disk again after leaving the CPU "
                               "copy", value=lora.disk_reads)

@@ -34,8 +34,8 @@ from kvflock.router.poller import DEFAULT_INTERVAL, Poller
 from kvflock.router.prompt import PromptReader
 from kvflock.router.proxy import DEFAULT_MAX_ATTEMPTS, Proxy, error_response
 from kvflock.shared import api_doc
-from kvflock.shared.auth import AccessControl, AccessPolicy
-from kvflock.shared.logs import RequestIdMiddleware
+from kvflock.shared.auth import AccessControl, AccessPolicy, bearer_header
+from kvflock.shared.logs import REQUEST_ID_HEADER, RequestIdMiddleware
 from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
 from kvflock.shared.version import __version__
 
@@ -115,7 +115,7 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        poller = Poller(fleet, router.index, client, options.poll_interval, internal_token=options.internal_token)
+        poller = Poller(fleet, router.index, client, options.poll_interval)
         tasks = [asyncio.create_task(discovery.run(fleet, apply_settings), name="kvflock-router-discovery"),
                  asyncio.create_task(poller.run(), name="kvflock-router-poller")]
         try:
@@ -161,11 +161,22 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        """The union of the serving replicas' models; before any was polled, one replica's answer."""
-        found = fleet.models(clock())
+        """Every serving replica's models, each name once: replicas may serve different adapters.
+        With none serving, one replica's answer as for the other paths (held, or 503)."""
+        urls = [r.url for r in fleet.replicas.values() if r.view(clock()).serving]
+        headers = {REQUEST_ID_HEADER: request.headers.get(REQUEST_ID_HEADER, "")}
+        if options.internal_token:
+            headers["authorization"] = bearer_header(options.internal_token)
+        answers = await asyncio.gather(*(client.get(f"{url}/v1/models", headers=headers, timeout=10) for url in urls),
+                                       return_exceptions=True)
+        found: dict[str, Any] = {}
+        for answer in answers:
+            if isinstance(answer, httpx.Response) and answer.status_code == 200:
+                for model in _model_list(answer):
+                    found.setdefault(model["id"], model)
         if not found:
             return await any_replica(request)
-        return JSONResponse({"object": "list", "data": found})
+        return JSONResponse({"object": "list", "data": list(found.values())})
 
     async def generate(request: Request, path: str) -> Response:
         raw = await request.body()
@@ -200,3 +211,12 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
     # Outermost: the id is in the headers the proxy forwards, so the worker logs and returns the same one.
     app.add_middleware(RequestIdMiddleware, logger="kvflock.router.requests")
     return app
+
+
+def _model_list(answer: httpx.Response) -> list[dict[str, Any]]:
+    """The entries of a worker's /v1/models answer (none from a malformed one)."""
+    try:
+        data = answer.json()["data"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] if isinstance(data, list) else []

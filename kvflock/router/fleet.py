@@ -12,7 +12,6 @@ import asyncio
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from kvflock.router.policy import ReplicaView
 from kvflock.shared.names import DEFAULT_POOL
@@ -43,7 +42,7 @@ class Replica:
     queued_tokens: int = 0
     foreign: int = 0
     kv_usage: float = 0.0
-    models: tuple[dict[str, Any], ...] = ()  # its /v1/models entries, from the last poll that read them
+    adapters: frozenset[str] = frozenset()  # the LoRA adapters it serves, from the last poll
 
     @property
     def id(self) -> str:
@@ -63,11 +62,6 @@ class Replica:
             kv_usage=self.kv_usage, adapters=self.adapters,
         )
 
-    @property
-    def adapters(self) -> frozenset[str]:
-        """The LoRA adapters it serves: its models with a parent (the base model)."""
-        return frozenset(m["id"] for m in self.models if m.get("parent"))
-
     def begin(self, prompt_tokens: int) -> None:
         self.in_flight += 1
         self.queued_tokens += prompt_tokens
@@ -84,7 +78,7 @@ class Replica:
     def mark_unreachable(self) -> None:
         """It refused a connection or died mid-request: no requests until a poll finds it again."""
         self.reachable = self.worker_ready = False
-        self.models = ()  # a worker that comes back has restarted, without its adapters
+        self.adapters = frozenset()  # a worker that comes back has restarted, without its adapters
 
     def mark_unavailable(self) -> None:
         """It answered 503 (loading or draining): no requests until a poll finds it ready."""
@@ -121,15 +115,6 @@ class Fleet:
 
     def views(self, now: float) -> list[ReplicaView]:
         return [r.view(now) for r in self.replicas.values()]
-
-    def models(self, now: float) -> list[dict[str, Any]]:
-        """The models the serving replicas list, each name once (the base model and every adapter)."""
-        found: dict[str, dict[str, Any]] = {}
-        for replica in self.replicas.values():
-            if replica.view(now).serving:
-                for model in replica.models:
-                    found.setdefault(model["id"], model)
-        return list(found.values())
 
     def adapters(self) -> frozenset[str]:
         """The adapters some replica serves."""

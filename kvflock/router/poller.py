@@ -1,25 +1,22 @@
-"""Reads every worker's /ready, /metrics and /v1/models a few times a second into the fleet.
+"""Reads every worker's /ready and /metrics a few times a second into the fleet.
 
 /ready decides whether a replica takes requests (503 while loading or draining); /metrics
 gives its queue (running + waiting sequences) and KV cache size and use, which feed the load
-estimate and cap the prefix index at what the worker can hold; /v1/models, the LoRA adapters it serves
-(the operator loads and unloads them at run time), for adapter affinity and the router's own
-/v1/models. A worker that was unreachable and answers again has restarted, so the router
-forgets which prefixes it held.
+estimate and cap the prefix index at what the worker can hold, and names the LoRA adapters it
+serves (the operator loads and unloads them at run time), for adapter affinity. A worker that
+was unreachable and answers again has restarted, so the router forgets which prefixes it held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import httpx
 
 from kvflock.router.fleet import Fleet, Replica
 from kvflock.router.prefix_index import PrefixIndex
 from kvflock.shared import metrics
-from kvflock.shared.auth import bearer_header
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +25,9 @@ DEFAULT_INTERVAL = 0.5
 
 class Poller:
     def __init__(self, fleet: Fleet, index: PrefixIndex, client: httpx.AsyncClient,
-                 interval: float = DEFAULT_INTERVAL, timeout: float = 1.0, internal_token: bytes | None = None) -> None:
+                 interval: float = DEFAULT_INTERVAL, timeout: float = 1.0) -> None:
         self.fleet, self.index, self.client = fleet, index, client
         self.interval, self.timeout = interval, timeout
-        # /v1/models needs a key where the workers have auth: the router's own token.
-        self.headers = {"authorization": bearer_header(internal_token)} if internal_token else {}
 
     async def run(self) -> None:
         """Poll until cancelled: every `interval`, or at once when discovery changes the fleet."""
@@ -51,7 +46,6 @@ class Poller:
         try:
             ready = await self.client.get(f"{replica.url}/ready", timeout=self.timeout)
             scrape = await self.client.get(f"{replica.url}/metrics", timeout=self.timeout)
-            models = await self.client.get(f"{replica.url}/v1/models", timeout=self.timeout, headers=self.headers)
         except httpx.HTTPError as exc:
             if replica.reachable:
                 log.warning("replica %s (%s) is unreachable: %s", replica.id, replica.url, exc)
@@ -70,16 +64,7 @@ class Poller:
             if total > 0:
                 replica.kv_usage = values.get(metrics.KV_BLOCKS_USED, 0.0) / total
                 self.index.set_capacity(replica.id, int(total))
-        if models.status_code == 200:
-            replica.models = _models(models)
-
-
-def _models(response: httpx.Response) -> tuple[dict[str, Any], ...]:
-    try:
-        data = response.json()["data"]
-        return tuple(m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
-    except (ValueError, KeyError, TypeError):
-        return ()
+            replica.adapters = metrics.parse_lora_adapters(scrape.text) or frozenset()
 
 
 def _reason(response: httpx.Response) -> str | None:

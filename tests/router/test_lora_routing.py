@@ -30,10 +30,11 @@ def _load(url: str, name: str, path) -> None:
     assert answer.status_code == 200, answer.text
 
 
-def _complete(url: str, model: str) -> str:
-    reply = client(url).completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0,
+def _complete(url: str, model: str) -> tuple[str, list[float]]:
+    """The greedy answer: its text and its tokens' logprobs (the tiny model's text may be empty)."""
+    reply = client(url).completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0,
                                            extra_body={"ignore_eos": True})
-    return reply.choices[0].text
+    return reply.choices[0].text, reply.choices[0].logprobs.token_logprobs
 
 
 @pytest.mark.parametrize("policy", ["prefix-aware", "round-robin"])
