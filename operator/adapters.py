@@ -26,6 +26,8 @@ from kvflock.operator.crd import AdapterSpec, AdapterStatus, Condition, Inferenc
 from kvflock.operator.reconcile import Probe, WorkerPod, format_time
 
 REASON_LOAD_FAILED = "AdapterLoadFailed"
+# What the workers serve: worker -> adapter -> the folder it came from (None: unknown).
+Held = Mapping[str, Mapping[str, str | None]]
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def served(pods: Sequence[WorkerPod], probes: Mapping[str, Probe]) -> dict[str, 
     return result
 
 
-def plan(adapters: Sequence[AdapterSpec], held: Mapping[str, Mapping[str, str | None]]) -> list[AdapterAction]:
+def plan(adapters: Sequence[AdapterSpec], held: Held) -> list[AdapterAction]:
     """The loads and unloads that give every worker in `held` exactly `adapters`, unloads first
     (they free the worker's slots)."""
     desired = {a.name: a.source.path for a in adapters}
@@ -61,7 +63,7 @@ def plan(adapters: Sequence[AdapterSpec], held: Mapping[str, Mapping[str, str | 
     return unloads + loads
 
 
-def after(held: Mapping[str, Mapping[str, str | None]], done: Sequence[AdapterAction]) -> dict[str, dict[str, str | None]]:
+def after(held: Held, done: Sequence[AdapterAction]) -> dict[str, dict[str, str | None]]:
     """What the workers serve once the actions in `done` succeeded."""
     result = {worker: dict(has) for worker, has in held.items()}
     for action in done:
@@ -72,8 +74,7 @@ def after(held: Mapping[str, Mapping[str, str | None]], done: Sequence[AdapterAc
     return result
 
 
-def statuses(adapters: Sequence[AdapterSpec], held: Mapping[str, Mapping[str, str | None]],
-             failures: Mapping[str, str]) -> list[AdapterStatus]:
+def statuses(adapters: Sequence[AdapterSpec], held: Held, failures: Mapping[str, str]) -> list[AdapterStatus]:
     """Per adapter of the spec: how many workers serve it from its folder, and its last failure."""
     return [AdapterStatus(name=a.name, replicas=sum(has.get(a.name) == a.source.path for has in held.values()),
                           error=failures.get(a.name)) for a in adapters]

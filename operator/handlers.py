@@ -200,15 +200,16 @@ class Runtime:
         held = adapters.served(pods, state.probes)
         actions = adapters.plan(spec.adapters, held)
         token = self._admin_token(owner) if actions and spec.auth is not None else None
-        done, failures = [], {}
+        by_worker: dict[str, list[adapters.AdapterAction]] = {}
         for action in actions:
-            url = workers.worker_url(pods_by_name[action.worker])
-            assert url is not None  # it was probed there
-            if action.verb == "load":
-                assert action.path is not None
-                problem = workers.load_adapter(url, action.adapter, action.path, _ADAPTER_CALL_TIMEOUT, token)
-            else:
-                problem = workers.unload_adapter(url, action.adapter, _ADAPTER_CALL_TIMEOUT, token)
+            by_worker.setdefault(action.worker, []).append(action)
+        # Workers in parallel (a load reads the adapter's files); each worker's calls in order.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(by_worker)))) as pool:
+            outcomes = [outcome for results in pool.map(
+                lambda calls: [(call, _call_adapter(pods_by_name[call.worker], call, token)) for call in calls],
+                by_worker.values()) for outcome in results]
+        done, failures = [], {}
+        for action, problem in outcomes:
             if problem is None:
                 done.append(action)
                 verb = "Loaded" if action.verb == "load" else "Unloaded"
@@ -312,6 +313,17 @@ class Runtime:
         for action in plan_deletion(observed):
             self._apply(owner, action, None, body)
         self.forget(namespace, name)
+
+
+def _call_adapter(pod: Mapping[str, Any], action: adapters.AdapterAction, token: bytes | None) -> str | None:
+    """Carry out one adapter action on its worker; why it failed, or None."""
+    url = workers.worker_url(pod)
+    if url is None:
+        return "it has no address"
+    if action.verb == "unload":
+        return workers.unload_adapter(url, action.adapter, _ADAPTER_CALL_TIMEOUT, token)
+    assert action.path is not None
+    return workers.load_adapter(url, action.adapter, action.path, _ADAPTER_CALL_TIMEOUT, token)
 
 
 def _previous_status(body: Mapping[str, Any]) -> InferenceServiceStatus:

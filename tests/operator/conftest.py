@@ -150,7 +150,12 @@ class FakeWorkers:
                         message = "lora_path: '/missing' is not a PEFT adapter folder"
                         self._reply(400, json.dumps({"error": {"message": message, "type": "invalid_request_error",
                                                                "param": "lora_path", "code": None}}))
-                    else:
+                    else:  # what a worker serves changes as a worker's would
+                        served = workers.adapters.setdefault(pod, [])
+                        if path.endswith("unload_lora_adapter"):
+                            served.remove(body["lora_name"])
+                        else:
+                            served.append(body["lora_name"])
                         self._reply(200, "Success")
                 else:
                     self._reply(404)
