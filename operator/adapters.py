@@ -1,18 +1,19 @@
 """Which LoRA adapters each worker loads or unloads, and what the status says of them.
 
-`spec.adapters` is the source of truth; each ready worker's /metrics, read with its probe, names
-the adapters it serves, and the status records the folder the operator loaded each one from on
-each worker (`WorkerStatus.adapters`). `plan` diffs the two: load what a worker lacks, unload
-what the spec no longer names, and unload then load an adapter whose folder changed (or whose
-folder the operator does not know: someone else loaded it). None of this is in the pod template
-or the engine config file, so it never rolls a worker. /metrics rather than /v1/models: it is
-read anyway, and a worker logs every /v1 call, which polling would fill its log with.
+`spec.adapters` is the source of truth; each ready worker's /metrics, read with its probe, says
+what it serves (each adapter's name and folder). `plan` diffs the two: load what a worker lacks,
+unload what the spec no longer names, and unload then load an adapter whose folder changed. None
+of this is in the pod template or the engine config file, so it never rolls a worker. /metrics
+rather than /v1/models: it is read anyway, and a worker logs every /v1 call, which polling would
+fill its log with.
 
-A worker that restarts comes back without adapters and gets them again in the next probe
-period's pass (seconds), rather than from a file read at start: the spec stays the only place
-that names them, and no ConfigMap has to reach the pods first (a kubelet refreshes mounted
-ConfigMaps only every minute or so). Meanwhile the router sends that adapter's requests only to
-workers whose /metrics lists it. Pure functions; the handlers call the workers.
+A worker that restarts loads, before it reports Ready, the adapters its engine ConfigMap's
+`adapters.json` lists (kvflock.operator.children): with a single replica, a request for an
+adapter would otherwise meet a worker without it, and get 404, until the next probe period. A
+kubelet refreshes a mounted ConfigMap a minute or so after it changes, so that list may be a
+little old: the next probe period's pass corrects whatever it missed, as it does for running
+workers. The router sends an adapter's requests only to workers whose /metrics lists it. Pure
+functions; the handlers call the workers.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from kvflock.operator.crd import AdapterSpec, AdapterStatus, Condition, Inferenc
 from kvflock.operator.reconcile import Probe, WorkerPod, format_time
 
 REASON_LOAD_FAILED = "AdapterLoadFailed"
-# What the workers serve: worker -> adapter -> the folder it came from (None: unknown).
-Held = Mapping[str, Mapping[str, str | None]]
+# What the workers serve: worker -> adapter -> its folder.
+Held = Mapping[str, Mapping[str, str]]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class AdapterAction:
     path: str | None = None
 
 
-def served(pods: Sequence[WorkerPod], probes: Mapping[str, Probe]) -> dict[str, dict[str, str | None]]:
+def served(pods: Sequence[WorkerPod], probes: Mapping[str, Probe]) -> dict[str, dict[str, str]]:
     """What each ready, staying worker serves (adapter -> folder), where its adapters were read."""
     result = {}
     for pod in pods:
@@ -63,13 +64,13 @@ def plan(adapters: Sequence[AdapterSpec], held: Held) -> list[AdapterAction]:
     return unloads + loads
 
 
-def after(held: Held, done: Sequence[AdapterAction]) -> dict[str, dict[str, str | None]]:
+def after(held: Held, done: Sequence[AdapterAction]) -> dict[str, dict[str, str]]:
     """What the workers serve once the actions in `done` succeeded."""
     result = {worker: dict(has) for worker, has in held.items()}
     for action in done:
         if action.verb == "unload":
             result[action.worker].pop(action.adapter, None)
-        else:
+        elif action.path is not None:
             result[action.worker][action.adapter] = action.path
     return result
 

@@ -686,8 +686,7 @@ class WorkerStatus(_Model):
     probeTime: str | None = Field(None, description="When /ready and /metrics were last read.")
     probeError: str | None = Field(None, description="Why the last read failed, if it did.")
     adapters: dict[str, str] | None = Field(
-        None, description="The LoRA adapters it serves (from its /metrics), each with the folder the operator loaded it"
-        " from (empty: not loaded by the operator); absent: not read.",
+        None, description="The LoRA adapters it serves, each with its folder, from its /metrics (absent: not read).",
     )
 
 

@@ -190,13 +190,6 @@ class Runtime:
             wanted = {a.name for a in spec.adapters}
             return [a for a in previous.adapters if a.name in wanted]
         state.adapters_due = False
-        # A worker's /metrics names its adapters; the folder each came from is the operator's record.
-        loaded_from = {w.name: w.adapters or {} for w in previous.workers}
-        for worker, probe in state.probes.items():
-            if probe.adapters is not None:
-                known = {name: probe.adapters[name] or loaded_from.get(worker, {}).get(name) or None
-                         for name in probe.adapters}
-                state.probes[worker] = dataclasses.replace(probe, adapters=known)
         held = adapters.served(pods, state.probes)
         actions = adapters.plan(spec.adapters, held)
         token = self._admin_token(owner) if actions and spec.auth is not None else None

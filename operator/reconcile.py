@@ -143,9 +143,7 @@ class Probe:
     drained: bool | None = None  # from GET /admin/drain, read only while the worker drains
     error: str | None = None
     ttft_buckets: tuple[tuple[float, float], ...] = ()  # the TTFT histogram (for the autoscaler)
-    # The LoRA adapters it serves (from /metrics; None: not read), each with the folder the operator
-    # loaded it from (None: unknown; the handlers fill it in from the status)
-    adapters: Mapping[str, str | None] | None = None
+    adapters: Mapping[str, str] | None = None  # LoRA adapter -> its folder, from /metrics (None: not read)
 
     @property
     def in_flight(self) -> int | None:
@@ -161,7 +159,7 @@ class Probe:
         return cls(
             at=at, running=worker.runningRequests, waiting=worker.waitingRequests, kv_usage=worker.kvCacheUsage,
             drained=worker.drained, error=worker.probeError,
-            adapters={n: p or None for n, p in worker.adapters.items()} if worker.adapters is not None else None,
+            adapters=worker.adapters,
         )
 
 
@@ -533,7 +531,7 @@ def _worker_status(pod: WorkerPod, probe: Probe | None, current_hash: str | None
         kvCacheUsage=probe.kv_usage if probe else None,
         probeTime=format_time(probe.at) if probe else None,
         probeError=probe.error if probe else None,
-        adapters={n: p or "" for n, p in sorted(probe.adapters.items())} if probe and probe.adapters is not None else None,
+        adapters=dict(sorted(probe.adapters.items())) if probe and probe.adapters is not None else None,
     )
 
 

@@ -62,7 +62,6 @@ def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes |
     used = values.get(metrics.KV_BLOCKS_USED)
     running = values.get(metrics.REQUESTS_RUNNING)
     waiting = values.get(metrics.REQUESTS_WAITING)
-    served = metrics.parse_lora_adapters(text) if metrics_code == 200 else None  # their folders: the status knows
     return Probe(
         at=now,
         ready=ready_code == 200,
@@ -72,7 +71,7 @@ def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes |
         drained=_drained(drain_text) if drain_code == 200 else None,
         error=None if metrics_code == 200 else f"/metrics answered {metrics_code}",
         ttft_buckets=metrics.parse_histogram_buckets(text, metrics.TIME_TO_FIRST_TOKEN) if metrics_code == 200 else (),
-        adapters=dict.fromkeys(served) if served is not None else None,
+        adapters=metrics.parse_lora_adapters(text) if metrics_code == 200 else None,
     )
 
 

@@ -64,7 +64,7 @@ class Poller:
             if total > 0:
                 replica.kv_usage = values.get(metrics.KV_BLOCKS_USED, 0.0) / total
                 self.index.set_capacity(replica.id, int(total))
-            replica.adapters = metrics.parse_lora_adapters(scrape.text) or frozenset()
+            replica.adapters = frozenset(metrics.parse_lora_adapters(scrape.text) or ())
 
 
 def _reason(response: httpx.Response) -> str | None:

@@ -8,6 +8,8 @@ router's adapter affinity with several replicas is tests/router/test_policy.py's
 from __future__ import annotations
 
 import copy
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,10 @@ def _complete(client: openai.OpenAI, model: str) -> str:
     return reply.choices[0].text
 
 
+def _events(cluster: Cluster) -> str:
+    return cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={SERVICE}")
+
+
 def _listed(client: openai.OpenAI) -> set[str]:
     return {m.id for m in client.models.list().data}
 
@@ -136,8 +142,7 @@ def test_an_adapter_that_cannot_load_degrades_the_service_naming_it(
     wait_for(lambda: _condition(cluster, "Degraded").get("reason") == "AdapterLoadFailed", 60, "Degraded")
     message = _condition(cluster, "Degraded")["message"]
     assert "'broken'" in message and "lora_path" in message, message  # the worker's own words
-    events = cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={SERVICE}")
-    assert "AdapterLoadFailed" in events, events
+    assert "AdapterLoadFailed" in _events(cluster)
     assert _complete(_router(cluster), "sql")  # the others still serve
 
 
@@ -153,3 +158,17 @@ def test_a_removed_adapter_is_refused_with_404_and_the_pods_stay(cluster: Cluste
     assert "poetry" in str(refused.value)
     assert _complete(router, "sql")
     assert _pods(cluster) == before
+
+
+def test_a_restarted_worker_serves_the_adapters_again(cluster: Cluster, adapters: dict[str, Path]) -> None:
+    (pod,) = cluster.workers(SERVICE)
+    name, restarts = pod["metadata"]["name"], pod["status"]["containerStatuses"][0]["restartCount"]
+    loads = _events(cluster).count("Loaded adapter")
+    os.kill(int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("process://")), signal.SIGKILL)
+    wait_for(lambda: _pods(cluster)[name][1] > restarts, 60, "the worker to restart")
+    wait_for(lambda: _condition(cluster, "Ready").get("status") == "True", 120, "Ready again")
+    wait_for(lambda: _held(cluster) == {"sql": 1, "french": 1}, 60, "the adapters served again")
+    router = _router(cluster)
+    assert _complete(router, "sql") == _complete(_worker(cluster), "sql")
+    # It loaded them itself as it started, from the list in its engine ConfigMap, before it was Ready.
+    assert _events(cluster).count("Loaded adapter") == loads

@@ -106,7 +106,7 @@ class FakeWorkers:
         self.held: dict[str, int] = {}  # requests a router pod holds (reported when set)
         self.drained: list[str] = []  # pods that got POST /admin/drain, in order
         self.drain_authorization: list[str | None] = []  # the Authorization header of each
-        self.adapters: dict[str, list[str]] = {}  # LoRA adapters a pod's /metrics names (absent: LoRA off)
+        self.adapters: dict[str, dict[str, str]] = {}  # LoRA adapter -> folder a pod's /metrics lists (absent: LoRA off)
         self.adapter_calls: list[tuple[str, dict, str | None]] = []  # (path, body, Authorization) of each
         workers = self
 
@@ -126,7 +126,8 @@ class FakeWorkers:
                     running = workers.busy.get(pod, 0)
                     held = f"kvflock_router_held_requests {workers.held[pod]}\n" if pod in workers.held else ""
                     lora = "".join(["# TYPE kvflock_lora_adapter_info gauge\n"] + [
-                        f'kvflock_lora_adapter_info{{lora_name="{n}"}} 1.0\n' for n in workers.adapters[pod]
+                        f'kvflock_lora_adapter_info{{lora_name="{n}",path="{p}"}} 1.0\n'
+                        for n, p in workers.adapters[pod].items()
                     ]) if pod in workers.adapters else ""
                     self._reply(200, f"kvflock_requests_running {running}\nkvflock_requests_waiting 0\n"
                                      f"kvflock_kv_blocks_used 10\nkvflock_kv_blocks_total 40\n{held}{lora}")
@@ -151,11 +152,11 @@ class FakeWorkers:
                         self._reply(400, json.dumps({"error": {"message": message, "type": "invalid_request_error",
                                                                "param": "lora_path", "code": None}}))
                     else:  # what a worker serves changes as a worker's would
-                        served = workers.adapters.setdefault(pod, [])
+                        served = workers.adapters.setdefault(pod, {})
                         if path.endswith("unload_lora_adapter"):
-                            served.remove(body["lora_name"])
+                            del served[body["lora_name"]]
                         else:
-                            served.append(body["lora_name"])
+                            served[body["lora_name"]] = body["lora_path"]
                         self._reply(200, "Success")
                 else:
                     self._reply(404)

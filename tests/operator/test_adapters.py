@@ -5,6 +5,7 @@ roll the workers. Pure functions: no cluster, no worker."""
 from __future__ import annotations
 
 import datetime
+import json
 
 import pytest
 from kvflock.operator import adapters, children
@@ -119,3 +120,14 @@ def test_adding_or_removing_adapters_does_not_change_what_the_workers_run() -> N
 def test_turning_lora_on_rolls_the_workers_once() -> None:
     off = InferenceServiceSpec()
     assert children.spec_hash(OWNER, off) != children.spec_hash(OWNER, _spec())
+
+
+def test_a_starting_worker_loads_the_adapters_its_engine_configmap_lists() -> None:
+    spec = _spec(sql="/a/sql", poetry="/a/poetry")
+    data = children.engine_configmap(OWNER, spec)["data"]
+    assert json.loads(data["adapters.json"]) == {"sql": "/a/sql", "poetry": "/a/poetry"}
+    command = children.worker_template(OWNER, spec)["containers"][0]["command"]
+    assert command[command.index("--lora-modules-file") + 1] == "/etc/kvflock/adapters.json"
+    without = InferenceServiceSpec()
+    assert "adapters.json" not in children.engine_configmap(OWNER, without)["data"]
+    assert "--lora-modules-file" not in children.worker_template(OWNER, without)["containers"][0]["command"]

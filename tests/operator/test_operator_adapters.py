@@ -29,7 +29,7 @@ def _pod_uids(cluster: Cluster) -> dict[str, str]:
 
 
 def _start(cluster: Cluster, **paths: str) -> dict[str, str]:
-    cluster.workers.adapters.update({"chat-w-0": [], "chat-w-1": []})  # workers with LoRA on, none loaded yet
+    cluster.workers.adapters.update({"chat-w-0": {}, "chat-w-1": {}})  # workers with LoRA on, none loaded yet
     cluster.create("chat", _spec(**paths))
     cluster.wait_ready("chat", 2)
     return _pod_uids(cluster)
@@ -38,7 +38,7 @@ def _start(cluster: Cluster, **paths: str) -> dict[str, str]:
 def test_adapters_are_loaded_into_every_ready_worker_and_counted(cluster: Cluster) -> None:
     _start(cluster, sql="/a/sql", poetry="/a/poetry")
     wait_for(lambda: _adapters(cluster) == {"sql": 2, "poetry": 2}, what="both adapters on both workers")
-    assert sorted(cluster.workers.adapters["chat-w-0"]) == ["poetry", "sql"]
+    assert cluster.workers.adapters["chat-w-0"] == {"sql": "/a/sql", "poetry": "/a/poetry"}
     workers = cluster.service("chat")["status"]["workers"]
     assert all(w["adapters"] == {"poetry": "/a/poetry", "sql": "/a/sql"} for w in workers)
     wait_for(lambda: len(cluster.events("AdapterLoaded")) == 4, what="an Event per load")
@@ -69,8 +69,8 @@ def test_a_new_folder_for_an_adapter_reloads_it(cluster: Cluster) -> None:
 def test_a_restarted_worker_gets_its_adapters_again(cluster: Cluster) -> None:
     _start(cluster, sql="/a/sql")
     wait_for(lambda: _adapters(cluster) == {"sql": 2}, what="sql loaded")
-    cluster.workers.adapters["chat-w-1"] = []  # it restarted: an engine starts with no adapters
-    wait_for(lambda: cluster.workers.adapters["chat-w-1"] == ["sql"], what="sql loaded again")
+    cluster.workers.adapters["chat-w-1"] = {}  # it restarted without them (say its adapters.json was not current)
+    wait_for(lambda: cluster.workers.adapters["chat-w-1"] == {"sql": "/a/sql"}, what="sql loaded again")
     assert _adapters(cluster) == {"sql": 2}
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from kvflock.operator.workers import load_adapter, probe, request_drain, unload_adapter, worker_url
-from kvflock.shared.metrics import parse_samples
+from kvflock.shared.metrics import LORA_ADAPTER_INFO, parse_lora_adapters, parse_samples
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from .conftest import FakeWorkers
 
@@ -28,6 +30,22 @@ def test_parse_samples_sums_label_sets_and_skips_comments() -> None:
     assert parse_samples(text) == {"kvflock_requests_running": 5.0, "kvflock_kv_blocks_total": 1000.0}
 
 
+def test_lora_adapters_are_read_from_the_exposition_as_prometheus_client_writes_it() -> None:
+    registry = CollectorRegistry()
+
+    class Adapters:
+        def collect(self):
+            family = GaugeMetricFamily(LORA_ADAPTER_INFO, "served", labels=["lora_name", "path"])
+            family.add_metric(["sql", "/a/sql"], 1)
+            family.add_metric(["odd", '/a/"quoted" \\ new\nline'], 1)
+            yield family
+
+    registry.register(Adapters())
+    text = generate_latest(registry).decode()
+    assert parse_lora_adapters(text) == {"sql": "/a/sql", "odd": '/a/"quoted" \\ new\nline'}
+    assert parse_lora_adapters("kvflock_requests_running 1\n") is None  # LoRA off
+
+
 def test_probe_reads_readiness_load_and_kv_usage(fake_workers: FakeWorkers) -> None:
     fake_workers.busy["w"] = 3
     result = probe(f"{fake_workers.url}/w", timeout=2)
@@ -37,9 +55,9 @@ def test_probe_reads_readiness_load_and_kv_usage(fake_workers: FakeWorkers) -> N
 
 def test_probe_names_the_lora_adapters_a_worker_serves_and_none_without_lora(fake_workers: FakeWorkers) -> None:
     assert probe(f"{fake_workers.url}/w", timeout=2).adapters is None  # LoRA off: not a worker that has adapters
-    fake_workers.adapters["w"] = ["sql", "ft:poetry/v2"]
-    assert probe(f"{fake_workers.url}/w", timeout=2).adapters == {"sql": None, "ft:poetry/v2": None}
-    fake_workers.adapters["w"] = []
+    fake_workers.adapters["w"] = {"sql": "/a/sql", "ft:poetry/v2": "/a/poetry"}
+    assert probe(f"{fake_workers.url}/w", timeout=2).adapters == {"sql": "/a/sql", "ft:poetry/v2": "/a/poetry"}
+    fake_workers.adapters["w"] = {}
     assert probe(f"{fake_workers.url}/w", timeout=2).adapters == {}
 
 
