@@ -326,6 +326,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     read_chat_template(config.chat_template)  # a wrong --chat-template fails now, in one line, not in the load
     lora_modules = _lora_modules(args.lora_modules, config.enable_lora)
     names = args.served_model_name or [config.model]
+    # The command line's --lora-modules win over the file's entries of the same name.
     listed = {name: path for name, path in _lora_modules_file(args.lora_modules_file, config.enable_lora).items()
               if name not in lora_modules}
 

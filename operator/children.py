@@ -9,11 +9,12 @@ The workers' spec hash covers the pod template and the engine config, so any cha
 rolls the workers (see `reconcile`); a worker reads the file only when it starts. With
 `engine.lora`, the ConfigMap also lists `spec.adapters` (`adapters.json`), which a worker loads
 when it starts (`--lora-modules-file`); that list is not in the spec hash, so changing it rolls
-nothing (the operator loads and unloads adapters in running workers: kvflock.operator.adapters). With `spec.auth`, the pods mount the user's API-key Secret and the
-operator's own `<name>-internal` Secret (internal and admin tokens) as files, never as values;
-a keyed hash of both Secrets' contents (`auth_hash`, computed by the operator) joins the spec
-hash and the pod's `kvflock.dev/auth-hash` annotation, so a new key in the same Secret rolls
-the pods just as a new Secret reference does.
+nothing (the operator loads and unloads adapters in running workers: kvflock.operator.adapters).
+With `spec.auth`, the pods mount the user's API-key Secret and the operator's own
+`<name>-internal` Secret (internal and admin tokens) as files, never as values; a keyed hash of
+both Secrets' contents (`auth_hash`, computed by the operator) joins the spec hash and the pod's
+`kvflock.dev/auth-hash` annotation, so a new key in the same Secret rolls the pods just as a new
+Secret reference does.
 """
 
 from __future__ import annotations

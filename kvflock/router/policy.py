@@ -72,7 +72,7 @@ class ReplicaView:
     queued_tokens: int = 0  # their prompt tokens
     foreign: int = 0  # sequences the worker held at the last poll beyond this router's (other routers')
     kv_usage: float = 0.0
-    adapters: frozenset[str] = frozenset()  # the LoRA adapters its /v1/models lists
+    adapters: frozenset[str] = frozenset()  # the LoRA adapters its /metrics lists
 
     @property
     def load(self) -> int:
