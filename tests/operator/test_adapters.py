@@ -31,7 +31,8 @@ def _spec(**paths: str) -> InferenceServiceSpec:
 
 def test_a_worker_without_the_adapters_loads_each() -> None:
     actions = adapters.plan(_adapters(sql="/a/sql", poetry="/a/poetry"), {"w-0": {}})
-    assert actions == [AdapterAction("load", "w-0", "sql", "/a/sql"), AdapterAction("load", "w-0", "poetry", "/a/poetry")]
+    assert actions == [AdapterAction("load", "w-0", "sql", "/a/sql"),
+                       AdapterAction("load", "w-0", "poetry", "/a/poetry")]
 
 
 def test_a_worker_that_has_them_all_does_nothing() -> None:
@@ -83,7 +84,8 @@ def test_after_applies_what_succeeded_only() -> None:
 def test_status_counts_the_workers_that_serve_each_adapter_from_its_folder() -> None:
     held = {"w-0": {"sql": "/a/sql", "poetry": "/old/poetry"}, "w-1": {"sql": "/a/sql"}}
     statuses = adapters.statuses(_adapters(sql="/a/sql", poetry="/a/poetry"), held, {"poetry": "it failed"})
-    assert statuses == [AdapterStatus(name="sql", replicas=2), AdapterStatus(name="poetry", replicas=0, error="it failed")]
+    assert statuses == [AdapterStatus(name="sql", replicas=2),
+                        AdapterStatus(name="poetry", replicas=0, error="it failed")]
 
 
 def _healthy() -> InferenceServiceStatus:
