@@ -1,6 +1,7 @@
 """The `kvflock` command line: one subcommand per entry point of the system."""
 
 import argparse
+import json
 import logging
 import sys
 import types
@@ -13,6 +14,8 @@ from pydantic import ValidationError
 
 from kvflock import __version__
 from kvflock.shared.logs import LOG_FORMATS, setup_logging
+
+log = logging.getLogger("kvflock.cli")  # not __name__: `python -m kvflock.cli` runs it as __main__
 
 if TYPE_CHECKING:
     from kvflock.worker.config import EngineConfig
@@ -263,6 +266,9 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--metrics-port", type=_port, default=None, help="serve /metrics on this port instead of --port")
     p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                    help="LoRA adapters (PEFT folders) served from the start, each under its name (needs --enable-lora)")
+    p.add_argument("--lora-modules-file", default=None, metavar="FILE",
+                   help="a JSON object {name: path} of more adapters loaded at start; one that fails to load is "
+                        "skipped with a warning (the operator's list, which it also loads at run time)")
     _add_engine_options(p)
     p.set_defaults(func=_run_serve)
 
@@ -279,6 +285,21 @@ def _lora_modules(values: list[str], enabled: bool) -> dict[str, str]:
         modules[name] = path
     if modules and not enabled:
         raise ValueError("lora_modules: adapters need --enable-lora")
+    return modules
+
+
+def _lora_modules_file(path: str | None, enabled: bool) -> dict[str, str]:
+    """--lora-modules-file's {name: path} (empty without the flag)."""
+    if path is None:
+        return {}
+    try:
+        modules = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"lora_modules_file: cannot read {path}: {exc}") from None
+    if not isinstance(modules, dict) or not all(isinstance(v, str) for v in modules.values()):
+        raise ValueError(f"lora_modules_file: {path} must hold a JSON object of adapter name -> folder")
+    if modules and not enabled:
+        raise ValueError("lora_modules_file: adapters need --enable-lora")
     return modules
 
 
@@ -304,15 +325,25 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     read_chat_template(config.chat_template)  # a wrong --chat-template fails now, in one line, not in the load
     lora_modules = _lora_modules(args.lora_modules, config.enable_lora)
+    names = args.served_model_name or [config.model]
+    # The command line's --lora-modules win over the file's entries of the same name.
+    listed = {name: path for name, path in _lora_modules_file(args.lora_modules_file, config.enable_lora).items()
+              if name not in lora_modules}
 
     def load() -> AsyncEngine:
         engine = LLMEngine(config)
         for name, path in lora_modules.items():
             engine.load_lora(name, path)
+        for name, path in listed.items():
+            try:
+                if name in names:
+                    raise ValueError(f"lora_name: {name!r} is the base model's name")
+                engine.load_lora(name, path)
+            except ValueError as exc:  # the operator reports it when it loads the adapter itself
+                log.warning("LoRA adapter %s from %s not loaded: %s", name, path, exc)
         engine.warm_up()
         return AsyncEngine(engine, args.max_queued_requests)
 
-    names = args.served_model_name or [config.model]
     if len(set(names)) != len(names):
         raise ValueError(f"served_model_name: each name may be given once, got {names}")
     if set(names) & set(lora_modules):

@@ -6,11 +6,15 @@ which the engine ConfigMap holds (`engine.json`, and `engine-<pool>.json` for ea
 `router.pools`) and every worker pod mounts at /etc/kvflock: its command is `kvflock serve
 --config <that file>` plus what is not an engine setting (address, served name, access files).
 The workers' spec hash covers the pod template and the engine config, so any change to either
-rolls the workers (see `reconcile`); a worker reads the file only when it starts. With `spec.auth`, the pods mount the user's API-key Secret and the
-operator's own `<name>-internal` Secret (internal and admin tokens) as files, never as values;
-a keyed hash of both Secrets' contents (`auth_hash`, computed by the operator) joins the spec
-hash and the pod's `kvflock.dev/auth-hash` annotation, so a new key in the same Secret rolls
-the pods just as a new Secret reference does.
+rolls the workers (see `reconcile`); a worker reads the file only when it starts. With
+`engine.lora`, the ConfigMap also lists `spec.adapters` (`adapters.json`), which a worker loads
+when it starts (`--lora-modules-file`); that list is not in the spec hash, so changing it rolls
+nothing (the operator loads and unloads adapters in running workers: kvflock.operator.adapters).
+With `spec.auth`, the pods mount the user's API-key Secret and the operator's own
+`<name>-internal` Secret (internal and admin tokens) as files, never as values; a keyed hash of
+both Secrets' contents (`auth_hash`, computed by the operator) joins the spec hash and the pod's
+`kvflock.dev/auth-hash` annotation, so a new key in the same Secret rolls the pods just as a new
+Secret reference does.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from kvflock.shared.names import (
 )
 
 ENGINE_CONFIG_DIR = "/etc/kvflock"
+ADAPTERS_FILE = "adapters.json"
 MODELS_DIR = "/models"
 # Where an hf:// model's cache volume is mounted (read-write in the fetch-model init container),
 # and its token Secret's file.
@@ -166,6 +171,8 @@ def _serve_args(owner: Owner, spec: InferenceServiceSpec, pool: str) -> list[str
     kv = spec.engine.kvCache
     if kv.diskOffloadGiB > 0:
         args += ["--kv-offload-disk-path", kv.diskPath]
+    if spec.engine.lora is not None:
+        args += ["--lora-modules-file", f"{ENGINE_CONFIG_DIR}/{ADAPTERS_FILE}"]
     return args + auth_args(owner, spec, "worker")
 
 
@@ -369,9 +376,12 @@ def engine_settings(spec: InferenceServiceSpec) -> dict[str, str]:
     files = {engine_file(): engine_config(spec)}
     for pool in spec.router.pools:  # a pool named "default" has the default file: its workers read it
         files[engine_file(pool.name)] = engine_config(pool_spec(spec, pool))
+    # A worker that starts loads these; a mounted ConfigMap follows changes within a minute or so.
+    adapters = {a.name: a.source.path for a in spec.adapters} if spec.engine.lora is not None else None
     return {
         **{name: json.dumps(config, sort_keys=True, indent=2) for name, config in files.items()},
         "router.json": json.dumps(_router_config(spec), sort_keys=True, indent=2),
+        **({ADAPTERS_FILE: json.dumps(adapters, indent=2)} if adapters is not None else {}),
     }
 
 

@@ -174,6 +174,32 @@ class SpeculativeSpec(_Model):
         return self
 
 
+class LoRASpec(_Model):
+    """LoRA adapters on the served model: its presence turns them on in the engine (which rolls the
+    workers once); then `spec.adapters` come and go without a restart."""
+
+    maxLoras: int = Field(8, ge=1, le=256, description="Adapters in GPU memory at once (one engine step uses at"
+                          " most this many).")
+    maxLoraRank: int = Field(16, ge=1, le=128, description="The largest adapter rank served.")
+    maxCpuLoras: int = Field(32, ge=1, le=4096, description="Adapters kept in CPU memory; others are read from"
+                             " disk again when asked for.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.maxCpuLoras >= self.maxLoras", "maxCpuLoras must be at least maxLoras"),
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _check_slots(self) -> LoRASpec:
+        if self.maxCpuLoras < self.maxLoras:
+            raise ValueError(f"engine.lora.maxCpuLoras ({self.maxCpuLoras}) must be at least"
+                             f" engine.lora.maxLoras ({self.maxLoras})")
+        return self
+
+
 # CEL: no KV offload tier (the quantities are numbers, which CEL compares as doubles only).
 _NO_OFFLOAD = "(double(self.kvCache.cpuOffloadGiB) == 0.0 && double(self.kvCache.diskOffloadGiB) == 0.0)"
 
@@ -208,6 +234,9 @@ class EngineSpec(_Model):
     prefixCaching: bool = Field(True, description="Reuse the KV blocks of shared prompt prefixes.")
     kvCache: KVCacheSpec = Field(default_factory=KVCacheSpec)
     speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding (default: off).")
+    lora: LoRASpec | None = Field(
+        None, description="Serve LoRA adapters (spec.adapters) on the model (default: off); tensorParallelSize 1 only.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -218,6 +247,8 @@ class EngineSpec(_Model):
                      " needs prefixCaching"),
                 _cel(f"self.tensorParallelSize == 1 || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB,"
                      " kvCache.diskOffloadGiB) works with tensorParallelSize 1 only"),
+                _cel("self.tensorParallelSize == 1 || !has(self.lora)", "LoRA adapters (lora) work with"
+                     " tensorParallelSize 1 only"),
             ]
         }
     )
@@ -242,10 +273,19 @@ class EngineSpec(_Model):
                              f" engine.tensorParallelSize 1 only, got {self.tensorParallelSize}")
         return self
 
+    @model_validator(mode="after")
+    def _check_lora(self) -> EngineSpec:
+        if self.lora is not None and self.tensorParallelSize > 1:
+            raise ValueError("engine.lora: LoRA adapters work with engine.tensorParallelSize 1 only, got"
+                             f" {self.tensorParallelSize}")
+        return self
+
     def engine_config(self) -> dict[str, Any]:
         """These settings under their EngineConfig names, as a worker's engine config file holds
-        them; unset ones (speculative decoding off, maxModelLen, quantization) are left out."""
-        return {engine_field_name(path): value for path, value in _leaves(self.model_dump()) if value is not None}
+        them; unset ones (speculative decoding off, maxModelLen, quantization) are left out, and
+        the `lora` section's presence is EngineConfig's enable_lora."""
+        config = {engine_field_name(path): value for path, value in _leaves(self.model_dump()) if value is not None}
+        return {**config, "enable_lora": True} if self.lora is not None else config
 
 
 # EngineConfig's names (kvflock.worker.config) of the `engine` fields whose own name, in snake_case,
@@ -263,6 +303,9 @@ ENGINE_FIELD_NAMES = {
     "speculative.promptLookupMin": "prompt_lookup_min",
     "speculative.promptLookupMax": "prompt_lookup_max",
     "speculative.draftModel": "draft_model",
+    "lora.maxLoras": "max_loras",
+    "lora.maxLoraRank": "max_lora_rank",
+    "lora.maxCpuLoras": "max_cpu_loras",
 }
 
 
@@ -472,6 +515,31 @@ class InferencePoolSpec(_Model):
     endpointPicker: EndpointPickerSpec = Field(default_factory=EndpointPickerSpec)
 
 
+# Model names as OpenAI's and Hugging Face's look (ft:gpt-4o:org:id, org/name-v2): no spaces, no
+# leading or trailing punctuation, so a name reads the same in a request, a log line and a label.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9._:/]*[A-Za-z0-9])?$"
+
+
+class AdapterSource(_Model):
+    """Where the workers find a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+
+    path: str = Field(
+        ..., pattern=r"^/", max_length=4096,
+        description="Its absolute path in the worker pods: in the image, or on a volume they mount (with"
+        " model.source=pvc or hostPath, under /models).",
+    )
+
+
+class AdapterSpec(_Model):
+    """A LoRA adapter served beside the model: requests whose `model` is its name use it."""
+
+    name: str = Field(
+        ..., pattern=ADAPTER_NAME_PATTERN, max_length=256,
+        description="The model name clients send for this adapter (letters, digits, '-', '.', '_', ':', '/').",
+    )
+    source: AdapterSource
+
+
 class InferenceServiceSpec(_Model):
     """A model served by replicas of the kvflock engine behind one OpenAI-compatible endpoint."""
 
@@ -493,6 +561,11 @@ class InferenceServiceSpec(_Model):
     drainTimeoutSeconds: int = Field(
         60, ge=0, le=3600,
         description="How long a replica being removed may finish its requests in flight.",
+    )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list, max_length=256,
+        description="LoRA adapters served beside the model (needs engine.lora). Adding or removing one loads"
+        " or unloads it on the running workers: no pod restarts.",
     )
 
     model_config = ConfigDict(
@@ -518,6 +591,14 @@ class InferenceServiceSpec(_Model):
                     " || p.engine.maxNumBatchedTokens >= self.engine.kvCache.blockSize)",
                     "a pool's engine.maxNumBatchedTokens must hold at least one KV block",
                 ),
+                _cel("size(self.adapters) == 0 || self.engine.tensorParallelSize == 1",
+                     "adapters work with engine.tensorParallelSize 1 only", ".adapters"),
+                _cel("size(self.adapters) == 0 || has(self.engine.lora)",
+                     "adapters need engine.lora (LoRA on in the engine)", ".adapters"),
+                _cel("self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+                     "adapter names must be unique", ".adapters"),
+                _cel("!has(self.model.servedName) || self.adapters.all(a, a.name != self.model.servedName)",
+                     "an adapter's name must differ from model.servedName", ".adapters"),
             ]
         }
     )
@@ -544,6 +625,23 @@ class InferenceServiceSpec(_Model):
                     f"router.pools[{pool.name}].resources.gpusPerReplica ({pool_gpus}) must be 0 (CPU) or equal"
                     f" engine.tensorParallelSize ({self.engine.tensorParallelSize})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_adapters(self) -> InferenceServiceSpec:
+        if not self.adapters:
+            return self
+        if self.engine.tensorParallelSize > 1:
+            raise ValueError("adapters: LoRA adapters work with engine.tensorParallelSize 1 only, got"
+                             f" {self.engine.tensorParallelSize}")
+        if self.engine.lora is None:
+            raise ValueError("adapters: set engine.lora (e.g. `lora: {}`) to turn LoRA on in the engine")
+        names = [a.name for a in self.adapters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"adapters: names must be unique, repeated: {duplicates}")
+        if self.model.servedName in names:
+            raise ValueError(f"adapters: {self.model.servedName!r} is model.servedName; name the adapter otherwise")
         return self
 
     def pool_engine(self, pool: PoolSpec) -> EngineSpec:
@@ -587,6 +685,17 @@ class WorkerStatus(_Model):
     kvCacheUsage: float | None = Field(None, description="Share of KV blocks in use, from /metrics.")
     probeTime: str | None = Field(None, description="When /ready and /metrics were last read.")
     probeError: str | None = Field(None, description="Why the last read failed, if it did.")
+    adapters: dict[str, str] | None = Field(
+        None, description="The LoRA adapters it serves, each with its folder, from its /metrics (absent: not read).",
+    )
+
+
+class AdapterStatus(_Model):
+    """One adapter of spec.adapters across the workers."""
+
+    name: str
+    replicas: int = Field(0, description="Ready workers that serve it.")
+    error: str | None = Field(None, description="Why the last load failed (the worker's message), if it did.")
 
 
 class AutoscalerStatus(_Model):
@@ -615,6 +724,7 @@ class InferenceServiceStatus(_Model):
     observedGeneration: int | None = None
     workers: list[WorkerStatus] = Field(default_factory=list)
     autoscaler: AutoscalerStatus | None = Field(None, description="The autoscaler's last decision (when enabled).")
+    adapters: list[AdapterStatus] = Field(default_factory=list, description="Each of spec.adapters: who serves it.")
     conditions: list[Condition] = Field(default_factory=list)
 
 
@@ -626,6 +736,13 @@ def check_name(name: str) -> None:
             " (lowercase letters, digits, '-'; starting with a letter), as the worker pods and"
             " Services are named after it"
         )
+
+
+def check_adapter_names(name: str, spec: InferenceServiceSpec) -> None:
+    """Reject an adapter named as the model is served by default (the resource's name), which
+    the CRD's rules cannot see from inside spec."""
+    if spec.model.servedName is None and name in {a.name for a in spec.adapters}:
+        raise ValueError(f"adapters: {name!r} is the served model's name (metadata.name); name the adapter otherwise")
 
 
 def format_errors(error: ValidationError) -> str:

@@ -12,7 +12,9 @@ and the workers' HTTP calls are.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,16 +23,18 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from kvflock.operator import children, credentials, metrics, model_check, scaling, workers
+from kvflock.operator import adapters, children, credentials, metrics, model_check, scaling, workers
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import (
     GROUP,
     KIND,
     PLURAL,
     VERSION,
+    AdapterStatus,
     Condition,
     InferenceServiceSpec,
     InferenceServiceStatus,
+    check_adapter_names,
     check_name,
     format_errors,
 )
@@ -46,6 +50,10 @@ from kvflock.operator.reconcile import (
     reconcile,
 )
 from kvflock.shared import names
+
+log = logging.getLogger(__name__)
+# Seconds a worker may take to read an adapter folder and load it (a probe's timeout is too short).
+_ADAPTER_CALL_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,8 @@ class _Pass:
     lock: threading.Lock = field(default_factory=threading.Lock)
     again: bool = False
     probes: dict[str, Probe] = field(default_factory=dict)
+    # The probes are fresh: the next pass syncs the workers' adapters with them.
+    adapters_due: bool = False
 
 
 def _now() -> datetime.datetime:
@@ -106,17 +116,18 @@ class Runtime:
         state = self._pass(namespace, name)
         if probes is not None:
             state.probes = dict(probes)
+            state.adapters_due = True
         state.again = True
         while state.again:
             if not state.lock.acquire(blocking=False):
                 return  # the running pass sees `again` and runs once more
             try:
                 state.again = False
-                self._converge_once(namespace, name, state.probes)
+                self._converge_once(namespace, name, state)
             finally:
                 state.lock.release()
 
-    def _converge_once(self, namespace: str, name: str, probes: Mapping[str, Probe]) -> None:
+    def _converge_once(self, namespace: str, name: str, state: _Pass) -> None:
         body = self.cluster.get_service(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -128,6 +139,7 @@ class Runtime:
         try:
             check_name(name)
             spec = InferenceServiceSpec.model_validate(body.get("spec") or {})
+            check_adapter_names(name, spec)
         except (ValidationError, ValueError) as exc:
             message = format_errors(exc) if isinstance(exc, ValidationError) else str(exc)
             self._report_invalid(body, previous, message, now, generation)
@@ -146,11 +158,13 @@ class Runtime:
 
         pods, objects = self.cluster.list_children(owner)
         pods_by_name = {p["metadata"]["name"]: p for p in pods}
+        worker_pods = [WorkerPod.from_manifest(p) for p in pods]
+        adapter_status = self._sync_adapters(owner, spec, worker_pods, pods_by_name, state, previous, body)
         known = {w.name: Probe.from_status(w) for w in previous.workers}
         observed = Observed(
-            pods=[WorkerPod.from_manifest(p) for p in pods],
+            pods=worker_pods,
             objects=objects,
-            probes={n: p for n, p in {**known, **probes}.items() if p is not None and n in pods_by_name},
+            probes={n: p for n, p in {**known, **state.probes}.items() if p is not None and n in pods_by_name},
             conditions=previous.conditions,
             auth_hash=auth.hash,
         )
@@ -158,11 +172,54 @@ class Runtime:
         for action in plan.actions:
             self._apply(owner, action, pods_by_name.get(action.name), body)
         # status.autoscaler is the autoscaler's to write (kvflock.operator.scaling); keep it.
-        status = plan.status.model_copy(update={"autoscaler": previous.autoscaler}).model_dump(mode="json")
-        if status != previous.model_dump(mode="json"):
-            self.cluster.patch_service_status(namespace, name, status)
-        _warn_when_degraded(body, previous, plan.status)
+        status = adapters.with_adapters(plan.status.model_copy(update={"autoscaler": previous.autoscaler}),
+                                        adapter_status, previous.conditions, now, generation)
+        if status.model_dump(mode="json") != previous.model_dump(mode="json"):
+            self.cluster.patch_service_status(namespace, name, status.model_dump(mode="json"))
+        _warn_when_degraded(body, previous, status)
         metrics.passes.labels(outcome="acted" if plan.actions else "steady").inc()
+
+    def _sync_adapters(
+        self, owner: Owner, spec: InferenceServiceSpec, pods: list[WorkerPod], pods_by_name: Mapping[str, Any],
+        state: _Pass, previous: InferenceServiceStatus, body: dict[str, Any],
+    ) -> list[AdapterStatus]:
+        """Load and unload adapters on the workers whose adapters the last probes read (once per
+        probe period: older reads could undo what a pass just did); what they serve then goes into
+        `state.probes`. Returns each adapter's status, the previous one between probe periods."""
+        if not state.adapters_due:
+            wanted = {a.name for a in spec.adapters}
+            return [a for a in previous.adapters if a.name in wanted]
+        state.adapters_due = False
+        held = adapters.served(pods, state.probes)
+        actions = adapters.plan(spec.adapters, held)
+        token = self._admin_token(owner) if actions and spec.auth is not None else None
+        by_worker: dict[str, list[adapters.AdapterAction]] = {}
+        for action in actions:
+            by_worker.setdefault(action.worker, []).append(action)
+        # Workers in parallel (a load reads the adapter's files); each worker's calls in order.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(by_worker)))) as pool:
+            outcomes = [outcome for results in pool.map(
+                lambda calls: [(call, _call_adapter(pods_by_name[call.worker], call, token)) for call in calls],
+                by_worker.values()) for outcome in results]
+        done, failures = [], {}
+        for action, problem in outcomes:
+            if problem is None:
+                done.append(action)
+                verb = "Loaded" if action.verb == "load" else "Unloaded"
+                kopf.info(body, reason=f"Adapter{verb}", message=f"{verb} adapter {action.adapter!r} on worker"
+                          f" {action.worker}" + (f" from {action.path}" if action.path else ""))
+            elif action.verb == "load":
+                failures.setdefault(action.adapter, adapters.failure_message(action, problem))
+            else:  # e.g. still in use by a request: the next probe period tries again
+                log.info("unloading adapter %r from worker %s failed: %s", action.adapter, action.worker, problem)
+        held = adapters.after(held, done)
+        for worker, has in held.items():
+            state.probes[worker] = dataclasses.replace(state.probes[worker], adapters=has)
+        before = {a.name: a.error for a in previous.adapters}
+        for name, message in failures.items():
+            if before.get(name) != message:
+                kopf.warn(body, reason=adapters.REASON_LOAD_FAILED, message=message)
+        return adapters.statuses(spec.adapters, held, failures)
 
     def _report_invalid(
         self, body: dict[str, Any], previous: InferenceServiceStatus, message: str,
@@ -249,6 +306,17 @@ class Runtime:
         for action in plan_deletion(observed):
             self._apply(owner, action, None, body)
         self.forget(namespace, name)
+
+
+def _call_adapter(pod: Mapping[str, Any], action: adapters.AdapterAction, token: bytes | None) -> str | None:
+    """Carry out one adapter action on its worker; why it failed, or None."""
+    url = workers.worker_url(pod)
+    if url is None:
+        return "it has no address"
+    if action.verb == "unload":
+        return workers.unload_adapter(url, action.adapter, _ADAPTER_CALL_TIMEOUT, token)
+    assert action.path is not None
+    return workers.load_adapter(url, action.adapter, action.path, _ADAPTER_CALL_TIMEOUT, token)
 
 
 def _previous_status(body: Mapping[str, Any]) -> InferenceServiceStatus:

@@ -143,6 +143,7 @@ class Probe:
     drained: bool | None = None  # from GET /admin/drain, read only while the worker drains
     error: str | None = None
     ttft_buckets: tuple[tuple[float, float], ...] = ()  # the TTFT histogram (for the autoscaler)
+    adapters: Mapping[str, str] | None = None  # LoRA adapter -> its folder, from /metrics (None: not read)
 
     @property
     def in_flight(self) -> int | None:
@@ -158,6 +159,7 @@ class Probe:
         return cls(
             at=at, running=worker.runningRequests, waiting=worker.waitingRequests, kv_usage=worker.kvCacheUsage,
             drained=worker.drained, error=worker.probeError,
+            adapters=worker.adapters,
         )
 
 
@@ -529,6 +531,7 @@ def _worker_status(pod: WorkerPod, probe: Probe | None, current_hash: str | None
         kvCacheUsage=probe.kv_usage if probe else None,
         probeTime=format_time(probe.at) if probe else None,
         probeError=probe.error if probe else None,
+        adapters=dict(sorted(probe.adapters.items())) if probe and probe.adapters is not None else None,
     )
 
 

@@ -1,5 +1,6 @@
-"""The operator's calls to a worker's HTTP endpoints (kvflock.worker.server): /ready, /metrics, /admin/drain
-(the latter with the service's admin token when it has auth).
+"""The operator's calls to a worker's HTTP endpoints (kvflock.worker.server): /ready, /metrics (its load, and
+the LoRA adapters it serves), /admin/drain, /v1/load_lora_adapter and /v1/unload_lora_adapter (the last
+three with the service's admin token when it has auth).
 
 A worker is reached at its pod's IP and the container's `http` port. Where pods do not get
 their own IP (the local cluster's process kubelet), the kubelet writes the address into the
@@ -70,6 +71,7 @@ def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes |
         drained=_drained(drain_text) if drain_code == 200 else None,
         error=None if metrics_code == 200 else f"/metrics answered {metrics_code}",
         ttft_buckets=metrics.parse_histogram_buckets(text, metrics.TIME_TO_FIRST_TOKEN) if metrics_code == 200 else (),
+        adapters=metrics.parse_lora_adapters(text) if metrics_code == 200 else None,
     )
 
 
@@ -90,6 +92,32 @@ def _drained(text: str) -> bool | None:
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, bool) else None
+
+
+def _post_json(url: str, body: dict[str, str], timeout: float, admin_token: bytes | None) -> str | None:
+    """POST `body`; None when it succeeded, else why not (the worker's error message when it gave one)."""
+    headers = {**_headers(admin_token), "Content-Type": "application/json"}
+    request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        try:
+            return str(json.loads(exc.read())["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            return f"it answered {exc.code}"
+    except (OSError, ValueError) as exc:
+        return f"{url} unreachable: {exc}"
+
+
+def load_adapter(url: str, name: str, path: str, timeout: float, admin_token: bytes | None = None) -> str | None:
+    """Ask a worker to serve the adapter folder `path` as `name`; returns why that failed, or None."""
+    return _post_json(f"{url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, timeout, admin_token)
+
+
+def unload_adapter(url: str, name: str, timeout: float, admin_token: bytes | None = None) -> str | None:
+    """Ask a worker to stop serving the adapter `name`; returns why that failed, or None."""
+    return _post_json(f"{url}/v1/unload_lora_adapter", {"lora_name": name}, timeout, admin_token)
 
 
 def request_drain(url: str, timeout: float, admin_token: bytes | None = None) -> str | None:

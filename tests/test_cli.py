@@ -125,6 +125,19 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     assert "engine.json: cannot read" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "lora_modules_file: cannot read"),
+    ("[1, 2]", "must hold a JSON object of adapter name -> folder"),
+])
+def test_a_bad_lora_modules_file_is_a_one_line_error(tmp_path, content, message):
+    path = tmp_path / "adapters.json"
+    if content is not None:
+        path.write_text(content)
+    result = run_cli("serve", "--enable-lora", "--lora-modules-file", str(path))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_the_command_line_is_built_without_torch():
     # The operator image has no torch, and its `kvflock operator` builds every subcommand's flags.
     check = "import sys; from kvflock.cli import build_parser; build_parser(); assert 'torch' not in sys.modules"

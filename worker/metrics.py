@@ -68,6 +68,13 @@ class _EngineCollector(Collector):
 def _lora_metrics(lora: LoRAStats) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     yield GaugeMetricFamily("kvflock_lora_adapters_loaded", "LoRA adapters in device slots", value=lora.loaded)
     yield GaugeMetricFamily("kvflock_lora_adapters_registered", "LoRA adapters served", value=lora.registered)
+    # Which ones, from which folder: the router routes each adapter's requests by it, the operator
+    # loads what is missing and reloads what comes from another folder than the spec's.
+    served = GaugeMetricFamily(metrics.LORA_ADAPTER_INFO, "1 for each LoRA adapter served",
+                               labels=["lora_name", "path"])
+    for adapter, path in sorted(lora.served):
+        served.add_metric([adapter, path], 1)
+    yield served
     yield CounterMetricFamily("kvflock_lora_swaps", "LoRA adapters put into a device slot", value=lora.swaps)
     yield CounterMetricFamily("kvflock_lora_disk_reads", "LoRA adapters read from disk again after leaving the CPU "
                               "copy", value=lora.disk_reads)

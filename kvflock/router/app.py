@@ -1,7 +1,9 @@
 """The router's HTTP app: the OpenAI API in front of the workers, plus its own probes and metrics.
 
-/v1/completions and /v1/chat/completions are routed by the prompt (`policy`), their bodies passed on
-unchanged; /v1/models and vLLM's /tokenize, /detokenize and /version go to any ready replica; /health says the router runs, /ready that it takes requests (some replica
+/v1/completions and /v1/chat/completions are routed by the prompt and, for a LoRA adapter, to a replica
+that serves it (`policy`), their bodies passed on unchanged; /v1/models lists what the serving replicas
+list (the model and every adapter any of them serves); vLLM's /tokenize, /detokenize and /version go
+to any ready replica; /health says the router runs, /ready that it takes requests (some replica
 can serve, or it holds requests until one can: `hold_seconds`), and
 /metrics is the router's own (`kvflock_router_*`); `access` (kvflock/shared/auth.py) decides which
 need a key, and `internal_token` is what the router shows the workers instead. Discovery, polling and routing settings
@@ -32,8 +34,8 @@ from kvflock.router.poller import DEFAULT_INTERVAL, Poller
 from kvflock.router.prompt import PromptReader
 from kvflock.router.proxy import DEFAULT_MAX_ATTEMPTS, Proxy, error_response
 from kvflock.shared import api_doc
-from kvflock.shared.auth import AccessControl, AccessPolicy
-from kvflock.shared.logs import RequestIdMiddleware
+from kvflock.shared.auth import AccessControl, AccessPolicy, bearer_header
+from kvflock.shared.logs import REQUEST_ID_HEADER, RequestIdMiddleware
 from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
 from kvflock.shared.version import __version__
 
@@ -154,8 +156,27 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
         body = await request.body()
         return await state.proxy.forward(request, request.url.path, body, RequestFeatures(prompt_tokens=0))
 
-    for path, method in [("/v1/models", "GET"), ("/version", "GET"), ("/tokenize", "POST"), ("/detokenize", "POST")]:
+    for path, method in [("/version", "GET"), ("/tokenize", "POST"), ("/detokenize", "POST")]:
         app.add_api_route(path, any_replica, methods=[method])
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        """Every serving replica's models, each name once: replicas may serve different adapters.
+        With none serving, one replica's answer as for the other paths (held, or 503)."""
+        urls = [r.url for r in fleet.replicas.values() if r.view(clock()).serving]
+        headers = {REQUEST_ID_HEADER: request.headers.get(REQUEST_ID_HEADER, "")}
+        if options.internal_token:
+            headers["authorization"] = bearer_header(options.internal_token)
+        answers = await asyncio.gather(*(client.get(f"{url}/v1/models", headers=headers, timeout=10) for url in urls),
+                                       return_exceptions=True)
+        found: dict[str, Any] = {}
+        for answer in answers:
+            if isinstance(answer, httpx.Response) and answer.status_code == 200:
+                for model in _model_list(answer):
+                    found.setdefault(model["id"], model)
+        if not found:
+            return await any_replica(request)
+        return JSONResponse({"object": "list", "data": list(found.values())})
 
     async def generate(request: Request, path: str) -> Response:
         raw = await request.body()
@@ -169,10 +190,13 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
         if where is not None:
             return error_response(400, f"{where}: {LONE_SURROGATE}", "invalid_request_error", param=where)
         metrics.arrived(body)
+        # An unknown model goes to any replica, which answers OpenAI's 404 naming what it serves.
+        model = body.get("model")
+        adapter = model if isinstance(model, str) and model in fleet.adapters() else None
         if reader.tokenizer is not None and len(raw) > _TOKENIZE_INLINE_CHARS:
-            features = await asyncio.to_thread(reader.features, path, body)
+            features = await asyncio.to_thread(reader.features, path, body, adapter)
         else:
-            features = reader.features(path, body)
+            features = reader.features(path, body, adapter)
         return await state.proxy.forward(request, path, raw, features)
 
     @app.post("/v1/completions", responses=api_doc.GENERATION)
@@ -187,3 +211,12 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
     # Outermost: the id is in the headers the proxy forwards, so the worker logs and returns the same one.
     app.add_middleware(RequestIdMiddleware, logger="kvflock.router.requests")
     return app
+
+
+def _model_list(answer: httpx.Response) -> list[dict[str, Any]]:
+    """The entries of a worker's /v1/models answer (none from a malformed one)."""
+    try:
+        data = answer.json()["data"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] if isinstance(data, list) else []

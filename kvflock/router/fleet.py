@@ -42,6 +42,7 @@ class Replica:
     queued_tokens: int = 0
     foreign: int = 0
     kv_usage: float = 0.0
+    adapters: frozenset[str] = frozenset()  # the LoRA adapters it serves, from the last poll
 
     @property
     def id(self) -> str:
@@ -58,7 +59,7 @@ class Replica:
             draining=e.terminating or self.worker_draining, saturated=now < self.saturated_until,
             coming=e.may_become_ready,
             in_flight=self.in_flight, queued_tokens=self.queued_tokens, foreign=self.foreign,
-            kv_usage=self.kv_usage,
+            kv_usage=self.kv_usage, adapters=self.adapters,
         )
 
     def begin(self, prompt_tokens: int) -> None:
@@ -77,6 +78,7 @@ class Replica:
     def mark_unreachable(self) -> None:
         """It refused a connection or died mid-request: no requests until a poll finds it again."""
         self.reachable = self.worker_ready = False
+        self.adapters = frozenset()  # a worker that comes back has restarted, without its adapters
 
     def mark_unavailable(self) -> None:
         """It answered 503 (loading or draining): no requests until a poll finds it ready."""
@@ -113,6 +115,10 @@ class Fleet:
 
     def views(self, now: float) -> list[ReplicaView]:
         return [r.view(now) for r in self.replicas.values()]
+
+    def adapters(self) -> frozenset[str]:
+        """The adapters some replica serves."""
+        return frozenset().union(*(r.adapters for r in self.replicas.values()))
 
     def retry_after(self, now: float) -> int:
         """Whole seconds until the first saturated replica takes requests again (at least 1)."""

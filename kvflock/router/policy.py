@@ -12,6 +12,11 @@ within `load_factor` times the average, so one hot prefix spreads over a second 
 next one on the ring, which then caches it too) instead of overloading the first. A small
 absolute slack on top of the bound keeps bursts of one prefix together at low load, where
 batching them is nearly free.
+
+A request whose `model` names a LoRA adapter goes only to replicas that serve it (adapter
+affinity), whatever the policy; among them the policy decides as usual. Its block hashes
+start from the adapter's root (`RequestFeatures.adapter`), so its prefixes are never taken for
+the base model's or another adapter's, as in the workers' prefix caches.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class ReplicaView:
     queued_tokens: int = 0  # their prompt tokens
     foreign: int = 0  # sequences the worker held at the last poll beyond this router's (other routers')
     kv_usage: float = 0.0
+    adapters: frozenset[str] = frozenset()  # the LoRA adapters its /metrics lists
 
     @property
     def load(self) -> int:
@@ -90,6 +96,7 @@ class RequestFeatures:
 
     prompt_tokens: int
     block_hashes: tuple[int, ...] = ()
+    adapter: str | None = None  # the LoRA adapter its `model` names (None: the base model)
 
 
 @dataclass(frozen=True)
@@ -188,12 +195,17 @@ class Router:
     def choose(self, request: RequestFeatures, replicas: Sequence[ReplicaView],
                exclude: frozenset[str] = frozenset()) -> Route | Refusal:
         """The replica for `request`, skipping `exclude` (replicas this request already tried),
-        draining, unready and saturated ones; or why none can take it."""
+        draining, unready and saturated ones; or why none can take it. An adapter's request
+        goes to a replica that serves the adapter: of its pool if one there does, else of any."""
+        if request.adapter is not None:
+            replicas = [r for r in replicas if request.adapter in r.adapters]
         pool, members = pool_members(self.pools, request.prompt_tokens, replicas)
         serving = [r for r in members if r.serving and r.id not in exclude]
         candidates = [r for r in serving if not r.saturated]
         if not candidates:
             where = f" in pool {pool!r}" if pool else ""
+            if request.adapter is not None:
+                where += f" serving adapter {request.adapter!r}"
             if serving:
                 return Refusal(429, f"every ready replica{where} has a full queue; retry later", pool)
             return Refusal(503, f"no replica{where} is ready to serve", pool)

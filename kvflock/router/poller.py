@@ -2,8 +2,9 @@
 
 /ready decides whether a replica takes requests (503 while loading or draining); /metrics
 gives its queue (running + waiting sequences) and KV cache size and use, which feed the load
-estimate and cap the prefix index at what the worker can hold. A worker that was unreachable
-and answers again has restarted, so the router forgets which prefixes it held.
+estimate and cap the prefix index at what the worker can hold, and names the LoRA adapters it
+serves (the operator loads and unloads them at run time), for adapter affinity. A worker that
+was unreachable and answers again has restarted, so the router forgets which prefixes it held.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Poller:
             if total > 0:
                 replica.kv_usage = values.get(metrics.KV_BLOCKS_USED, 0.0) / total
                 self.index.set_capacity(replica.id, int(total))
+            replica.adapters = frozenset(metrics.parse_lora_adapters(scrape.text) or ())
 
 
 def _reason(response: httpx.Response) -> str | None:

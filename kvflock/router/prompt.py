@@ -5,11 +5,15 @@ covers its parent's hash and its own token ids, so equal hashes mean equal prefi
 model's tokenizer the router sees the very tokens a worker computes (chat prompts rendered by
 the same template, text encoded without special tokens, as the engine does). Without one it
 hashes characters instead, `CHARS_PER_TOKEN` per token: prompts that share a prefix still
-share leading hashes, and lengths are estimates.
+share leading hashes, and lengths are estimates. A LoRA adapter's prompt hashes from a root of
+its own (`adapter_root`), as a worker's does, so the prefix index never takes its blocks for
+the base model's; the router's root comes from the adapter's name, the worker's from its
+weights: the index only ever compares the router's hashes with each other.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -23,11 +27,17 @@ CHARS_PER_TOKEN = 4
 MAX_HASHED_BLOCKS = 512
 
 
-def chained_block_hashes(units: Sequence[int] | str, block_size: int) -> tuple[int, ...]:
+def adapter_root(name: str) -> int:
+    """What the blocks of a prompt for the adapter `name` hash from."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8, person=b"kvflock-lora").digest(), "little")
+
+
+def chained_block_hashes(units: Sequence[int] | str, block_size: int, root: int | None = None) -> tuple[int, ...]:
     """The hash of every full block of `units` (token ids, or characters as their code points),
-    each over its parent's: the workers' prefix-cache hashes (kvflock.shared.hashing)."""
+    each over its parent's, the first over `root`: the workers' prefix-cache hashes (kvflock.shared.hashing)."""
     units = units[: MAX_HASHED_BLOCKS * block_size]
-    return tuple(hash_blocks([ord(c) for c in units] if isinstance(units, str) else list(units), block_size))
+    return tuple(hash_blocks([ord(c) for c in units] if isinstance(units, str) else list(units), block_size,
+                             root=root))
 
 
 class PromptReader:
@@ -39,17 +49,20 @@ class PromptReader:
         self.block_size = block_size
         self.tokenizer = tokenizer
 
-    def features(self, path: str, body: dict[str, Any]) -> RequestFeatures:
-        """Features of a /v1/completions or /v1/chat/completions body. A batch of prompts is
-        routed by its first prompt's prefix and its longest prompt's length."""
+    def features(self, path: str, body: dict[str, Any], adapter: str | None = None) -> RequestFeatures:
+        """Features of a /v1/completions or /v1/chat/completions body (for the LoRA `adapter` its
+        `model` names, if it does). A batch of prompts is routed by its first prompt's prefix
+        and its longest prompt's length."""
         prompts = self._prompts(path, body)
         if not prompts:
-            return RequestFeatures(prompt_tokens=0)
+            return RequestFeatures(prompt_tokens=0, adapter=adapter)
         units = [self._units(p) for p in prompts]
         lengths = [len(u) if not isinstance(u, str) else math.ceil(len(u) / CHARS_PER_TOKEN) for u in units]
         first = units[0]
         size = self.block_size * CHARS_PER_TOKEN if isinstance(first, str) else self.block_size
-        return RequestFeatures(prompt_tokens=max(lengths), block_hashes=chained_block_hashes(first, size))
+        root = adapter_root(adapter) if adapter is not None else None
+        return RequestFeatures(prompt_tokens=max(lengths), block_hashes=chained_block_hashes(first, size, root),
+                               adapter=adapter)
 
     def _prompts(self, path: str, body: dict[str, Any]) -> list[str | list[int]]:
         if path.endswith("/chat/completions"):

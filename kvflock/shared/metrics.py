@@ -20,11 +20,14 @@ VLLM_REQUESTS_RUNNING = "vllm:num_requests_running"
 VLLM_REQUESTS_WAITING = "vllm:num_requests_waiting"
 VLLM_KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"  # 0..1 despite the name
 VLLM_GPU_CACHE_USAGE = "vllm:gpu_cache_usage_perc"  # the same, under the name vLLM used before v0.10
+# The LoRA adapters a worker serves: 1 per adapter, labelled lora_name and path (its folder).
+LORA_ADAPTER_INFO = "kvflock_lora_adapter_info"
 # The requests a router holds while no replica can take them (kvflock.router.metrics).
 ROUTER_HELD_REQUESTS = "kvflock_router_held_requests"
 
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})?\s+(?P<value>\S+)")
 _LE = re.compile(r'\ble="(?P<le>[^"]+)"')
+_LABEL = re.compile(r'(?P<label>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\]|\\.)*)"')
 
 
 def parse_samples(text: str) -> dict[str, float]:
@@ -41,6 +44,26 @@ def parse_samples(text: str) -> dict[str, float]:
             continue
         totals[match["name"]] = totals.get(match["name"], 0.0) + value
     return totals
+
+
+def parse_lora_adapters(text: str) -> dict[str, str] | None:
+    """The adapters a worker's LORA_ADAPTER_INFO lists (name -> folder), or None when it has no
+    such metric (LoRA off)."""
+    if f"# TYPE {LORA_ADAPTER_INFO} " not in text:
+        return None
+    adapters = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is not None and match["name"] == LORA_ADAPTER_INFO:
+            labels = {m["label"]: _unescape(m["value"]) for m in _LABEL.finditer(match["labels"] or "")}
+            if "lora_name" in labels:
+                adapters[labels["lora_name"]] = labels.get("path", "")
+    return adapters
+
+
+def _unescape(value: str) -> str:
+    """A label value as the exposition format escapes it (backslash, double quote, newline)."""
+    return re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], value)
 
 
 def parse_histogram_buckets(text: str, histogram: str) -> tuple[tuple[float, float], ...]:

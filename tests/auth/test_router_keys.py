@@ -46,6 +46,11 @@ def test_the_router_refuses_anything_but_a_user_key_with_401(service, headers):
         assert_authentication_error(response)
 
 
+def test_the_routers_models_are_read_from_the_workers_with_its_internal_token(service):
+    router, _ = service
+    assert [m.id for m in client(router, USER_KEY).models.list().data] == ["tiny_llama"]
+
+
 def test_the_router_probes_answer_without_a_key(service):
     router, _ = service
     assert httpx.get(f"{router}/health").status_code == 200

@@ -106,6 +106,8 @@ class FakeWorkers:
         self.held: dict[str, int] = {}  # requests a router pod holds (reported when set)
         self.drained: list[str] = []  # pods that got POST /admin/drain, in order
         self.drain_authorization: list[str | None] = []  # the Authorization header of each
+        self.adapters: dict[str, dict[str, str]] = {}  # LoRA adapter -> folder a pod's /metrics lists (absent: LoRA off)
+        self.adapter_calls: list[tuple[str, dict, str | None]] = []  # (path, body, Authorization) of each
         workers = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -123,8 +125,12 @@ class FakeWorkers:
                 elif path == "metrics":
                     running = workers.busy.get(pod, 0)
                     held = f"kvflock_router_held_requests {workers.held[pod]}\n" if pod in workers.held else ""
+                    lora = "".join(["# TYPE kvflock_lora_adapter_info gauge\n"] + [
+                        f'kvflock_lora_adapter_info{{lora_name="{n}",path="{p}"}} 1.0\n'
+                        for n, p in workers.adapters[pod].items()
+                    ]) if pod in workers.adapters else ""
                     self._reply(200, f"kvflock_requests_running {running}\nkvflock_requests_waiting 0\n"
-                                     f"kvflock_kv_blocks_used 10\nkvflock_kv_blocks_total 40\n{held}")
+                                     f"kvflock_kv_blocks_used 10\nkvflock_kv_blocks_total 40\n{held}{lora}")
                 elif path == "admin/drain":
                     draining, running = pod in workers.drained, workers.busy.get(pod, 0)
                     self._reply(200, json.dumps({"draining": draining, "in_flight": running,
@@ -138,6 +144,20 @@ class FakeWorkers:
                     workers.drained.append(pod)
                     workers.drain_authorization.append(self.headers.get("Authorization"))
                     self._reply(200, "{}")
+                elif path in ("v1/load_lora_adapter", "v1/unload_lora_adapter"):
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    workers.adapter_calls.append((path.removeprefix("v1/"), body, self.headers.get("Authorization")))
+                    if body.get("lora_path") == "/missing":  # as a worker refuses a folder that is not there
+                        message = "lora_path: '/missing' is not a PEFT adapter folder"
+                        self._reply(400, json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                                               "param": "lora_path", "code": None}}))
+                    else:  # what a worker serves changes as a worker's would
+                        served = workers.adapters.setdefault(pod, {})
+                        if path.endswith("unload_lora_adapter"):
+                            del served[body["lora_name"]]
+                        else:
+                            served[body["lora_name"]] = body["lora_path"]
+                        self._reply(200, "Success")
                 else:
                     self._reply(404)
 

@@ -95,6 +95,19 @@ def test_every_failing_field_is_listed(kubectl: Kubectl) -> None:
              'spec.image: Invalid value: "": spec.image in body should be at least 1 chars long')
 
 
+def test_adapters_with_tensor_parallelism_are_refused_naming_the_field(kubectl: Kubectl) -> None:
+    spec = {"engine": {"tensorParallelSize": 2}, "resources": {"gpusPerReplica": 2},
+            "adapters": [{"name": "sql", "source": {"path": "/models/adapters/sql"}}]}
+    _refused(kubectl.apply(_service("tp2-lora", **spec)),
+             "spec.adapters: Invalid value", "adapters work with engine.tensorParallelSize 1 only")
+
+
+def test_duplicate_adapter_names_are_refused(kubectl: Kubectl) -> None:
+    adapters = [{"name": "sql", "source": {"path": "/a"}}, {"name": "sql", "source": {"path": "/b"}}]
+    _refused(kubectl.apply(_service("twice", engine={"lora": {}}, adapters=adapters)),
+             "spec.adapters: Invalid value", "adapter names must be unique")
+
+
 def test_a_misspelt_field_is_refused_by_strict_field_validation(kubectl: Kubectl) -> None:
     _refused(kubectl.apply(_service("typo", replica=2)), 'strict decoding error: unknown field "spec.replica"')
     _refused(kubectl.apply(_service("typo2", engine={"maxNumSeq": 8})),

@@ -110,6 +110,16 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"auth": {}}, "spec.auth.apiKeySecretRef"),
     ({"auth": {"apiKeySecretRef": {"name": "keys"}}}, "spec.auth.apiKeySecretRef.key"),
     ({"auth": {"apiKeySecretRef": {"name": "Keys!", "key": "k"}}}, "spec.auth.apiKeySecretRef.name"),
+    ({"adapters": [{"name": "sql", "source": {"path": "/a/sql"}}]}, "adapters: set engine.lora"),
+    ({"engine": {"lora": {}},
+      "adapters": [{"name": "sql", "source": {"path": "/a"}}, {"name": "sql", "source": {"path": "/b"}}]},
+     "adapters: names must be unique"),
+    ({"engine": {"lora": {}}, "model": {"servedName": "base"}, "adapters": [{"name": "base", "source": {"path": "/a"}}]},
+     "model.servedName"),
+    ({"engine": {"lora": {}}, "adapters": [{"name": "has space", "source": {"path": "/a"}}]}, "adapters.0.name"),
+    ({"engine": {"lora": {}}, "adapters": [{"name": "sql", "source": {"path": "relative"}}]}, "adapters.0.source.path"),
+    ({"engine": {"lora": {"maxLoras": 8, "maxCpuLoras": 4}}}, "engine.lora.maxCpuLoras"),
+    ({"engine": {"tensorParallelSize": 2, "lora": {}}, "resources": {"gpusPerReplica": 2}}, "tensorParallelSize 1 only"),
 ]
 
 

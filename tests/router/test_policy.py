@@ -202,3 +202,52 @@ def test_chat_prompts_sharing_a_system_message_share_leading_hashes_without_a_to
     two = reader.features("/v1/chat/completions", {"messages": [system, {"role": "user", "content": "bye"}]})
     shared = sum(1 for x, y in zip(one.block_hashes, two.block_hashes) if x == y)
     assert shared >= 15 and one.prompt_tokens > 70
+
+
+def _adapter_request(adapter: str | None, prefix: int = 1, suffix: int = 0) -> RequestFeatures:
+    tokens = [prefix] * 16 * 7 + [1000 + suffix] * 16
+    return PromptReader(16).features("/v1/completions", {"prompt": tokens}, adapter)
+
+
+@pytest.mark.parametrize("policy", ["prefix-aware", "least-loaded", "round-robin"])
+def test_an_adapters_requests_go_only_to_replicas_that_serve_it(policy):
+    router = Router(policy)
+    fleet = [ReplicaView(id="a", pool="default", ready=True),
+             ReplicaView(id="b", pool="default", ready=True, adapters=frozenset({"sql"})),
+             ReplicaView(id="c", pool="default", ready=True, adapters=frozenset({"sql", "poetry"}))]
+    assert {route(router, _adapter_request("sql", suffix=s), fleet).replica for s in range(20)} <= {"b", "c"}
+    assert {route(router, _adapter_request("poetry", suffix=s), fleet).replica for s in range(5)} == {"c"}
+
+
+def test_an_adapters_prefix_sticks_to_one_of_its_replicas():
+    router = Router("prefix-aware")
+    fleet = replicas("a", "b", "c", adapters=frozenset({"sql"}))
+    first = route(router, _adapter_request("sql"), fleet)
+    again = route(router, _adapter_request("sql", suffix=1), fleet)
+    assert (again.replica, again.reason) == (first.replica, REASON_PREFIX_HIT)
+
+
+def test_the_base_models_prefix_is_not_taken_for_an_adapters():
+    """The workers cache an adapter's KV apart from the base model's: so does the router's index."""
+    router = Router("prefix-aware")
+    fleet = replicas("a", "b", "c", adapters=frozenset({"sql"}))
+    route(router, _adapter_request(None), fleet)
+    assert route(router, _adapter_request("sql"), fleet).matched_blocks == 0
+    assert _adapter_request("sql").block_hashes[0] != _adapter_request("poetry").block_hashes[0]
+    assert _adapter_request("sql").block_hashes[0] != _adapter_request(None).block_hashes[0]
+
+
+def test_an_adapter_goes_outside_its_pool_when_no_replica_there_serves_it():
+    router = Router("least-loaded", pools=[Pool("short", 0, 1000), Pool("long", 1000)])
+    fleet = [ReplicaView(id="s", pool="short", ready=True),
+             ReplicaView(id="l", pool="long", ready=True, adapters=frozenset({"sql"}))]
+    assert route(router, _adapter_request("sql"), fleet).replica == "l"
+
+
+def test_an_adapter_whose_replicas_are_all_unready_is_refused_naming_it():
+    router = Router("prefix-aware")
+    fleet = [ReplicaView(id="a", pool="default", ready=True),
+             ReplicaView(id="b", pool="default", ready=False, adapters=frozenset({"sql"}))]
+    refusal = router.choose(_adapter_request("sql"), fleet)
+    assert isinstance(refusal, Refusal) and refusal.status == 503
+    assert "'sql'" in refusal.message

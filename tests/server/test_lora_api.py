@@ -8,11 +8,13 @@ import openai
 import pytest
 
 from kvflock.shared.auth import AccessPolicy
+from kvflock.shared.metrics import parse_lora_adapters
 from kvflock.worker.async_engine import AsyncEngine
 from kvflock.worker.config import EngineConfig
 from kvflock.worker.engine import LLMEngine
 from kvflock.worker.server import WorkerState, create_app
 from tests.lora_adapters import write_adapter
+from tests.polling import wait_for
 from tests.server.conftest import free_port, running_server
 
 USER_KEY, ADMIN_TOKEN = "sk-lora-user-1", "lora-admin-2"
@@ -58,6 +60,9 @@ def test_adapter_is_a_model_listed_with_its_parent(worker):
 def test_load_and_unload_at_run_time(worker):
     url, adapters = worker
     assert admin(url, "load_lora_adapter", {"lora_name": "b", "lora_path": str(adapters["b"])}).status_code == 200
+    # /metrics names the adapters served (the router and the operator read them there)
+    wait_for(lambda: parse_lora_adapters(httpx.get(f"{url}/metrics").text) == {name: str(path) for name, path in
+                                                                             adapters.items()}, what="b in /metrics")
     with_b = complete(url, "b")
     assert with_b not in (complete(url, "a"), complete(url, BASE))
     assert admin(url, "unload_lora_adapter", {"lora_name": "b"}).status_code == 200
@@ -67,6 +72,8 @@ def test_load_and_unload_at_run_time(worker):
     metrics = httpx.get(f"{url}/metrics").text
     assert 'kvflock_lora_requests_total{lora_name="b"} 1.0' in metrics
     assert "kvflock_lora_adapters_registered 1.0" in metrics
+    wait_for(lambda: set(parse_lora_adapters(httpx.get(f"{url}/metrics").text) or ()) == {"a"},
+             what="b gone from /metrics")
 
 
 def test_adapter_endpoints_need_the_admin_token(worker):

@@ -25,6 +25,7 @@ class LoRAStats:
 
     loaded: int = 0  # adapters in device slots
     registered: int = 0
+    served: tuple[tuple[str, str], ...] = ()  # (name, folder) of each adapter served
     swaps: int = 0  # adapters put into a slot
     disk_reads: int = 0
     requests: Counter = field(default_factory=Counter)  # by adapter name
@@ -67,7 +68,7 @@ class LoRAManager:
             adapter = self.read(path)
         self._registry[name] = _Registered(str(path), adapter.content_hash)
         self._keep_on_cpu(name, adapter)
-        self.stats.registered = len(self._registry)
+        self.stats.registered, self.stats.served = len(self._registry), self._served()
 
     def read(self, path: str | Path) -> LoRAWeights:
         """Read and check an adapter folder (ValueError naming lora_path); any thread may call it."""
@@ -83,6 +84,10 @@ class LoRAManager:
         if slot is not None:
             self._free_slots.append(slot)
         self.stats.registered, self.stats.loaded = len(self._registry), len(self._slots)
+        self.stats.served = self._served()
+
+    def _served(self) -> tuple[tuple[str, str], ...]:
+        return tuple((name, registered.path) for name, registered in self._registry.items())
 
     def assign(self, plan: StepPlan) -> None:
         """Give each scheduled sequence with an adapter that adapter's slot, loading it first
