@@ -31,7 +31,7 @@ def test_nccl_group_of_one_rank_generates_what_one_process_does(small_llama):
     from kvflock.worker.config import EngineConfig, SamplingParams
     from kvflock.worker.engine import LLMEngine
     from kvflock.worker.llm import LLM
-    from kvflock.worker.tp import TPModelRunner, load_replica
+    from kvflock.worker.tp import ReplicaRunner, load_replica
 
     config = EngineConfig(model=str(small_llama), device="cuda", dtype="float32", max_model_len=256,
                           max_num_batched_tokens=16)
@@ -41,7 +41,7 @@ def test_nccl_group_of_one_rank_generates_what_one_process_does(small_llama):
     loaded = load_replica(config, select_attention_backend(torch.device("cuda")))
     try:
         engine = LLMEngine(config, loaded=loaded)
-        assert isinstance(engine.runner, TPModelRunner)
+        assert isinstance(engine.runner, ReplicaRunner)
         assert isinstance(loaded.model.group.device_pg, dist.ProcessGroupNCCL)
         outputs = LLM.from_engine(engine).generate(prompts, params)
     finally:

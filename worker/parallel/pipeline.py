@@ -1,0 +1,154 @@
+"""Pipeline parallelism: the model's layers split into stages, one (tensor-parallel) group of
+processes each, and a step's batch cut into micro-batches that follow each other through the
+stages, so that stage s works on micro-batch m while stage s + 1 works on micro-batch m - 1.
+
+The stages are contiguous runs of layers (kvflock.shared.parallel_layout): the first also holds
+the embedding, the last the final norm and the LM head; each stage's KV cache holds only its
+layers, with the same block ids on every stage (one scheduler on rank 0 decides them all).
+
+A step, on every rank: rank 0 (the scheduler's process, on the first stage) cuts the scheduled
+sequences into up to `num_stages` micro-batches of about equal tokens and broadcasts them all
+at once (kvflock.worker.tp). Each stage then, micro-batch after micro-batch, receives the
+previous stage's hidden states and residual stream in one point-to-point message, runs its
+layers and sends its own on without waiting for the send to finish, so it goes on to the next
+micro-batch at once. The last stage computes the logits of the rows that sample and sends them
+(tensor rank 0 of the last stage holds them whole) to rank 0, again without waiting, while it
+runs its next micro-batch; rank 0, whose own micro-batches are all sent by then, receives them
+in order and samples, so the sampler's state (seeded generators, penalties, grammars) stays in
+one place and the logits are ready when the last micro-batch leaves the last stage: no step
+waits for a separate round trip of sampled tokens.
+
+What remains is the pipeline's fill and drain within each step: with m micro-batches over p
+stages, each stage is idle for p - 1 of the m + p - 1 micro-batch slots of a step (bench/pp.py
+measures it). Sending logits rather than token ids costs `sampling rows x vocabulary` values per
+step, small next to the activations of a prefill and to the weights a decode step reads.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvflock.worker.runner import ModelRunner, StepInputs
+from kvflock.worker.step_plan import StepPlan
+
+
+@dataclass(frozen=True)
+class StageGroup:
+    """This rank's place among the pipeline stages: `stage` of `num_stages`, and `pg`, the
+    process group of the ranks that hold the same tensor (and context) rank in every stage,
+    numbered by stage (NCCL on GPU, gloo on CPU; None with one stage)."""
+
+    stage: int = 0
+    num_stages: int = 1
+    pg: Any = None
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def send(self, x: torch.Tensor, to_stage: int) -> Any:
+        """Start sending `x` to `to_stage`; the returned work must be waited for before `x` is reused."""
+        return self.pg.send([x], to_stage, 0)
+
+    def recv(self, x: torch.Tensor, from_stage: int) -> torch.Tensor:
+        """Fill `x` with what `from_stage` sends next."""
+        self.pg.recv([x], from_stage, 0).wait()
+        return x
+
+
+SINGLE_STAGE = StageGroup()
+
+
+def split_micro_batches(plan: StepPlan, num_stages: int) -> list[StepPlan]:
+    """The plan's sequences in up to `num_stages` contiguous runs of about equal tokens (one run
+    per sequence at most; the logits' rows stay in the plan's order)."""
+    count = min(num_stages, len(plan.scheduled))
+    if count <= 1:
+        return [plan]
+    total, runs, current, done = plan.num_tokens, [], [], 0
+    for i, item in enumerate(plan.scheduled):
+        current.append(item)
+        done += item.num_new_tokens
+        left_items, left_runs = len(plan.scheduled) - i - 1, count - len(runs) - 1
+        # close the run once it reaches its share, or when every later sequence must start a run
+        if left_runs and (done * count >= total * (len(runs) + 1) or left_items == left_runs):
+            runs.append(current)
+            current = []
+    runs.append(current)
+    return [StepPlan(run) for run in runs]
+
+
+@dataclass
+class _InFlight:
+    """Sends not yet waited for, and the tensors they read (kept alive until then)."""
+
+    works: list[Any] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, work: Any, tensor: torch.Tensor) -> None:
+        self.works.append(work)
+        self.tensors.append(tensor)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works.clear()
+        self.tensors.clear()
+
+
+class StageRunner:
+    """Runs a step's micro-batches through this rank's stage (every rank of a replica has one;
+    with a single stage it is the whole forward pass). `returns_logits`: this rank is rank 0,
+    which gets the logits of every micro-batch."""
+
+    def __init__(self, runner: ModelRunner, stages: StageGroup, returns_logits: bool) -> None:
+        self.runner = runner
+        self.model = runner.model
+        self.stages = stages
+        self.returns_logits = returns_logits
+        cfg = self.model.config
+        self._hidden_size, self._vocab_size = cfg.hidden_size, cfg.vocab_size
+        dtype = next(self.model.parameters()).dtype
+        self._dtype = dtype
+        self._logits_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    @torch.inference_mode()
+    def run(self, micro_batches: list[StepInputs]) -> list[torch.Tensor]:
+        """The logits of each micro-batch's sampling rows on rank 0 ([] on the other ranks)."""
+        stages, decoder, device = self.stages, self.model.model, self.runner.device
+        logits: list[torch.Tensor] = []
+        in_flight = _InFlight()
+        for inputs in micro_batches:
+            if stages.first:
+                assert decoder.embed_tokens is not None
+                x, residual = decoder.embed_tokens(inputs.input_ids), None
+            else:
+                received = torch.empty(2, inputs.input_ids.shape[0], self._hidden_size, dtype=self._dtype,
+                                       device=device)
+                x, residual = stages.recv(received, stages.stage - 1).unbind(0)
+            x, residual = decoder.run_layers(x, residual, inputs.positions, self.runner.kv_cache, inputs.meta)
+            if not stages.last:
+                out = torch.stack([x, residual])
+                in_flight.add(stages.send(out, stages.stage + 1), out)
+                continue
+            assert decoder.norm is not None
+            hidden, _ = decoder.norm(x, residual)
+            rows = self.model.logits(hidden[inputs.sample_rows])
+            if rows is None:  # another tensor rank of the last stage holds them
+                continue
+            if stages.first:
+                logits.append(rows)
+            elif inputs.sample_rows.shape[0]:
+                in_flight.add(stages.send(rows, 0), rows)
+        if self.returns_logits and not stages.last:
+            for inputs in micro_batches:
+                rows = torch.empty(inputs.sample_rows.shape[0], self._vocab_size, dtype=self._logits_dtype,
+                                   device=device)
+                logits.append(stages.recv(rows, stages.num_stages - 1) if rows.shape[0] else rows)
+        in_flight.wait()
+        return logits if self.returns_logits else []
