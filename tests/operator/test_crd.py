@@ -49,7 +49,8 @@ def test_crd_has_names_subresources_and_printer_columns() -> None:
         "labelSelectorPath": ".status.selector",
     }
     assert "status" in version["subresources"]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Model", "Layout", "Replicas", "Ready", "URL", "Age"]
+    columns = ["Model", "Layout", "Replicas", "Ready", "URL", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == columns
 
 
 def test_schema_has_bounds_enums_defaults_and_descriptions() -> None:
@@ -96,7 +97,8 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 3}, "replicas": 1}, "replicas"),
     ({"engine": {"tensorParallelSize": 2}, "resources": {"gpusPerReplica": 1}}, "resources.gpusPerReplica"),
     ({"engine": {"pipelineParallelSize": 0}}, "spec.engine.pipelineParallelSize"),
-    ({"engine": {"tensorParallelSize": 8, "pipelineParallelSize": 2}}, "engine.pipelineParallelSize: TP8xPP2 is 16 GPUs"),
+    ({"engine": {"tensorParallelSize": 8, "pipelineParallelSize": 2}},
+     "engine.pipelineParallelSize: TP8xPP2 is 16 GPUs"),
     ({"engine": {"tensorParallelSize": 2, "pipelineParallelSize": 2}, "resources": {"gpusPerReplica": 2}},
      "resources.gpusPerReplica"),
     ({"engine": {"pipelineParallelSize": 2, "kvCache": {"cpuOffloadGiB": 4}}}, "pipelineParallelSize"),
