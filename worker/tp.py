@@ -61,11 +61,13 @@ _PARENT_POLL_SECONDS = 0.5
 @dataclass(frozen=True)
 class RankGroups:
     """One rank's process groups: `batch` (gloo, every rank of the replica) carries each step
-    from rank 0; `tp` and `stages` carry activations within a stage and between stages."""
+    from rank 0; `tp` and `stages` carry activations within a stage and between stages; `cp`
+    joins the ranks that split a sequence (None with context_parallel_size 1)."""
 
     batch: Any
     tp: TPGroup
     stages: StageGroup
+    cp: Any = None
 
     def barrier(self) -> None:
         """Return once every rank of the replica has called it."""
@@ -240,20 +242,27 @@ def _rank_config(config: EngineConfig, device: torch.device) -> EngineConfig:
 
 def _connect(rank: int, layout: ParallelLayout, store: dist.Store, device: torch.device) -> RankGroups:
     """Join the replica's groups: gloo over every rank for the per-step batch, then this rank's
-    tensor-parallel group and its pipeline (NCCL on GPU, gloo on CPU). Every rank joins them in
-    this order, so each returns when the members of its groups have joined."""
+    tensor-parallel group, context-parallel group, pipeline and (rank 0 and the last stage's
+    tensor rank 0) the logits' group (NCCL on GPU, gloo on CPU). Every rank joins them in this
+    order, so each returns when the members of its groups have joined."""
     batch = _gloo(dist.PrefixStore("batch", store), rank, layout.world_size, _IDLE_TIMEOUT)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     place = layout.place(rank)
-    tp_pg = stage_pg = None
+    tp_pg = cp_pg = stage_pg = logits_pg = None
     if layout.tp > 1 or layout.world_size == 1:
         tp_pg = _device_group(dist.PrefixStore(f"tp-{place.stage}-{place.cp_rank}", store), place.tp_rank,
                               layout.tp, device)
+    if layout.cp > 1:
+        cp_pg = _device_group(dist.PrefixStore(f"cp-{place.stage}-{place.tp_rank}", store), place.cp_rank,
+                              layout.cp, device)
     if layout.pp > 1:
         stage_pg = _device_group(dist.PrefixStore(f"pp-{place.cp_rank}-{place.tp_rank}", store), place.stage,
                                  layout.pp, device)
-    return RankGroups(batch, TPGroup(place.tp_rank, layout.tp, tp_pg), StageGroup(place.stage, layout.pp, stage_pg))
+        if place.tp_rank == place.cp_rank == 0 and place.stage in (0, layout.pp - 1):
+            logits_pg = _device_group(dist.PrefixStore("logits", store), int(place.stage > 0), 2, device)
+    stages = StageGroup(place.stage, layout.pp, stage_pg, logits_pg)
+    return RankGroups(batch, TPGroup(place.tp_rank, layout.tp, tp_pg), stages, cp_pg)
 
 
 def _device_group(store: dist.Store, rank: int, size: int, device: torch.device) -> Any:
@@ -291,21 +300,21 @@ def _rank_main(rank: int, config: EngineConfig, port: int, parent_pid: int, log_
         stage = layout.stage_layers(groups.stages.stage, num_layers)
         loaded = load(config, select_attention_backend(device), groups.tp, stage)
         groups.barrier()
-        _serve_steps(loaded, groups)
+        _serve_steps(loaded, groups, torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else loaded.dtype)
     except Exception:
         log.exception("rank %d of the replica failed", rank)
     logging.shutdown()
     os._exit(1)
 
 
-def _serve_steps(loaded: LoadedModel, groups: RankGroups) -> NoReturn:
+def _serve_steps(loaded: LoadedModel, groups: RankGroups, kv_dtype: torch.dtype) -> NoReturn:
     header = torch.empty(_HEADER_LEN, dtype=torch.int64)
     stage: StageRunner | None = None
     while True:
         command, *args = groups.broadcast(header).tolist()
         if command == _ALLOCATE_KV:
             num_blocks, block_size = args[:2]
-            kv_cache = allocate_kv_cache(loaded.config, num_blocks, block_size, loaded.dtype, loaded.device,
+            kv_cache = allocate_kv_cache(loaded.config, num_blocks, block_size, kv_dtype, loaded.device,
                                          loaded.tp_size, loaded.num_layers)
             stage = StageRunner(ModelRunner(loaded.model, kv_cache, block_size), groups.stages, returns_logits=False)
         elif command == _STEP and stage is not None:

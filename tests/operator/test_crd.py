@@ -73,12 +73,13 @@ def test_example_is_valid_against_the_crd_schema(path: Path) -> None:
     InferenceServiceSpec.model_validate(obj["spec"])
 
 
-def test_examples_cover_cpu_demo_one_gpu_tensor_parallel_auth_the_hub_and_a_gateway() -> None:
+def test_examples_cover_cpu_demo_one_gpu_tensor_and_pipeline_parallel_auth_the_hub_and_a_gateway() -> None:
     specs = [InferenceServiceSpec.model_validate(yaml.safe_load(p.read_text())["spec"]) for p in EXAMPLES]
     assert any(s.model.source == "demo" and s.gpus == 0 for s in specs)
     assert any(s.model.source.startswith("hf://") and s.inferencePool is not None for s in specs)
     assert any(s.engine.tensorParallelSize == 1 and s.gpus == 1 for s in specs)
     assert any(s.engine.tensorParallelSize == 2 and s.gpus == 2 for s in specs)
+    assert any(s.engine.layout.label == "TP4xPP2" and s.gpus == 8 for s in specs)
     assert any(s.auth is not None for s in specs) and any(s.auth is None for s in specs)
 
 

@@ -7,7 +7,7 @@ The forward pass works on a flat batch: all sequences' new tokens concatenated, 
 positions and the attention metadata that says where their KV lives. Under tensor parallelism
 (`group` of several ranks) each rank builds the same modules with its slice of the heads, the
 MLP and the vocabulary (kvflock.worker.model.parallel). Under pipeline parallelism each stage
-builds only its run of layers (`layers`), the first stage the embedding and the last the final
+builds only its run of layers (`stage`), the first stage the embedding and the last the final
 norm and LM head; kvflock.worker.parallel.pipeline runs a stage's part of the forward pass.
 """
 

@@ -5,8 +5,8 @@ kvflock.worker.model.tokenizer.
 
 Under tensor parallelism each rank loads only its slices: from safetensors it reads just
 those bytes (`get_slice`), from GGUF it dequantizes each tensor and keeps its slice. A pipeline
-stage loads only its layers' tensors. On a
-terminal, rank 0 shows each weight file's (shard's) progress on one updating line.
+stage loads only its layers' tensors. On a terminal, rank 0 shows each weight file's (shard's)
+progress on one updating line.
 """
 
 import json

@@ -35,13 +35,21 @@ from kvflock.worker.step_plan import StepPlan
 
 @dataclass(frozen=True)
 class StageGroup:
-    """This rank's place among the pipeline stages: `stage` of `num_stages`, and `pg`, the
-    process group of the ranks that hold the same tensor (and context) rank in every stage,
-    numbered by stage (NCCL on GPU, gloo on CPU; None with one stage)."""
+    """This rank's place among the pipeline stages: `stage` of `num_stages`, and its groups
+    (NCCL on GPU, gloo on CPU; None where it has no part): `pg` holds the ranks with this rank's
+    tensor (and context) rank in every stage, numbered by stage, for the activations;
+    `logits_pg` holds rank 0 (as 0) and the last stage's tensor rank 0 (as 1), for the logits.
+
+    The logits have a group of their own because NCCL queues the point-to-point operations of a
+    pair of ranks on one stream: with two stages, rank 0's receive of the first logits would
+    wait behind its send of the last micro-batch, which waits for the last stage to receive it
+    after it has sent those logits.
+    """
 
     stage: int = 0
     num_stages: int = 1
     pg: Any = None
+    logits_pg: Any = None
 
     @property
     def first(self) -> bool:
@@ -51,17 +59,23 @@ class StageGroup:
     def last(self) -> bool:
         return self.stage == self.num_stages - 1
 
-    def send(self, x: torch.Tensor, to_stage: int) -> Any:
-        """Start sending `x` to `to_stage`; the returned work must be waited for before `x` is reused."""
-        return self.pg.send([x], to_stage, 0)
+    def send_activations(self, x: torch.Tensor) -> Any:
+        """Start sending `x` to the next stage; the returned work must be waited for before `x` is reused."""
+        return self.pg.send([x], self.stage + 1, 0)
 
-    def recv(self, x: torch.Tensor, from_stage: int) -> torch.Tensor:
-        """Fill `x` with what `from_stage` sends next."""
-        self.pg.recv([x], from_stage, 0).wait()
+    def recv_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Fill `x` with what the previous stage sends next."""
+        self.pg.recv([x], self.stage - 1, 0).wait()
         return x
 
+    def send_logits(self, x: torch.Tensor) -> Any:
+        """Start sending `x` to rank 0 (from the last stage); wait for the returned work as for activations."""
+        return self.logits_pg.send([x], 0, 0)
 
-SINGLE_STAGE = StageGroup()
+    def recv_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Fill `x` with the logits the last stage sends next (on rank 0)."""
+        self.logits_pg.recv([x], 1, 0).wait()
+        return x
 
 
 def split_micro_batches(plan: StepPlan, num_stages: int) -> list[StepPlan]:
@@ -130,11 +144,11 @@ class StageRunner:
             else:
                 received = torch.empty(2, inputs.input_ids.shape[0], self._hidden_size, dtype=self._dtype,
                                        device=device)
-                x, residual = stages.recv(received, stages.stage - 1).unbind(0)
+                x, residual = stages.recv_activations(received).unbind(0)
             x, residual = decoder.run_layers(x, residual, inputs.positions, self.runner.kv_cache, inputs.meta)
             if not stages.last:
                 out = torch.stack([x, residual])
-                in_flight.add(stages.send(out, stages.stage + 1), out)
+                in_flight.add(stages.send_activations(out), out)
                 continue
             assert decoder.norm is not None
             hidden, _ = decoder.norm(x, residual)
@@ -144,11 +158,11 @@ class StageRunner:
             if stages.first:
                 logits.append(rows)
             elif inputs.sample_rows.shape[0]:
-                in_flight.add(stages.send(rows, 0), rows)
+                in_flight.add(stages.send_logits(rows), rows)
         if self.returns_logits and not stages.last:
             for inputs in micro_batches:
                 rows = torch.empty(inputs.sample_rows.shape[0], self._vocab_size, dtype=self._logits_dtype,
                                    device=device)
-                logits.append(stages.recv(rows, stages.num_stages - 1) if rows.shape[0] else rows)
+                logits.append(stages.recv_logits(rows) if rows.shape[0] else rows)
         in_flight.wait()
         return logits if self.returns_logits else []
