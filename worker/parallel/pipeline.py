@@ -127,9 +127,9 @@ class StageRunner:
         self.returns_logits = returns_logits
         cfg = self.model.config
         self._hidden_size, self._vocab_size = cfg.hidden_size, cfg.vocab_size
-        dtype = next(self.model.parameters()).dtype
-        self._dtype = dtype
-        self._logits_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        # the activations' dtype (a quantized model's packed weights have others)
+        self._dtype = self.model.model.held_layers[0].input_layernorm.weight.dtype
+        self._logits_dtype = torch.float64 if self._dtype == torch.float64 else torch.float32
 
     @torch.inference_mode()
     def run(self, micro_batches: list[StepInputs]) -> list[torch.Tensor]:
