@@ -7,8 +7,9 @@ the embedding, the last the final norm and the LM head; each stage's KV cache ho
 layers, with the same block ids on every stage (one scheduler on rank 0 decides them all).
 
 A step, on every rank: rank 0 (the scheduler's process, on the first stage) cuts the scheduled
-sequences into up to `num_stages` micro-batches of about equal tokens and broadcasts them all
-at once (kvflock.worker.tp). Each stage then, micro-batch after micro-batch, receives the
+sequences into up to `num_stages` micro-batches of about equal tokens (cutting prompt chunks
+into pieces when there are fewer sequences than stages) and broadcasts them all at once
+(kvflock.worker.tp). Each stage then, micro-batch after micro-batch, receives the
 previous stage's hidden states and residual stream in one point-to-point message, runs its
 layers and sends its own on without waiting for the send to finish, so it goes on to the next
 micro-batch at once. The last stage computes the logits of the rows that sample and sends them
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from kvflock.worker.runner import ModelRunner, StepInputs
-from kvflock.worker.step_plan import StepPlan
+from kvflock.worker.step_plan import ScheduledSequence, StepPlan
 
 
 @dataclass(frozen=True)
@@ -79,22 +80,44 @@ class StageGroup:
 
 
 def split_micro_batches(plan: StepPlan, num_stages: int) -> list[StepPlan]:
-    """The plan's sequences in up to `num_stages` contiguous runs of about equal tokens (one run
-    per sequence at most; the logits' rows stay in the plan's order)."""
-    count = min(num_stages, len(plan.scheduled))
+    """The plan's sequences in up to `num_stages` contiguous runs of about equal tokens; the
+    logits' rows stay in the plan's order. With fewer sequences than stages, prompt chunks are
+    cut into pieces first (`_split_prompts`), so that one long prompt fills the pipeline too."""
+    items = _split_prompts(plan.scheduled, num_stages) if num_stages > 1 else plan.scheduled
+    count = min(num_stages, len(items))
     if count <= 1:
         return [plan]
     total, runs, current, done = plan.num_tokens, [], [], 0
-    for i, item in enumerate(plan.scheduled):
+    for i, item in enumerate(items):
         current.append(item)
         done += item.num_new_tokens
-        left_items, left_runs = len(plan.scheduled) - i - 1, count - len(runs) - 1
-        # close the run once it reaches its share, or when every later sequence must start a run
+        left_items, left_runs = len(items) - i - 1, count - len(runs) - 1
+        # close the run once it reaches its share, or when every later item must start a run
         if left_runs and (done * count >= total * (len(runs) + 1) or left_items == left_runs):
             runs.append(current)
             current = []
     runs.append(current)
     return [StepPlan(run) for run in runs]
+
+
+def _split_prompts(items: list[ScheduledSequence], count: int) -> list[ScheduledSequence]:
+    """`items` with the largest prompt chunks halved until there are `count` (or no chunk of two
+    tokens is left), each half in its place. The first half neither samples nor has drafts; it
+    runs one micro-batch ahead on every stage, so its KV is in the cache when the second half
+    attends to it, as with chunked prefill over two steps."""
+    items = list(items)
+    while len(items) < count:
+        splittable = [i for i, item in enumerate(items) if item.num_new_tokens >= 2 and not item.num_draft_tokens]
+        if not splittable:
+            break
+        i = max(splittable, key=lambda j: items[j].num_new_tokens)
+        item, half = items[i], items[i].num_new_tokens // 2
+        first = ScheduledSequence(item.seq, item.start, item.token_ids[:half], [], item.block_ids, False, half,
+                                  item.lora_slot)
+        second = ScheduledSequence(item.seq, item.start + half, item.token_ids[half:], [], item.block_ids,
+                                   item.samples, item.num_new_tokens - half, item.lora_slot)
+        items[i:i + 1] = [first, second]
+    return items
 
 
 @dataclass
