@@ -253,7 +253,7 @@ def _volumes(owner: Owner, spec: InferenceServiceSpec) -> tuple[list[dict[str, A
     if kv.diskOffloadGiB > 0:
         volumes.append({"name": "kv-disk", "emptyDir": {"sizeLimit": f"{int(kv.diskOffloadGiB * 1024)}Mi"}})
         mounts.append({"name": "kv-disk", "mountPath": kv.diskPath})
-    if spec.engine.tensorParallelSize > 1:  # ranks exchange tensors through shared memory
+    if spec.engine.layout.world_size > 1:  # ranks exchange tensors through shared memory
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     auth_volumes_, auth_mounts = auth_volumes(owner, spec)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvflock.shared.hub import SOURCE_PATTERN as HUB_SOURCE_PATTERN
+from kvflock.shared.parallel_layout import ParallelLayout
 
 GROUP = "kvflock.dev"
 VERSION = "v1alpha1"
@@ -202,6 +203,15 @@ class LoRASpec(_Model):
 
 # CEL: no KV offload tier (the quantities are numbers, which CEL compares as doubles only).
 _NO_OFFLOAD = "(double(self.kvCache.cpuOffloadGiB) == 0.0 && double(self.kvCache.diskOffloadGiB) == 0.0)"
+# CEL: a replica's ranks (GPUs), and a replica of one rank.
+_WORLD = "self.tensorParallelSize * self.pipelineParallelSize * self.contextParallelSize"
+_ONE_RANK = f"{_WORLD} == 1"
+# A replica is one pod, and a pod runs on one node: the most GPUs a node commonly has.
+MAX_GPUS_PER_REPLICA = 8
+# The same at the spec's level, and the fields it multiplies, for messages.
+_SPEC_WORLD = ("self.engine.tensorParallelSize * self.engine.pipelineParallelSize"
+               " * self.engine.contextParallelSize")
+_WORLD_FIELDS = "engine.tensorParallelSize x engine.pipelineParallelSize x engine.contextParallelSize"
 
 
 class EngineSpec(_Model):
@@ -211,7 +221,14 @@ class EngineSpec(_Model):
     default and bounds (tests/operator/test_engine_fields.py holds them to it): the same name in
     camelCase, or the one `ENGINE_FIELD_NAMES` gives."""
 
-    tensorParallelSize: Literal[1, 2, 4, 8] = Field(1, description="GPUs (ranks) per replica.")
+    tensorParallelSize: Literal[1, 2, 4, 8] = Field(1, description="GPUs (ranks) that split each layer.")
+    pipelineParallelSize: int = Field(
+        1, ge=1, le=8, description="Pipeline stages that split the model's layers (at most its layers); a replica"
+        " has tensorParallelSize x pipelineParallelSize x contextParallelSize GPUs.",
+    )
+    contextParallelSize: int = Field(
+        1, ge=1, le=8, description="GPUs that split a long prompt by sequence (not built yet: 1).",
+    )
     expertParallel: bool = Field(
         False, description="Mixture-of-experts models with tensorParallelSize > 1: each GPU holds whole experts"
         " (numExperts / tensorParallelSize of them) instead of a share of every expert.",
@@ -235,7 +252,7 @@ class EngineSpec(_Model):
     kvCache: KVCacheSpec = Field(default_factory=KVCacheSpec)
     speculative: SpeculativeSpec | None = Field(None, description="Speculative decoding (default: off).")
     lora: LoRASpec | None = Field(
-        None, description="Serve LoRA adapters (spec.adapters) on the model (default: off); tensorParallelSize 1 only.",
+        None, description="Serve LoRA adapters (spec.adapters) on the model (default: off); one GPU per replica only.",
     )
 
     model_config = ConfigDict(
@@ -245,10 +262,16 @@ class EngineSpec(_Model):
                      "maxNumBatchedTokens must hold at least one KV block"),
                 _cel(f"self.prefixCaching || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB, kvCache.diskOffloadGiB)"
                      " needs prefixCaching"),
-                _cel(f"self.tensorParallelSize == 1 || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB,"
-                     " kvCache.diskOffloadGiB) works with tensorParallelSize 1 only"),
-                _cel("self.tensorParallelSize == 1 || !has(self.lora)", "LoRA adapters (lora) work with"
-                     " tensorParallelSize 1 only"),
+                _cel(f"{_ONE_RANK} || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB,"
+                     " kvCache.diskOffloadGiB) works with one GPU per replica only (tensorParallelSize and"
+                     " pipelineParallelSize 1)"),
+                _cel(f"{_WORLD} <= {MAX_GPUS_PER_REPLICA}", "a replica's GPUs (tensorParallelSize x"
+                     f" pipelineParallelSize x contextParallelSize) must fit one node: at most {MAX_GPUS_PER_REPLICA}",
+                     ".pipelineParallelSize"),
+                _cel("self.contextParallelSize == 1", "context parallelism is not built yet; use 1",
+                     ".contextParallelSize"),
+                _cel(f"{_ONE_RANK} || !has(self.lora)", "LoRA adapters (lora) work with one GPU per replica only"
+                     " (tensorParallelSize and pipelineParallelSize 1)"),
             ]
         }
     )
@@ -263,22 +286,38 @@ class EngineSpec(_Model):
         return self
 
     @model_validator(mode="after")
+    def _check_layout(self) -> EngineSpec:
+        if self.contextParallelSize > 1:
+            raise ValueError(f"engine.contextParallelSize: {self.contextParallelSize}, but context parallelism is"
+                             " not built yet; use 1")
+        if self.layout.world_size > MAX_GPUS_PER_REPLICA:
+            raise ValueError(f"engine.pipelineParallelSize: {self.layout.label} is {self.layout.world_size} GPUs per"
+                             f" replica (tensorParallelSize x pipelineParallelSize x contextParallelSize); a replica"
+                             f" is one pod on one node, at most {MAX_GPUS_PER_REPLICA}")
+        return self
+
+    @model_validator(mode="after")
     def _check_offload(self) -> EngineSpec:
         if not (self.kvCache.cpuOffloadGiB or self.kvCache.diskOffloadGiB):
             return self
         if not self.prefixCaching:
             raise ValueError("engine.kvCache.cpuOffloadGiB/diskOffloadGiB: KV offload needs engine.prefixCaching")
-        if self.tensorParallelSize > 1:
-            raise ValueError("engine.kvCache.cpuOffloadGiB/diskOffloadGiB: KV offload works with"
-                             f" engine.tensorParallelSize 1 only, got {self.tensorParallelSize}")
+        if self.layout.world_size > 1:
+            raise ValueError("engine.kvCache.cpuOffloadGiB/diskOffloadGiB: KV offload works with one GPU per"
+                             f" replica only (tensorParallelSize and pipelineParallelSize 1), got {self.layout.label}")
         return self
 
     @model_validator(mode="after")
     def _check_lora(self) -> EngineSpec:
-        if self.lora is not None and self.tensorParallelSize > 1:
-            raise ValueError("engine.lora: LoRA adapters work with engine.tensorParallelSize 1 only, got"
-                             f" {self.tensorParallelSize}")
+        if self.lora is not None and self.layout.world_size > 1:
+            raise ValueError("engine.lora: LoRA adapters work with one GPU per replica only (tensorParallelSize"
+                             f" and pipelineParallelSize 1), got {self.layout.label}")
         return self
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """The replica's ranks, as the workers lay them out."""
+        return ParallelLayout(self.tensorParallelSize, self.pipelineParallelSize, self.contextParallelSize)
 
     def engine_config(self) -> dict[str, Any]:
         """These settings under their EngineConfig names, as a worker's engine config file holds
@@ -331,8 +370,8 @@ class ResourcesSpec(_Model):
     gpuResourceName: str = Field("nvidia.com/gpu", min_length=1, description="Extended resource of the GPUs.")
     gpusPerReplica: int | None = Field(
         None, ge=0, le=8,
-        description="GPUs per replica: 0 runs on CPU; otherwise it must equal engine.tensorParallelSize"
-        " (the default).",
+        description="GPUs per replica: 0 runs on CPU; otherwise it must equal engine.tensorParallelSize x"
+        " engine.pipelineParallelSize x engine.contextParallelSize (the default).",
     )
     cpu: str = Field("2", pattern=_QUANTITY, description="CPU request per replica.")
     memory: str = Field("8Gi", pattern=_QUANTITY, description="Memory request and limit per replica.")
@@ -573,8 +612,8 @@ class InferenceServiceSpec(_Model):
             "x-kubernetes-validations": [
                 _cel(
                     "!has(self.resources.gpusPerReplica) || self.resources.gpusPerReplica == 0"
-                    " || self.resources.gpusPerReplica == self.engine.tensorParallelSize",
-                    "resources.gpusPerReplica must be 0 (CPU) or equal engine.tensorParallelSize",
+                    f" || self.resources.gpusPerReplica == {_SPEC_WORLD}",
+                    f"resources.gpusPerReplica must be 0 (CPU) or equal {_WORLD_FIELDS}",
                 ),
                 _cel(
                     "!self.autoscaling.enabled || (self.replicas >= self.autoscaling.minReplicas"
@@ -583,16 +622,17 @@ class InferenceServiceSpec(_Model):
                 ),
                 _cel(
                     "self.router.pools.all(p, !has(p.resources) || !has(p.resources.gpusPerReplica)"
-                    " || p.resources.gpusPerReplica == 0 || p.resources.gpusPerReplica == self.engine.tensorParallelSize)",
-                    "a pool's resources.gpusPerReplica must be 0 (CPU) or equal engine.tensorParallelSize",
+                    f" || p.resources.gpusPerReplica == 0 || p.resources.gpusPerReplica == {_SPEC_WORLD})",
+                    f"a pool's resources.gpusPerReplica must be 0 (CPU) or equal {_WORLD_FIELDS}",
                 ),
                 _cel(
                     "self.router.pools.all(p, !has(p.engine) || !has(p.engine.maxNumBatchedTokens)"
                     " || p.engine.maxNumBatchedTokens >= self.engine.kvCache.blockSize)",
                     "a pool's engine.maxNumBatchedTokens must hold at least one KV block",
                 ),
-                _cel("size(self.adapters) == 0 || self.engine.tensorParallelSize == 1",
-                     "adapters work with engine.tensorParallelSize 1 only", ".adapters"),
+                _cel(f"size(self.adapters) == 0 || {_SPEC_WORLD} == 1",
+                     "adapters work with one GPU per replica only (engine.tensorParallelSize and"
+                     " engine.pipelineParallelSize 1)", ".adapters"),
                 _cel("size(self.adapters) == 0 || has(self.engine.lora)",
                      "adapters need engine.lora (LoRA on in the engine)", ".adapters"),
                 _cel("self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
@@ -605,12 +645,9 @@ class InferenceServiceSpec(_Model):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> InferenceServiceSpec:
-        gpus = self.resources.gpusPerReplica
-        if gpus not in (None, 0, self.engine.tensorParallelSize):
-            raise ValueError(
-                f"resources.gpusPerReplica ({gpus}) must be 0 (CPU) or equal"
-                f" engine.tensorParallelSize ({self.engine.tensorParallelSize})"
-            )
+        gpus, world = self.resources.gpusPerReplica, self.engine.layout.world_size
+        if gpus not in (None, 0, world):
+            raise ValueError(f"resources.gpusPerReplica ({gpus}) must be 0 (CPU) or equal {_WORLD_FIELDS} ({world})")
         scaling = self.autoscaling
         if scaling.enabled and not scaling.minReplicas <= self.replicas <= scaling.maxReplicas:
             raise ValueError(
@@ -620,10 +657,10 @@ class InferenceServiceSpec(_Model):
         for pool in self.router.pools:
             self.pool_engine(pool)
             pool_gpus = pool.resources.gpusPerReplica if pool.resources else None
-            if pool_gpus not in (None, 0, self.engine.tensorParallelSize):
+            if pool_gpus not in (None, 0, world):
                 raise ValueError(
                     f"router.pools[{pool.name}].resources.gpusPerReplica ({pool_gpus}) must be 0 (CPU) or equal"
-                    f" engine.tensorParallelSize ({self.engine.tensorParallelSize})"
+                    f" {_WORLD_FIELDS} ({world})"
                 )
         return self
 
@@ -631,9 +668,9 @@ class InferenceServiceSpec(_Model):
     def _check_adapters(self) -> InferenceServiceSpec:
         if not self.adapters:
             return self
-        if self.engine.tensorParallelSize > 1:
-            raise ValueError("adapters: LoRA adapters work with engine.tensorParallelSize 1 only, got"
-                             f" {self.engine.tensorParallelSize}")
+        if self.engine.layout.world_size > 1:
+            raise ValueError("adapters: LoRA adapters work with one GPU per replica only (engine.tensorParallelSize"
+                             f" and engine.pipelineParallelSize 1), got {self.engine.layout.label}")
         if self.engine.lora is None:
             raise ValueError("adapters: set engine.lora (e.g. `lora: {}`) to turn LoRA on in the engine")
         names = [a.name for a in self.adapters]
@@ -657,7 +694,7 @@ class InferenceServiceSpec(_Model):
     def gpus(self) -> int:
         """GPUs each replica requests."""
         gpus = self.resources.gpusPerReplica
-        return self.engine.tensorParallelSize if gpus is None else gpus
+        return self.engine.layout.world_size if gpus is None else gpus
 
 
 class Condition(_Model):
@@ -720,6 +757,7 @@ class InferenceServiceStatus(_Model):
     selector: str = Field("", description="Label selector of the workers (for the scale subresource).")
     url: str | None = Field(None, description="The OpenAI-compatible endpoint.")
     model: str | None = Field(None, description="The served model name.")
+    layout: str | None = Field(None, description="How each replica splits the model over its GPUs, e.g. TP2xPP2.")
     specHash: str | None = Field(None, description="Hash of the current worker template.")
     observedGeneration: int | None = None
     workers: list[WorkerStatus] = Field(default_factory=list)

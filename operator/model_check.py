@@ -13,7 +13,7 @@ What is honest to check depends on what the operator can see of the workers' fil
   those paths are skipped and the worker's first failure reports them.
 
 A readable model's config (HF config.json or GGUF metadata) must split evenly over
-engine.tensorParallelSize. Reading a GGUF header is cheap but not free, so each file's shape is
+engine.tensorParallelSize, and have at least one layer per stage of engine.pipelineParallelSize. Reading a GGUF header is cheap but not free, so each file's shape is
 kept by its path, size and modification time.
 """
 
@@ -26,6 +26,7 @@ from kvflock.operator import children
 from kvflock.operator.crd import InferenceServiceSpec
 from kvflock.shared.hub import SCHEME as HUB_SCHEME
 from kvflock.shared.model_files import DEMO_MODEL, ModelShape, demo_model_path, read_model_shape, tp_split_problem
+from kvflock.shared.parallel_layout import pipeline_split_problem
 
 # The spec field that names the model's location, by model.source.
 _PATH_FIELDS = {"demo": "model.source", "path": "model.path", "pvc": "model.path", "hostPath": "model.path"}
@@ -70,5 +71,7 @@ def model_problem(spec: InferenceServiceSpec, shares_worker_files: bool) -> str 
         return f"{field}: {exc}; the workers would not find the model"
     except (ValueError, OSError) as exc:
         return f"{field}: {exc}"
-    problem = tp_split_problem(shape, spec.engine.tensorParallelSize, "engine.tensorParallelSize")
+    problem = (tp_split_problem(shape, spec.engine.tensorParallelSize, "engine.tensorParallelSize")
+               or pipeline_split_problem(spec.engine.pipelineParallelSize, shape.num_layers,
+                                         "engine.pipelineParallelSize"))
     return None if problem is None else f"{problem} (model {path.name})"

@@ -508,6 +508,7 @@ def reconcile(
         selector=children.selector_string(owner),
         url=children.service_url(owner, spec, observed.objects.get(("Service", owner.name))),
         model=children.served_model_name(owner, spec),
+        layout=spec.engine.layout.label,
         specHash=current_hash,
         observedGeneration=generation,
         workers=[

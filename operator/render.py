@@ -125,6 +125,7 @@ def render_crd() -> dict[str, Any]:
                     },
                     "additionalPrinterColumns": [
                         {"name": "Model", "type": "string", "jsonPath": ".status.model"},
+                        {"name": "Layout", "type": "string", "jsonPath": ".status.layout"},
                         {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
                         {"name": "URL", "type": "string", "jsonPath": ".status.url"},

@@ -9,12 +9,12 @@ import torch
 VOCAB = 256
 
 
-def _common() -> dict:
+def _common(num_layers: int) -> dict:
     return dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=8,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -24,7 +24,7 @@ def _common() -> dict:
     )
 
 
-def tiny_configs() -> dict:
+def tiny_configs(num_layers: int = 2) -> dict:
     from transformers import (
         LlamaConfig,
         MistralConfig,
@@ -38,7 +38,7 @@ def tiny_configs() -> dict:
     return {
         # Llama 3.1 style: llama3 rope scaling, GQA 4:1
         "llama": LlamaConfig(
-            **_common(),
+            **_common(num_layers),
             rope_theta=500000.0,
             rope_scaling={
                 "rope_type": "llama3",
@@ -48,30 +48,36 @@ def tiny_configs() -> dict:
                 "original_max_position_embeddings": 64,
             },
         ),
-        "mistral": MistralConfig(**_common(), sliding_window=None),
+        "mistral": MistralConfig(**_common(num_layers), sliding_window=None),
         # Qwen2: qkv bias, tied embeddings, GQA 2:1
-        "qwen2": Qwen2Config(**{**_common(), "num_key_value_heads": 4}, tie_word_embeddings=True),
+        "qwen2": Qwen2Config(**{**_common(num_layers), "num_key_value_heads": 4}, tie_word_embeddings=True),
         # Qwen3: q/k RMSNorm per head, head_dim (16) not hidden / heads (8)
-        "qwen3": Qwen3Config(**_common(), head_dim=16),
+        "qwen3": Qwen3Config(**_common(num_layers), head_dim=16),
         # Qwen3-MoE: 8 experts, top 2 renormalized, every layer sparse
         "qwen3_moe": Qwen3MoeConfig(
-            **_common(), num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+            **_common(num_layers), num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
         ),
         # Qwen2-MoE: a shared expert with its sigmoid gate, top 2 not renormalized, layer 2 dense
         "qwen2_moe": Qwen2MoeConfig(
-            **{**_common(), "num_hidden_layers": 3}, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            **{**_common(num_layers), "num_hidden_layers": 3}, num_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=32,
             shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[2],
         ),
         # Mixtral: 4 experts of intermediate_size, top 2 always renormalized
-        "mixtral": MixtralConfig(**_common(), num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+        "mixtral": MixtralConfig(**_common(num_layers), num_local_experts=4, num_experts_per_tok=2,
+                                 sliding_window=None),
     }
 
 
-def write_tiny_models(root: Path) -> dict[str, Path]:
+def write_tiny_models(root: Path, num_layers: int = 2, only: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """The tiny checkpoints under `root`, of `num_layers` layers (pipeline stages need layers to
+    split; Qwen2-MoE keeps its 3); `only`: some of them."""
     from transformers import AutoModelForCausalLM
 
     paths = {}
-    for i, (name, config) in enumerate(tiny_configs().items()):
+    for i, (name, config) in enumerate(tiny_configs(num_layers).items()):
+        if only is not None and name not in only:
+            continue
         torch.manual_seed(i)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
         # Wider weights than the default init, so that the logits of a random model are far

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kvflock.shared.parallel_layout import ParallelLayout
+
 if TYPE_CHECKING:
     import torch
 
@@ -172,6 +174,14 @@ class EngineConfig(BaseModel):
     tensor_parallel_size: int = Field(
         1, ge=1, description="ranks (processes, one GPU each) that one replica spans; must divide num_heads"
     )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="pipeline stages (each tensor_parallel_size ranks) that split the model's layers; at "
+        "most num_layers"
+    )
+    context_parallel_size: int = Field(
+        1, ge=1, description="ranks that split a long prompt by sequence (each tensor_parallel_size x "
+        "pipeline_parallel_size ranks)"
+    )
     expert_parallel: bool = Field(
         False, description="mixture-of-experts models with tensor_parallel_size > 1: each rank holds whole experts "
         "(num_experts / tensor_parallel_size of them) instead of a share of every expert",
@@ -242,15 +252,32 @@ class EngineConfig(BaseModel):
         if self.draft_model and self.speculative_method != "draft":
             raise ValueError(f"draft_model: set, but speculative_method is {self.speculative_method!r}; "
                              "set speculative_method='draft' to use it")
-        if self.async_scheduling and (self.speculative_method or self.tensor_parallel_size > 1):
-            raise ValueError("async_scheduling: not supported with speculative decoding or tensor_parallel_size > 1 "
-                             "(drafting and the other ranks need each step's tokens on the host)")
+        if self.async_scheduling and (self.speculative_method or self.world_size > 1):
+            raise ValueError("async_scheduling: not supported with speculative decoding or a replica of several "
+                             "ranks (drafting and the other ranks need each step's tokens on the host)")
         return self
 
     @model_validator(mode="after")
+    def _check_layout(self) -> "EngineConfig":
+        if self.context_parallel_size > 1:
+            raise ValueError(f"context_parallel_size: {self.context_parallel_size} is not built yet; use 1")
+        return self
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """The replica's ranks: tensor x pipeline x context parallel."""
+        return ParallelLayout(self.tensor_parallel_size, self.pipeline_parallel_size, self.context_parallel_size)
+
+    @property
+    def world_size(self) -> int:
+        """Processes (one GPU each) of one replica."""
+        return self.layout.world_size
+
+    @model_validator(mode="after")
     def _check_lora(self) -> "EngineConfig":
-        if self.enable_lora and self.tensor_parallel_size > 1:
-            raise ValueError("enable_lora: LoRA adapters are served with tensor_parallel_size=1 only")
+        if self.enable_lora and self.world_size > 1:
+            raise ValueError("enable_lora: LoRA adapters are served with tensor_parallel_size=1 only, and "
+                             "pipeline_parallel_size=1")
         if self.enable_lora and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras: {self.max_cpu_loras} is below max_loras={self.max_loras}")
         return self
@@ -259,9 +286,9 @@ class EngineConfig(BaseModel):
     def _offload_needs_prefix_caching(self) -> "EngineConfig":
         if (self.kv_offload_cpu_gib or self.kv_offload_disk_gib) and not self.enable_prefix_caching:
             raise ValueError("kv_offload_cpu_gib/kv_offload_disk_gib: offload needs enable_prefix_caching")
-        if (self.kv_offload_cpu_gib or self.kv_offload_disk_gib) and self.tensor_parallel_size > 1:
+        if (self.kv_offload_cpu_gib or self.kv_offload_disk_gib) and self.world_size > 1:
             raise ValueError("kv_offload_cpu_gib/kv_offload_disk_gib: offload copies rank 0's KV only; "
-                             "use it with tensor_parallel_size=1")
+                             "use it with tensor_parallel_size=1 and pipeline_parallel_size=1")
         if self.kv_offload_disk_gib and not self.kv_offload_disk_path:
             raise ValueError("kv_offload_disk_path: required when kv_offload_disk_gib > 0")
         return self

@@ -3,7 +3,7 @@ one flat integer tensor, unpacks it on the model's device into the batch tensors
 attention metadata, runs the forward pass, returns the logits of the sequences that sample
 this step.
 
-The packed form is what tensor-parallel rank 0 broadcasts to the other ranks each step
+The packed form is what a replica's rank 0 broadcasts to the other ranks each step
 (kvflock.worker.tp): a handful of integers per token, never Python objects.
 
 With async scheduling an input id may be a placeholder for a token the previous step sampled
@@ -29,23 +29,28 @@ from kvflock.worker.step_plan import StepPlan
 
 
 def allocate_kv_cache(
-    cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, tp_size: int = 1
+    cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, tp_size: int = 1,
+    num_layers: int | None = None,
 ) -> torch.Tensor:
     """One tensor for every layer, blocks outermost (shared/DESIGN.md): a block of all layers
     is one contiguous span, so moving it between tiers is a single copy. Under tensor
-    parallelism it holds only this rank's KV heads. Attention never reads a slot before it is
-    written (past a context, values are masked and zeroed), so on the CPU the memory is left
-    untouched: the pages are committed as blocks fill, not all at start (zeroing a 1 GiB cache
-    took half a second of every worker's start and its whole size in resident memory)."""
-    shape = (num_blocks, cfg.num_layers, 2, block_size, kv_heads_per_rank(cfg, tp_size), cfg.head_dim)
+    parallelism it holds only this rank's KV heads; a pipeline stage's holds its `num_layers`
+    layers (default: the model's). Attention never reads a slot before it is written (past a
+    context, values are masked and zeroed), so on the CPU the memory is left untouched: the pages
+    are committed as blocks fill, not all at start (zeroing a 1 GiB cache took half a second of
+    every worker's start and its whole size in resident memory)."""
+    layers = cfg.num_layers if num_layers is None else num_layers
+    shape = (num_blocks, layers, 2, block_size, kv_heads_per_rank(cfg, tp_size), cfg.head_dim)
     if device.type == "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
-    """Bytes of one block on one rank (each rank holds its own KV heads' share)."""
-    return cfg.num_layers * 2 * block_size * kv_heads_per_rank(cfg, tp_size) * cfg.head_dim * dtype.itemsize
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1,
+                       num_layers: int | None = None) -> int:
+    """Bytes of one block on one rank (each rank holds its own KV heads' share of its stage's layers)."""
+    layers = cfg.num_layers if num_layers is None else num_layers
+    return layers * 2 * block_size * kv_heads_per_rank(cfg, tp_size) * cfg.head_dim * dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """What a model is, read from its files without torch and without reading weights: where the
-bundled demo model lies, a model's attention shape (from an HF config.json or GGUF metadata), and
-the rule a tensor-parallel size must follow to split that shape. The worker loads models with it,
+bundled demo model lies, a model's attention shape and depth (from an HF config.json or GGUF
+metadata), and the rule a tensor-parallel size must follow to split that shape (a pipeline's
+rule: kvflock.shared.parallel_layout). The worker loads models with it,
 and the operator checks a spec against it before it creates any pod."""
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ def demo_model_path() -> Path:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes tensor parallelism splits."""
+    """The sizes tensor parallelism splits, and the layers pipeline stages split."""
 
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
+    num_layers: int
 
 
 def tp_split_problem(shape: ModelShape, tp: int, field: str = "tensor_parallel_size") -> str | None:
@@ -55,13 +57,15 @@ def _hf_shape(config_path: Path) -> ModelShape:
     try:
         hf = json.loads(config_path.read_text())
         heads = int(hf["num_attention_heads"])
-        return ModelShape(heads, int(hf.get("num_key_value_heads") or heads), int(hf["intermediate_size"]))
+        return ModelShape(heads, int(hf.get("num_key_value_heads") or heads), int(hf["intermediate_size"]),
+                          int(hf["num_hidden_layers"]))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
     except KeyError as exc:
         raise ValueError(f"{config_path}: missing field {exc}") from exc
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{config_path}: a head count or intermediate_size is not a number ({exc})") from exc
+        raise ValueError(f"{config_path}: a head count, intermediate_size or num_hidden_layers is not a number "
+                         f"({exc})") from exc
 
 
 def _gguf_shape(path: Path) -> ModelShape:
@@ -69,9 +73,12 @@ def _gguf_shape(path: Path) -> ModelShape:
     arch = metadata.get("general.architecture")
     heads = metadata.get(f"{arch}.attention.head_count")
     ffn = metadata.get(f"{arch}.feed_forward_length")
-    if heads is None or ffn is None:
-        raise ValueError(f"{path}: GGUF metadata has no {arch}.attention.head_count or {arch}.feed_forward_length")
-    return ModelShape(int(heads), int(metadata.get(f"{arch}.attention.head_count_kv") or heads), int(ffn))
+    layers = metadata.get(f"{arch}.block_count")
+    if heads is None or ffn is None or layers is None:
+        raise ValueError(f"{path}: GGUF metadata has no {arch}.attention.head_count, {arch}.feed_forward_length "
+                         f"or {arch}.block_count")
+    return ModelShape(int(heads), int(metadata.get(f"{arch}.attention.head_count_kv") or heads), int(ffn),
+                      int(layers))
 
 
 def read_model_shape(path: Path) -> ModelShape:

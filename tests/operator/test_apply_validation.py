@@ -78,6 +78,11 @@ def test_a_tensor_parallel_size_outside_the_enum_is_refused(kubectl: Kubectl) ->
              'spec.engine.tensorParallelSize: Unsupported value: 3: supported values: "1", "2", "4", "8"')
 
 
+def test_a_replica_of_more_gpus_than_a_node_has_is_refused_naming_the_field(kubectl: Kubectl) -> None:
+    _refused(kubectl.apply(_service("tp8pp2", engine={"tensorParallelSize": 8, "pipelineParallelSize": 2})),
+             "spec.engine.pipelineParallelSize: Invalid value")
+
+
 def test_source_path_without_a_path_is_refused_by_the_cel_rule(kubectl: Kubectl) -> None:
     _refused(kubectl.apply(_service("nopath", model={"source": "path"})),
              'spec.model: Invalid value: "object": source=path needs an absolute path')
@@ -99,7 +104,7 @@ def test_adapters_with_tensor_parallelism_are_refused_naming_the_field(kubectl: 
     spec = {"engine": {"tensorParallelSize": 2}, "resources": {"gpusPerReplica": 2},
             "adapters": [{"name": "sql", "source": {"path": "/models/adapters/sql"}}]}
     _refused(kubectl.apply(_service("tp2-lora", **spec)),
-             "spec.adapters: Invalid value", "adapters work with engine.tensorParallelSize 1 only")
+             "spec.adapters: Invalid value", "adapters work with one GPU per replica only")
 
 
 def test_duplicate_adapter_names_are_refused(kubectl: Kubectl) -> None:

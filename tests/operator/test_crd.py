@@ -49,7 +49,8 @@ def test_crd_has_names_subresources_and_printer_columns() -> None:
         "labelSelectorPath": ".status.selector",
     }
     assert "status" in version["subresources"]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Model", "Replicas", "Ready", "URL", "Age"]
+    columns = ["Model", "Layout", "Replicas", "Ready", "URL", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == columns
 
 
 def test_schema_has_bounds_enums_defaults_and_descriptions() -> None:
@@ -72,12 +73,13 @@ def test_example_is_valid_against_the_crd_schema(path: Path) -> None:
     InferenceServiceSpec.model_validate(obj["spec"])
 
 
-def test_examples_cover_cpu_demo_one_gpu_tensor_parallel_auth_the_hub_and_a_gateway() -> None:
+def test_examples_cover_cpu_demo_one_gpu_tensor_and_pipeline_parallel_auth_the_hub_and_a_gateway() -> None:
     specs = [InferenceServiceSpec.model_validate(yaml.safe_load(p.read_text())["spec"]) for p in EXAMPLES]
     assert any(s.model.source == "demo" and s.gpus == 0 for s in specs)
     assert any(s.model.source.startswith("hf://") and s.inferencePool is not None for s in specs)
     assert any(s.engine.tensorParallelSize == 1 and s.gpus == 1 for s in specs)
     assert any(s.engine.tensorParallelSize == 2 and s.gpus == 2 for s in specs)
+    assert any(s.engine.layout.label == "TP4xPP2" and s.gpus == 8 for s in specs)
     assert any(s.auth is not None for s in specs) and any(s.auth is None for s in specs)
 
 
@@ -95,6 +97,13 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "autoscaling.minReplicas"),
     ({"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 3}, "replicas": 1}, "replicas"),
     ({"engine": {"tensorParallelSize": 2}, "resources": {"gpusPerReplica": 1}}, "resources.gpusPerReplica"),
+    ({"engine": {"pipelineParallelSize": 0}}, "spec.engine.pipelineParallelSize"),
+    ({"engine": {"tensorParallelSize": 8, "pipelineParallelSize": 2}},
+     "engine.pipelineParallelSize: TP8xPP2 is 16 GPUs"),
+    ({"engine": {"tensorParallelSize": 2, "pipelineParallelSize": 2}, "resources": {"gpusPerReplica": 2}},
+     "resources.gpusPerReplica"),
+    ({"engine": {"pipelineParallelSize": 2, "kvCache": {"cpuOffloadGiB": 4}}}, "pipelineParallelSize"),
+    ({"engine": {"contextParallelSize": 2}}, "engine.contextParallelSize"),
     ({"model": {"source": "pvc"}}, "model.claimName"),
     ({"model": {"source": "path", "path": "relative/dir"}}, "model.path"),
     ({"model": {"source": "hostPath"}}, "model.hostPath"),
@@ -119,7 +128,7 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"engine": {"lora": {}}, "adapters": [{"name": "has space", "source": {"path": "/a"}}]}, "adapters.0.name"),
     ({"engine": {"lora": {}}, "adapters": [{"name": "sql", "source": {"path": "relative"}}]}, "adapters.0.source.path"),
     ({"engine": {"lora": {"maxLoras": 8, "maxCpuLoras": 4}}}, "engine.lora.maxCpuLoras"),
-    ({"engine": {"tensorParallelSize": 2, "lora": {}}, "resources": {"gpusPerReplica": 2}}, "tensorParallelSize 1 only"),
+    ({"engine": {"tensorParallelSize": 2, "lora": {}}, "resources": {"gpusPerReplica": 2}}, "one GPU per replica only"),
 ]
 
 

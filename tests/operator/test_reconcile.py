@@ -121,6 +121,17 @@ def test_worker_pod_runs_kvflock_serve_with_the_engine_settings() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
 
 
+def test_a_pipeline_parallel_worker_asks_for_every_ranks_gpu_and_the_status_shows_the_layout() -> None:
+    s = spec(replicas=1, engine={"tensorParallelSize": 2, "pipelineParallelSize": 2}, resources={})
+    plan = run(s, [], objects={})
+    container = plan.actions[-1].manifest["spec"]["containers"][0]
+    engine = json.loads(children.engine_configmap(OWNER, s)["data"]["engine.json"])
+
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert (engine["tensor_parallel_size"], engine["pipeline_parallel_size"]) == (2, 2)
+    assert plan.status.layout == "TP2xPP2"
+
+
 def test_settled_service_needs_nothing_and_is_ready() -> None:
     s = spec(replicas=2)
     plan = run(s, [pod(0, s), pod(1, s)])

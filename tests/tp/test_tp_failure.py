@@ -19,7 +19,7 @@ EXIT_WITHIN_SECONDS = 10
 
 
 def rank_pids(parent: int) -> list[int]:
-    """The tensor-parallel rank processes that `parent` started."""
+    """The rank processes that `parent` started."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -44,14 +44,14 @@ def running(pid: int) -> bool:
 
 
 @contextmanager
-def tp_server(model: Path, tp: int, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+def tp_server(model: Path, tp: int, tmp_path: Path, pp: int = 1) -> Iterator[tuple[subprocess.Popen, str, Path]]:
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvflock.cli", "serve", "--model", str(model), "--served-model-name", "tiny",
              "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
-             "--max-model-len", "128", "--tensor-parallel-size", str(tp)],
+             "--max-model-len", "128", "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)],
             stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"

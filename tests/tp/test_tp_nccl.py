@@ -6,23 +6,6 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def small_llama(tmp_path):
-    """A random Llama with head_dim 32 (the Triton kernels need at least 16)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.25)
-    model.save_pretrained(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.gpu
 def test_nccl_group_of_one_rank_generates_what_one_process_does(small_llama):
     import torch.distributed as dist
@@ -31,7 +14,7 @@ def test_nccl_group_of_one_rank_generates_what_one_process_does(small_llama):
     from kvflock.worker.config import EngineConfig, SamplingParams
     from kvflock.worker.engine import LLMEngine
     from kvflock.worker.llm import LLM
-    from kvflock.worker.tp import TPModelRunner, load_replica
+    from kvflock.worker.tp import ReplicaRunner, load_replica
 
     config = EngineConfig(model=str(small_llama), device="cuda", dtype="float32", max_model_len=256,
                           max_num_batched_tokens=16)
@@ -41,7 +24,7 @@ def test_nccl_group_of_one_rank_generates_what_one_process_does(small_llama):
     loaded = load_replica(config, select_attention_backend(torch.device("cuda")))
     try:
         engine = LLMEngine(config, loaded=loaded)
-        assert isinstance(engine.runner, TPModelRunner)
+        assert isinstance(engine.runner, ReplicaRunner)
         assert isinstance(loaded.model.group.device_pg, dist.ProcessGroupNCCL)
         outputs = LLM.from_engine(engine).generate(prompts, params)
     finally:

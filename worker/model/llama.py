@@ -6,7 +6,9 @@ Parameter names follow the Hugging Face checkpoints, so a safetensors state dict
 The forward pass works on a flat batch: all sequences' new tokens concatenated, with their
 positions and the attention metadata that says where their KV lives. Under tensor parallelism
 (`group` of several ranks) each rank builds the same modules with its slice of the heads, the
-MLP and the vocabulary (kvflock.worker.model.parallel).
+MLP and the vocabulary (kvflock.worker.model.parallel). Under pipeline parallelism each stage
+builds only its run of layers (`stage`), the first stage the embedding and the last the final
+norm and LM head; kvflock.worker.parallel.pipeline runs a stage's part of the forward pass.
 """
 
 from collections.abc import Callable
@@ -60,13 +62,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """This rank's query heads and the KV heads they read; the output projection sums the ranks."""
+    """This rank's query heads and the KV heads they read; the output projection sums the ranks.
+    `kv_index`: the layer's place in its stage's KV cache (its index, less the stage's first layer)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend, group: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, kv_index: int, backend: AttentionBackend, group: TPGroup) -> None:
         super().__init__()
         heads = HeadSplit.of(cfg, group)
         d = cfg.head_dim
-        self.layer_idx = layer_idx
+        self.kv_index = kv_index
         self.num_heads, self.num_kv_heads, self.head_dim = heads.num_q, heads.num_kv, d
         self.scale = d**-0.5
         # An fp8 KV cache stores K/scale and V/scale. 1.0 (no calibration) keeps values within
@@ -121,7 +124,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k, triton=self.backend.triton_pointwise)
-        out = self.backend.forward(q, k, v, kv_cache[:, self.layer_idx], meta, self.scale, self.k_scale, self.v_scale)
+        out = self.backend.forward(q, k, v, kv_cache[:, self.kv_index], meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -181,12 +184,13 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend, group: TPGroup, expert_parallel: bool
+        self, cfg: ModelConfig, layer_idx: int, kv_index: int, backend: AttentionBackend, group: TPGroup,
+        expert_parallel: bool,
     ) -> None:
         super().__init__()
         triton = backend.triton_pointwise
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, triton)
-        self.self_attn = Attention(cfg, layer_idx, backend, group)
+        self.self_attn = Attention(cfg, kv_index, backend, group)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, triton)
         self.mlp: MLP | SparseMoE
         if cfg.moe is not None and layer_idx in cfg.moe.sparse_layers:
@@ -217,14 +221,27 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup, expert_parallel: bool) -> None:
+    """The decoder layers of `stage` (all by default), with the embedding when the stage is the
+    first and the final norm when it is the last. A layer of another stage is an empty
+    placeholder, so that parameter names stay the checkpoint's (`layers.<index>.`)."""
+
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup, expert_parallel: bool,
+                 stage: range) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group)
+        self.stage = stage
+        first, last = stage.start == 0, stage.stop == cfg.num_layers
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group) if first else None
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, backend, group, expert_parallel) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, i - stage.start, backend, group, expert_parallel) if i in stage else nn.Module()
+            for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend.triton_pointwise)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend.triton_pointwise) if last else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+
+    @property
+    def held_layers(self) -> list[DecoderLayer]:
+        """The stage's layers, in order."""
+        return [self.layers[i] for i in self.stage]
 
     def forward(
         self,
@@ -233,11 +250,20 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta)
+        """The whole decoder (a model of one stage)."""
+        assert self.embed_tokens is not None and self.norm is not None, "a pipeline stage runs run_layers"
+        x, residual = self.run_layers(self.embed_tokens(input_ids), None, positions, kv_cache, meta)
         out, _ = self.norm(x, residual)
         return out
+
+    def run_layers(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                   kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's layers over the previous stage's output and residual stream (x: the
+        embedding and residual None on the first stage)."""
+        for layer in self.held_layers:
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta)
+        assert residual is not None
+        return x, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -245,18 +271,25 @@ class LlamaForCausalLM(nn.Module):
 
     `group` is this process's tensor-parallel rank; the default, one rank, is the whole model.
     `expert_parallel`: with several ranks, each holds whole experts rather than a share of every
-    expert (kvflock.worker.model.moe).
+    expert (kvflock.worker.model.moe). `stage`: the layers this pipeline stage holds (default all);
+    the LM head lives on the last stage.
     """
 
     def __init__(
-        self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup = SINGLE_RANK, expert_parallel: bool = False
+        self, cfg: ModelConfig, backend: AttentionBackend, group: TPGroup = SINGLE_RANK, expert_parallel: bool = False,
+        stage: range | None = None,
     ) -> None:
         super().__init__()
         self.config = cfg
         self.group = group
-        self.model = LlamaModel(cfg, backend, group, expert_parallel)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group)
-        if cfg.tie_word_embeddings:
+        self.model = LlamaModel(cfg, backend, group, expert_parallel, stage or range(cfg.num_layers))
+        last = self.model.norm is not None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group) if last else None
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """A tied LM head shares the embedding's weight when this stage holds both."""
+        if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
@@ -272,15 +305,16 @@ class LlamaForCausalLM(nn.Module):
         """Once the weights are loaded: one q/k/v and one gate/up matmul per layer (see
         Attention.fuse_qkv and MLP.fuse_gate_up); used on the Triton path. On CUDA the weights
         cuBLAS reads faster input-major are then stored so."""
-        for layer in self.model.layers:
+        cuda = next(self.parameters()).is_cuda
+        for layer in self.model.held_layers:
             layer.self_attn.fuse_qkv()
             if isinstance(layer.mlp, SparseMoE):
-                layer.mlp.fuse_experts(input_major_weights=self.lm_head.weight.is_cuda)
+                layer.mlp.fuse_experts(input_major_weights=cuda)
                 if layer.mlp.shared_expert is not None:
                     layer.mlp.shared_expert.fuse_gate_up()
             else:
                 layer.mlp.fuse_gate_up()
-        if self.lm_head.weight.is_cuda:
+        if cuda:
             self._store_input_major()
 
     def _store_input_major(self) -> None:
@@ -289,19 +323,27 @@ class LlamaForCausalLM(nn.Module):
         cold in L2, cuBLAS then reads them at 2.4-3.0 TB/s against 2.2-2.9 TB/s, about 0.2 ms of a
         6.3 ms Llama-3-8B decode step; q/k/v reads a little slower so and stays (measured
         2026-11-26, bench/results/engine-h100.md). Quantized and tied weights stay as they are."""
-        for layer in self.model.layers:
+        for layer in self.model.held_layers:
             o_proj = layer.self_attn.o_proj
             if not isinstance(o_proj, QUANTIZED_LINEARS):
                 o_proj.weight.data = input_major(o_proj.weight.data)
             mlp = layer.mlp.shared_expert if isinstance(layer.mlp, SparseMoE) else layer.mlp
             if mlp is not None:
                 mlp.store_input_major()
-        if self.lm_head.weight is not self.model.embed_tokens.weight:
+        embed = self.model.embed_tokens
+        if self.lm_head is not None and (embed is None or self.lm_head.weight is not embed.weight):
             self.lm_head.weight.data = input_major(self.lm_head.weight.data)
 
     def holds(self, name: str) -> bool:
-        """Whether this rank keeps the checkpoint tensor `name` (false for the experts that
-        expert parallelism puts on other ranks)."""
+        """Whether this rank keeps the checkpoint tensor `name` (false for the layers of other
+        pipeline stages and for the experts that expert parallelism puts on other ranks)."""
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        if layer is not None and layer.isdigit() and int(layer) not in self.model.stage:
+            return False
+        for prefix, module in (("model.embed_tokens.", self.model.embed_tokens), ("model.norm.", self.model.norm),
+                               ("lm_head.", self.lm_head)):
+            if name.startswith(prefix):
+                return module is not None
         where = expert_of(name)
         if where is None:
             return True
@@ -309,7 +351,8 @@ class LlamaForCausalLM(nn.Module):
         return not isinstance(mlp, SparseMoE) or mlp.holds_expert(where[1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits over the whole vocabulary on rank 0; None on the other ranks."""
+        """Logits over the whole vocabulary on rank 0 of the last stage; None on the other ranks."""
+        assert self.lm_head is not None, "only the last pipeline stage has the LM head"
         logits = self.lm_head(hidden)
         if logits is None:
             return None

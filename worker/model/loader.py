@@ -4,8 +4,9 @@ the model is and what it is: kvflock.worker.model.source; its tokenizer:
 kvflock.worker.model.tokenizer.
 
 Under tensor parallelism each rank loads only its slices: from safetensors it reads just
-those bytes (`get_slice`), from GGUF it dequantizes each tensor and keeps its slice. On a
-terminal, rank 0 shows each weight file's (shard's) progress on one updating line.
+those bytes (`get_slice`), from GGUF it dequantizes each tensor and keeps its slice. A pipeline
+stage loads only its layers' tensors. On a terminal, rank 0 shows each weight file's (shard's)
+progress on one updating line.
 """
 
 import json
@@ -82,7 +83,7 @@ class LoadedModel:
     tokenizer: Any
     dtype: torch.dtype
     device: torch.device
-    # Rank 0 of a tensor-parallel replica: the other ranks' processes (kvflock.worker.tp).
+    # Rank 0 of a replica of several ranks: the other ranks' processes (kvflock.worker.tp).
     replica: "Replica | None" = None
     quantization: QuantSpec | None = None  # the linear layers' weights, when quantized
 
@@ -90,16 +91,23 @@ class LoadedModel:
     def tp_size(self) -> int:
         return self.model.group.world_size
 
+    @property
+    def num_layers(self) -> int:
+        """The layers this rank holds: its pipeline stage's (the first stage holds the most)."""
+        return len(self.model.model.stage)
 
-def load(config: EngineConfig, backend: AttentionBackend, group: TPGroup | None = None) -> LoadedModel:
+
+def load(config: EngineConfig, backend: AttentionBackend, group: TPGroup | None = None,
+         stage: range | None = None) -> LoadedModel:
     """Resolve, read and place the model and its tokenizer as `config` asks.
 
-    With `tensor_parallel_size` > 1 and no `group`, this process becomes rank 0 of a new
-    replica: kvflock.worker.tp starts the other ranks, which load their shards meanwhile.
-    With a `group`, this process loads its rank's shard (the tokenizer only on rank 0).
+    With a replica of several ranks (config.world_size > 1) and no `group`, this process becomes
+    rank 0 of a new replica: kvflock.worker.tp starts the other ranks, which load their shards
+    meanwhile. With a `group`, this process loads its rank's shard of the layers of `stage`
+    (default all; the tokenizer only on rank 0).
     """
     if group is None:
-        if config.tensor_parallel_size > 1:
+        if config.world_size > 1:
             from kvflock.worker.tp import load_replica
 
             return load_replica(config, backend)
@@ -110,11 +118,13 @@ def load(config: EngineConfig, backend: AttentionBackend, group: TPGroup | None 
     quantization = resolve_quantization(config.quantization, source)
     if quantization is not None and model_config.moe is not None:
         raise ValueError(f"quantization: {quantization.label} is not supported for mixture-of-experts models")
-    tokenizer = load_tokenizer(source, config.tokenizer) if source.format != "dummy" and group.rank == 0 else None
+    stage = stage or range(model_config.num_layers)
+    rank_0 = group.rank == 0 and stage.start == 0
+    tokenizer = load_tokenizer(source, config.tokenizer) if source.format != "dummy" and rank_0 else None
     dtype, device = config.torch_dtype(), config.torch_device()
-    progress = LoadProgress() if group.rank == 0 else None
+    progress = LoadProgress() if rank_0 else None
     model = load_model(source, model_config, dtype, device, backend, config.seed, group, quantization, progress,
-                       config.expert_parallel)
+                       config.expert_parallel, stage)
     return LoadedModel(source, model_config, model, tokenizer, dtype, device, quantization=quantization)
 
 
@@ -129,25 +139,25 @@ def load_model(
     quantization: QuantSpec | None = None,
     progress: LoadProgress | None = None,
     expert_parallel: bool = False,
+    stage: range | None = None,
 ) -> LlamaForCausalLM:
-    """Build `group`'s rank of the model on `device` and fill its weights from `source`
-    (random for dummy). With `quantization`, the decoder's projections are QuantizedLinear
-    (or Fp8Linear) layers: read from a GPTQ (FP8) checkpoint, random for dummy, else quantized
-    once loaded."""
+    """Build `group`'s rank of the model (of the layers of `stage`, default all) on `device` and
+    fill its weights from `source` (random for dummy). With `quantization`, the decoder's
+    projections are QuantizedLinear (or Fp8Linear) layers: read from a GPTQ (FP8) checkpoint,
+    random for dummy, else quantized once loaded."""
     start = time.perf_counter()
     if quantization is not None and quantization.fp8:
         check_fp8_device(device)
     packed = quantization is not None and (source.format == "dummy" or read_checkpoint_quantization(source) is not None)
     with torch.device("meta"):  # no memory and no random init until the real weights arrive
-        model = LlamaForCausalLM(cfg, backend, group, expert_parallel).to(dtype)
+        model = LlamaForCausalLM(cfg, backend, group, expert_parallel, stage).to(dtype)
         if packed:
             assert quantization is not None
             replace_linears(model, quantization, backend.triton_pointwise)
     # Module.to_empty would allocate through torch's meta-tensor reference code, whose first use
     # imports sympy: 0.4 s of CPU on every worker start. Plain torch.empty allocates the same.
     model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     if source.format == "dummy":
         _fill_dummy(model, seed)
     else:
@@ -156,6 +166,10 @@ def load_model(
             for prefix, module in model.named_modules()
             for name, shard in getattr(module, "shards", {}).items()
         }
+        head_from_embedding = (cfg.tie_word_embeddings and model.lm_head is not None
+                               and model.model.embed_tokens is None)
+        if head_from_embedding:  # the last stage without the first reads the tied head from the embedding
+            shards["model.embed_tokens.weight"] = shards["lm_head.weight"]
         if source.format == "gguf":
             tensors = (
                 (name, tuple(t.shape), _slice(t, shards.get(name)))
@@ -171,13 +185,17 @@ def load_model(
             elif packed:
                 assert quantization is not None
                 tensors = drop_trivial_g_idx(tensors, quantization, str(source.path))
+        if head_from_embedding:
+            tensors = (("lm_head.weight" if name == "model.embed_tokens.weight" else name, shape, part)
+                       for name, shape, part in tensors)
         _load_weights(model, tensors, str(source.gguf_path if source.gguf_name else source.path), shards)
         if quantization is not None and not packed:
             replace_linears(model, quantization, backend.triton_pointwise, quantize=True)
     model.fuse_projections()
     log.info(
-        "loaded %s weights%s (rank %d of %d) from %s in %.2fs",
+        "loaded %s weights%s (rank %d of %d, layers %d-%d) from %s in %.2fs",
         source.format, f", {quantization.label}" if quantization else "", group.rank, group.world_size,
+        model.model.stage.start, model.model.stage.stop - 1,
         source.path, time.perf_counter() - start,
     )
     return model.eval()

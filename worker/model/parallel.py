@@ -33,18 +33,17 @@ class Shard(NamedTuple):
 
 @dataclass(frozen=True)
 class TPGroup:
-    """One process's place in its tensor-parallel group.
+    """One process's place in its tensor-parallel group (the ranks of one pipeline stage).
 
-    `device_pg` carries activations (NCCL on GPU, gloo on CPU); `cpu_pg` (always gloo) carries
-    the per-step batch from rank 0, so idle ranks wait in a socket read rather than in a GPU
-    kernel. Both are c10d backends owned by this replica, not the process-wide default
-    group, so several replicas (and single-rank models) can live in one process.
+    `device_pg` carries activations (NCCL on GPU, gloo on CPU). It is a c10d backend owned by
+    this replica, not the process-wide default group, so several replicas (and single-rank
+    models) can live in one process. The per-step batch travels separately, over the
+    replica's gloo group (kvflock.worker.tp).
     """
 
     rank: int = 0
     world_size: int = 1
     device_pg: Any = None
-    cpu_pg: Any = None
 
     @property
     def distributed(self) -> bool:
@@ -67,17 +66,6 @@ class TPGroup:
         self.device_pg.gather([parts] if self.rank == 0 else [], [x.contiguous()], opts).wait()
         return torch.cat(parts, dim=-1) if self.rank == 0 else None
 
-    def barrier(self) -> None:
-        """Return once every rank has called it (over the CPU group)."""
-        self.cpu_pg.barrier(dist.BarrierOptions()).wait()
-
-    def broadcast_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank 0's CPU tensor `x` into every rank's `x` of the same shape, in place."""
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
-        self.cpu_pg.broadcast([x], opts).wait()
-        return x
-
 
 SINGLE_RANK = TPGroup()
 
@@ -85,7 +73,7 @@ SINGLE_RANK = TPGroup()
 def check_tp_size(cfg: ModelConfig, tp: int, expert_parallel: bool = False) -> None:
     """Refuse a tensor-parallel size that cannot split this model's heads, MLP and experts evenly
     (each expert's features, or with `expert_parallel` the experts themselves)."""
-    problem = tp_split_problem(ModelShape(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size), tp)
+    problem = tp_split_problem(ModelShape(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.num_layers), tp)
     if problem is not None:
         raise ValueError(problem)
     moe = cfg.moe

@@ -243,7 +243,8 @@ def replace_linears(
     With `quantize`, the new layers hold the old ones' weights quantized (round-to-nearest);
     otherwise they are empty, to be loaded (build it on the meta device).
     """
-    for i, layer in enumerate(model.model.layers):
+    for i in model.model.stage:
+        layer = model.model.layers[i]
         for path in QUANTIZED_PROJECTIONS:
             parent_name, name = path.split(".")
             parent = getattr(layer, parent_name)
