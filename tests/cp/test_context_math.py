@@ -5,8 +5,8 @@ chunk's length (padding) and the GQA ratio; the pieces balance the causal work."
 import pytest
 import torch
 
+from kvflock.kernels.lse_attention import attention_with_lse_ref as attention_with_lse
 from kvflock.worker.parallel.context import (
-    attention_with_lse,
     local_token_count,
     merge_attention,
     ring_attention,

@@ -9,6 +9,9 @@ a multiple of 2 * cp; padding rows have position -1, attend to nothing and are a
 nothing. Front padding keeps the chunk's last token at the end of piece 2 * cp - 1, which rank 0
 computes: the rank that samples.
 
+Attention over part of the keys returns its log-sum-exp with its output
+(kvflock.kernels.lse_attention, whose torch reference this module's math uses).
+
 Ring attention: each rank keeps its queries and merges in the K/V block of every rank in turn
 (its own first, then the one its left neighbour held a step before), with the online-softmax
 merge. `ring_attention` takes the blocks as an iterable, so the same loop runs over a list of
@@ -23,6 +26,8 @@ from collections.abc import Iterable
 
 import torch
 
+from kvflock.kernels.lse_attention import attention_with_lse_ref as attention_with_lse
+
 
 def zigzag_rows(n: int, cp: int, rank: int) -> torch.Tensor:
     """The rows of a chunk of `n` tokens that CP rank `rank` computes, -1 for padding: pieces
@@ -31,28 +36,6 @@ def zigzag_rows(n: int, cp: int, rank: int) -> torch.Tensor:
     padding = 2 * cp * piece - n
     rows = [torch.arange(i * piece, (i + 1) * piece) - padding for i in (rank, 2 * cp - 1 - rank)]
     return torch.cat(rows).clamp(min=-1)
-
-
-def attention_with_lse(
-    q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of queries q [n, hq, d] at positions q_pos [n] over keys and values k, v
-    [m, hkv, d] at positions k_pos [m], each query seeing the keys at or before its position
-    (negative positions: padding, seen by nothing). GQA: query head h reads KV head
-    h // (hq // hkv). Returns the output [n, hq, d] and the log-sum-exp of the scaled scores
-    [n, hq], both in float32 (float64 for float64 inputs); a query that sees no key gets output
-    0 and log-sum-exp -inf."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    n, hq, d = q.shape
-    hkv = k.shape[1]
-    qg = q.to(acc).view(n, hkv, hq // hkv, d)
-    scores = torch.einsum("nhgd,mhd->hgnm", qg, k.to(acc)) * scale
-    visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
-    scores.masked_fill_(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [hkv, g, n]
-    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
-    out = torch.einsum("hgnm,mhd->nhgd", probs, v.to(acc))
-    return out.reshape(n, hq, d), lse.permute(2, 0, 1).reshape(n, hq)
 
 
 def merge_attention(
