@@ -97,8 +97,3 @@ def test_smollm2_at_cp2_answers_as_one_rank(smollm2):
         assert token_ids(llm, prompts, params) == reference
     finally:
         llm.engine.loaded.replica.shutdown()
-
-
-def test_a_block_size_that_cp_does_not_divide_is_refused_naming_the_field():
-    with pytest.raises(ValueError, match="context_parallel_size: 4 does not divide block_size=2"):
-        EngineConfig(context_parallel_size=4, block_size=2)
