@@ -1,7 +1,8 @@
 """Greedy output with context parallelism equals one rank's: on the tiny random Llama and Qwen2
 (float64) at CP=2, CP=4 and TP=2 x CP=2, with chunked prefill (chunks of 16 tokens, of which
 those of at least 8 are split over the CP ranks), preemption (a small pool) and prefix caching
-(prompts that share a prefix), also with an fp8 KV cache; and on SmolLM2 (float32) at CP=2. Ranks are processes talking
+(prompts that share a prefix), also with an fp8 KV cache and at PP=2 x CP=2; and on SmolLM2
+(float32) at CP=2. Ranks are processes talking
 over gloo, as in CI."""
 
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ import torch
 from kvflock.worker.config import EngineConfig, SamplingParams
 from kvflock.worker.engine import LLMEngine
 from kvflock.worker.llm import LLM
-from tests.tiny_models import VOCAB
+from tests.tiny_models import VOCAB, write_tiny_models
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 # Prompts in chunks of at most 16 tokens, and a pool so small that sequences are preempted.
@@ -95,5 +96,18 @@ def test_smollm2_at_cp2_answers_as_one_rank(smollm2):
     llm = LLM("demo", device="cpu", dtype="float32", context_parallel_size=2, context_parallel_min_tokens=8, **limits)
     try:
         assert token_ids(llm, prompts, params) == reference
+    finally:
+        llm.engine.loaded.replica.shutdown()
+
+
+def test_pipeline_stages_of_context_parallel_ranks_give_one_rank_s_output(tmp_path_factory, prompts):
+    """PP=2 x CP=2: each stage's two CP ranks split the long chunks of every micro-batch."""
+    model = write_tiny_models(tmp_path_factory.mktemp("deep"), num_layers=4, only=("llama",))["llama"]
+    reference = token_ids(LLM(str(model), **SCENARIO), prompts)
+    llm = LLM(str(model), pipeline_parallel_size=2, context_parallel_size=2, context_parallel_min_tokens=SPLIT_FROM,
+              **SCENARIO)
+    try:
+        assert token_ids(llm, prompts) == reference
+        assert llm.engine.scheduler.num_preemptions > 0
     finally:
         llm.engine.loaded.replica.shutdown()
