@@ -2,8 +2,7 @@
 (float64) at CP=2, CP=4 and TP=2 x CP=2, with chunked prefill (chunks of 16 tokens, of which
 those of at least 8 are split over the CP ranks), preemption (a small pool) and prefix caching
 (prompts that share a prefix), also with an fp8 KV cache and at PP=2 x CP=2; and on SmolLM2
-(float32) at CP=2. Ranks are processes talking
-over gloo, as in CI."""
+(float32) at CP=2. Ranks are processes talking over gloo, as in CI."""
 
 from collections.abc import Callable, Iterator
 
