@@ -8,7 +8,9 @@ broadcasts them packed (kvflock.worker.runner.pack_step: a few integers per toke
 broadcasts) to every other rank; each runs its stage's part of every micro-batch and then
 waits for the next step. The batch travels over a gloo group of all ranks on the CPU, so idle
 ranks wait in a socket read; activations use one group per tensor-parallel group and one per
-pipeline (NCCL on GPU, gloo on CPU).
+pipeline (NCCL on GPU, gloo on CPU). With context parallelism, the ranks of one stage and tensor
+rank form a context-parallel group (kvflock.worker.parallel.context_attention): each runs its
+share of every micro-batch's tokens (kvflock.worker.parallel.context_step).
 
 A replica is all or nothing. When any rank dies, rank 0 logs which one, kills and reaps the
 others and exits with status 1, so that the pod restarts; a rank whose rank 0 is gone exits
