@@ -227,7 +227,12 @@ class EngineSpec(_Model):
         " has tensorParallelSize x pipelineParallelSize x contextParallelSize GPUs.",
     )
     contextParallelSize: int = Field(
-        1, ge=1, le=8, description="GPUs that split a long prompt by sequence (not built yet: 1).",
+        1, ge=1, le=8, description="GPUs that split a long prompt by sequence (ring attention), each keeping"
+        " 1/contextParallelSize of every sequence's KV cache; kvCache.blockSize must be a multiple of it.",
+    )
+    contextParallelMinTokens: int = Field(
+        2048, ge=1, le=1048576, description="With contextParallelSize > 1: prefill chunks of at least this many"
+        " tokens are split over the context ranks; shorter ones run whole on each.",
     )
     expertParallel: bool = Field(
         False, description="Mixture-of-experts models with tensorParallelSize > 1: each GPU holds whole experts"
@@ -263,15 +268,16 @@ class EngineSpec(_Model):
                 _cel(f"self.prefixCaching || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB, kvCache.diskOffloadGiB)"
                      " needs prefixCaching"),
                 _cel(f"{_ONE_RANK} || {_NO_OFFLOAD}", "KV offload (kvCache.cpuOffloadGiB,"
-                     " kvCache.diskOffloadGiB) works with one GPU per replica only (tensorParallelSize and"
-                     " pipelineParallelSize 1)"),
+                     " kvCache.diskOffloadGiB) works with one GPU per replica only"
+                     f" ({_WORLD_FIELDS} = 1)"),
                 _cel(f"{_WORLD} <= {MAX_GPUS_PER_REPLICA}", "a replica's GPUs (tensorParallelSize x"
                      f" pipelineParallelSize x contextParallelSize) must fit one node: at most {MAX_GPUS_PER_REPLICA}",
                      ".pipelineParallelSize"),
-                _cel("self.contextParallelSize == 1", "context parallelism is not built yet; use 1",
-                     ".contextParallelSize"),
+                _cel("self.kvCache.blockSize % self.contextParallelSize == 0",
+                     "kvCache.blockSize must be a multiple of contextParallelSize (each context rank keeps"
+                     " blockSize / contextParallelSize tokens of every block)", ".contextParallelSize"),
                 _cel(f"{_ONE_RANK} || !has(self.lora)", "LoRA adapters (lora) work with one GPU per replica only"
-                     " (tensorParallelSize and pipelineParallelSize 1)"),
+                     f" ({_WORLD_FIELDS} = 1)"),
             ]
         }
     )
@@ -287,9 +293,10 @@ class EngineSpec(_Model):
 
     @model_validator(mode="after")
     def _check_layout(self) -> EngineSpec:
-        if self.contextParallelSize > 1:
-            raise ValueError(f"engine.contextParallelSize: {self.contextParallelSize}, but context parallelism is"
-                             " not built yet; use 1")
+        if self.kvCache.blockSize % self.contextParallelSize:
+            raise ValueError(f"engine.contextParallelSize: {self.contextParallelSize} does not divide"
+                             f" engine.kvCache.blockSize={self.kvCache.blockSize} (each context rank keeps"
+                             " blockSize / contextParallelSize tokens of every block)")
         if self.layout.world_size > MAX_GPUS_PER_REPLICA:
             raise ValueError(f"engine.pipelineParallelSize: {self.layout.label} is {self.layout.world_size} GPUs per"
                              f" replica (tensorParallelSize x pipelineParallelSize x contextParallelSize); a replica"
@@ -304,14 +311,14 @@ class EngineSpec(_Model):
             raise ValueError("engine.kvCache.cpuOffloadGiB/diskOffloadGiB: KV offload needs engine.prefixCaching")
         if self.layout.world_size > 1:
             raise ValueError("engine.kvCache.cpuOffloadGiB/diskOffloadGiB: KV offload works with one GPU per"
-                             f" replica only (tensorParallelSize and pipelineParallelSize 1), got {self.layout.label}")
+                             f" replica only ({_WORLD_FIELDS} = 1), got {self.layout.label}")
         return self
 
     @model_validator(mode="after")
     def _check_lora(self) -> EngineSpec:
         if self.lora is not None and self.layout.world_size > 1:
-            raise ValueError("engine.lora: LoRA adapters work with one GPU per replica only (tensorParallelSize"
-                             f" and pipelineParallelSize 1), got {self.layout.label}")
+            raise ValueError("engine.lora: LoRA adapters work with one GPU per replica only"
+                             f" ({_WORLD_FIELDS} = 1), got {self.layout.label}")
         return self
 
     @property
@@ -631,8 +638,7 @@ class InferenceServiceSpec(_Model):
                     "a pool's engine.maxNumBatchedTokens must hold at least one KV block",
                 ),
                 _cel(f"size(self.adapters) == 0 || {_SPEC_WORLD} == 1",
-                     "adapters work with one GPU per replica only (engine.tensorParallelSize and"
-                     " engine.pipelineParallelSize 1)", ".adapters"),
+                     f"adapters work with one GPU per replica only ({_WORLD_FIELDS} = 1)", ".adapters"),
                 _cel("size(self.adapters) == 0 || has(self.engine.lora)",
                      "adapters need engine.lora (LoRA on in the engine)", ".adapters"),
                 _cel("self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
@@ -669,8 +675,8 @@ class InferenceServiceSpec(_Model):
         if not self.adapters:
             return self
         if self.engine.layout.world_size > 1:
-            raise ValueError("adapters: LoRA adapters work with one GPU per replica only (engine.tensorParallelSize"
-                             f" and engine.pipelineParallelSize 1), got {self.engine.layout.label}")
+            raise ValueError("adapters: LoRA adapters work with one GPU per replica only"
+                             f" ({_WORLD_FIELDS} = 1), got {self.engine.layout.label}")
         if self.engine.lora is None:
             raise ValueError("adapters: set engine.lora (e.g. `lora: {}`) to turn LoRA on in the engine")
         names = [a.name for a in self.adapters]

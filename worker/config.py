@@ -179,8 +179,13 @@ class EngineConfig(BaseModel):
         "most num_layers"
     )
     context_parallel_size: int = Field(
-        1, ge=1, description="ranks that split a long prompt by sequence (each tensor_parallel_size x "
-        "pipeline_parallel_size ranks)"
+        1, ge=1, description="ranks (each tensor_parallel_size x pipeline_parallel_size ranks) that split a long "
+        "prompt by sequence (ring attention) and each keep 1/context_parallel_size of every sequence's KV cache; "
+        "must divide block_size"
+    )
+    context_parallel_min_tokens: int = Field(
+        2048, ge=1, le=1048576, description="with context_parallel_size > 1: a prefill chunk of at least this many "
+        "tokens is split over the context-parallel ranks; shorter chunks and decodes run whole on every rank",
     )
     expert_parallel: bool = Field(
         False, description="mixture-of-experts models with tensor_parallel_size > 1: each rank holds whole experts "
@@ -259,8 +264,10 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_layout(self) -> "EngineConfig":
-        if self.context_parallel_size > 1:
-            raise ValueError(f"context_parallel_size: {self.context_parallel_size} is not built yet; use 1")
+        cp = self.context_parallel_size
+        if cp > 1 and self.block_size % cp:
+            raise ValueError(f"context_parallel_size: {cp} does not divide block_size={self.block_size} (each rank "
+                             "keeps block_size / context_parallel_size tokens of every block)")
         return self
 
     @property
@@ -277,7 +284,7 @@ class EngineConfig(BaseModel):
     def _check_lora(self) -> "EngineConfig":
         if self.enable_lora and self.world_size > 1:
             raise ValueError("enable_lora: LoRA adapters are served with tensor_parallel_size=1 only, and "
-                             "pipeline_parallel_size=1")
+                             "pipeline_parallel_size=1 and context_parallel_size=1")
         if self.enable_lora and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras: {self.max_cpu_loras} is below max_loras={self.max_loras}")
         return self
@@ -288,7 +295,7 @@ class EngineConfig(BaseModel):
             raise ValueError("kv_offload_cpu_gib/kv_offload_disk_gib: offload needs enable_prefix_caching")
         if (self.kv_offload_cpu_gib or self.kv_offload_disk_gib) and self.world_size > 1:
             raise ValueError("kv_offload_cpu_gib/kv_offload_disk_gib: offload copies rank 0's KV only; "
-                             "use it with tensor_parallel_size=1 and pipeline_parallel_size=1")
+                             "use it with tensor_parallel_size, pipeline_parallel_size and context_parallel_size 1")
         if self.kv_offload_disk_gib and not self.kv_offload_disk_path:
             raise ValueError("kv_offload_disk_path: required when kv_offload_disk_gib > 0")
         return self

@@ -156,8 +156,8 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size, self.kv_dtype, self.device,
-                                     self.loaded.tp_size, self.loaded.num_layers)
+        kv_cache = allocate_kv_cache(self.model_config, num_blocks, config.block_size // self.loaded.cp_size,
+                                     self.kv_dtype, self.device, self.loaded.tp_size, self.loaded.num_layers)
         self.tiers = offload_tiers(config, self.loaded, kv_cache)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, self.tiers)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens,

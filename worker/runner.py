@@ -35,10 +35,11 @@ def allocate_kv_cache(
     """One tensor for every layer, blocks outermost (shared/DESIGN.md): a block of all layers
     is one contiguous span, so moving it between tiers is a single copy. Under tensor
     parallelism it holds only this rank's KV heads; a pipeline stage's holds its `num_layers`
-    layers (default: the model's). Attention never reads a slot before it is written (past a
-    context, values are masked and zeroed), so on the CPU the memory is left untouched: the pages
-    are committed as blocks fill, not all at start (zeroing a 1 GiB cache took half a second of
-    every worker's start and its whole size in resident memory)."""
+    layers (default: the model's); under context parallelism `block_size` is this rank's share of
+    a block (kvflock.worker.parallel.context_attention). Attention never reads a slot before it is
+    written (past a context, values are masked and zeroed), so on the CPU the memory is left
+    untouched: the pages are committed as blocks fill, not all at start (zeroing a 1 GiB cache took
+    half a second of every worker's start and its whole size in resident memory)."""
     layers = cfg.num_layers if num_layers is None else num_layers
     shape = (num_blocks, layers, 2, block_size, kv_heads_per_rank(cfg, tp_size), cfg.head_dim)
     if device.type == "cpu":

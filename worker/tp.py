@@ -8,7 +8,9 @@ broadcasts them packed (kvflock.worker.runner.pack_step: a few integers per toke
 broadcasts) to every other rank; each runs its stage's part of every micro-batch and then
 waits for the next step. The batch travels over a gloo group of all ranks on the CPU, so idle
 ranks wait in a socket read; activations use one group per tensor-parallel group and one per
-pipeline (NCCL on GPU, gloo on CPU).
+pipeline (NCCL on GPU, gloo on CPU). With context parallelism, the ranks of one stage and tensor
+rank form a context-parallel group (kvflock.worker.parallel.context_attention): each runs its
+share of every micro-batch's tokens (kvflock.worker.parallel.context_step).
 
 A replica is all or nothing. When any rank dies, rank 0 logs which one, kills and reaps the
 others and exits with status 1, so that the pod restarts; a rank whose rank 0 is gone exits
@@ -39,6 +41,8 @@ from kvflock.worker.model.llama import LlamaForCausalLM
 from kvflock.worker.model.loader import LoadedModel, load
 from kvflock.worker.model.parallel import TPGroup, check_tp_size
 from kvflock.worker.model.source import read_model_config, resolve_model
+from kvflock.worker.parallel.context_attention import ContextGroup, ContextParallelAttention
+from kvflock.worker.parallel.context_step import ContextParallel
 from kvflock.worker.parallel.pipeline import StageGroup, StageRunner, split_micro_batches
 from kvflock.worker.runner import ModelRunner, StepShape, allocate_kv_cache, pack_step, unpack_step
 from kvflock.worker.step_plan import StepPlan
@@ -62,12 +66,13 @@ _PARENT_POLL_SECONDS = 0.5
 class RankGroups:
     """One rank's process groups: `batch` (gloo, every rank of the replica) carries each step
     from rank 0; `tp` and `stages` carry activations within a stage and between stages; `cp`
-    joins the ranks that split a sequence (None with context_parallel_size 1)."""
+    joins the ranks that split a sequence (kvflock.worker.parallel.context_attention; None with
+    context_parallel_size 1)."""
 
     batch: Any
     tp: TPGroup
     stages: StageGroup
-    cp: Any = None
+    cp: ContextGroup | None = None
 
     def barrier(self) -> None:
         """Return once every rank of the replica has called it."""
@@ -93,6 +98,7 @@ class Replica:
         self.store = store  # NCCL exchanges its communicator id through it on first use
         self.layout = layout
         self.groups: RankGroups | None = None
+        self.context: ContextParallel | None = None  # rank 0's way of running steps with context parallelism
         self._closing = False
         self._lock = threading.Lock()
         for rank, process in enumerate(processes, start=1):
@@ -164,7 +170,7 @@ class ReplicaRunner(ModelRunner):
         super().__init__(model, kv_cache, block_size)
         self.replica = replica
         assert replica.groups is not None
-        self.stage = StageRunner(self, replica.groups.stages, returns_logits=True)
+        self.stage = StageRunner(self, replica.groups.stages, returns_logits=True, context=replica.context)
         replica.allocate_kv_cache(kv_cache.shape[0], block_size)
 
     def execute(self, plan: StepPlan, pending: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,12 +192,13 @@ def make_runner(loaded: LoadedModel, kv_cache: torch.Tensor, block_size: int) ->
     return ReplicaRunner(loaded.replica, loaded.model, kv_cache, block_size)
 
 
-def load_replica(config: EngineConfig, backend: AttentionBackend) -> LoadedModel:
+def load_replica(config: EngineConfig, backend: AttentionBackend, context_parallel: bool = False) -> LoadedModel:
     """Make this process rank 0 of a replica of `config.world_size` ranks: start the other ranks
     (they load their shards meanwhile), connect, load rank 0's shard of the first stage.
 
     With a world of 1 no process starts, but the model still communicates through a tensor-
-    parallel group of one (how the NCCL path is tested on a single GPU).
+    parallel group of one (how the NCCL path is tested on a single GPU); `context_parallel` then
+    runs its steps the context-parallel way too, in a context-parallel group of one.
     """
     started = time.perf_counter()
     layout = config.layout
@@ -212,7 +219,10 @@ def load_replica(config: EngineConfig, backend: AttentionBackend) -> LoadedModel
         for rank in range(1, layout.world_size)
     ]
     replica = Replica(processes, store, layout)  # watching from now on: a rank that fails to load ends this process
-    replica.groups = _connect(0, layout, store, devices[0])
+    replica.groups = _connect(0, layout, store, devices[0], context_parallel)
+    if replica.groups.cp is not None:
+        backend = ContextParallelAttention(backend, replica.groups.cp)
+        replica.context = ContextParallel(replica.groups.cp, config.context_parallel_min_tokens)
     loaded = load(_rank_config(config, devices[0]), backend, replica.groups.tp,
                   layout.stage_layers(0, model_config.num_layers))
     loaded.replica = replica
@@ -240,11 +250,13 @@ def _rank_config(config: EngineConfig, device: torch.device) -> EngineConfig:
     return config.model_copy(update={"device": str(device)})
 
 
-def _connect(rank: int, layout: ParallelLayout, store: dist.Store, device: torch.device) -> RankGroups:
+def _connect(rank: int, layout: ParallelLayout, store: dist.Store, device: torch.device,
+             context_parallel: bool = False) -> RankGroups:
     """Join the replica's groups: gloo over every rank for the per-step batch, then this rank's
     tensor-parallel group, context-parallel group, pipeline and (rank 0 and the last stage's
     tensor rank 0) the logits' group (NCCL on GPU, gloo on CPU). Every rank joins them in this
-    order, so each returns when the members of its groups have joined."""
+    order, so each returns when the members of its groups have joined. `context_parallel`: join a
+    context-parallel group even of one rank."""
     batch = _gloo(dist.PrefixStore("batch", store), rank, layout.world_size, _IDLE_TIMEOUT)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -253,7 +265,7 @@ def _connect(rank: int, layout: ParallelLayout, store: dist.Store, device: torch
     if layout.tp > 1 or layout.world_size == 1:
         tp_pg = _device_group(dist.PrefixStore(f"tp-{place.stage}-{place.cp_rank}", store), place.tp_rank,
                               layout.tp, device)
-    if layout.cp > 1:
+    if layout.cp > 1 or context_parallel:
         cp_pg = _device_group(dist.PrefixStore(f"cp-{place.stage}-{place.tp_rank}", store), place.cp_rank,
                               layout.cp, device)
     if layout.pp > 1:
@@ -262,7 +274,8 @@ def _connect(rank: int, layout: ParallelLayout, store: dist.Store, device: torch
         if place.tp_rank == place.cp_rank == 0 and place.stage in (0, layout.pp - 1):
             logits_pg = _device_group(dist.PrefixStore("logits", store), int(place.stage > 0), 2, device)
     stages = StageGroup(place.stage, layout.pp, stage_pg, logits_pg)
-    return RankGroups(batch, TPGroup(place.tp_rank, layout.tp, tp_pg), stages, cp_pg)
+    cp = None if cp_pg is None else ContextGroup(place.cp_rank, layout.cp, cp_pg)
+    return RankGroups(batch, TPGroup(place.tp_rank, layout.tp, tp_pg), stages, cp)
 
 
 def _device_group(store: dist.Store, rank: int, size: int, device: torch.device) -> Any:
@@ -298,25 +311,34 @@ def _rank_main(rank: int, config: EngineConfig, port: int, parent_pid: int, log_
         groups = _connect(rank, layout, store, device)
         num_layers = read_model_config(resolve_model(config.model, config.load_format)).num_layers
         stage = layout.stage_layers(groups.stages.stage, num_layers)
-        loaded = load(config, select_attention_backend(device), groups.tp, stage)
+        backend = select_attention_backend(device)
+        context = None
+        if groups.cp is not None:
+            backend = ContextParallelAttention(backend, groups.cp)
+            context = ContextParallel(groups.cp, config.context_parallel_min_tokens)
+        loaded = load(config, backend, groups.tp, stage)
         groups.barrier()
-        _serve_steps(loaded, groups, torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else loaded.dtype)
+        _serve_steps(loaded, groups, torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else loaded.dtype,
+                     context)
     except Exception:
         log.exception("rank %d of the replica failed", rank)
     logging.shutdown()
     os._exit(1)
 
 
-def _serve_steps(loaded: LoadedModel, groups: RankGroups, kv_dtype: torch.dtype) -> NoReturn:
+def _serve_steps(loaded: LoadedModel, groups: RankGroups, kv_dtype: torch.dtype,
+                 context: ContextParallel | None) -> NoReturn:
     header = torch.empty(_HEADER_LEN, dtype=torch.int64)
     stage: StageRunner | None = None
     while True:
         command, *args = groups.broadcast(header).tolist()
         if command == _ALLOCATE_KV:
             num_blocks, block_size = args[:2]
-            kv_cache = allocate_kv_cache(loaded.config, num_blocks, block_size, kv_dtype, loaded.device,
+            page = block_size // (1 if context is None else context.group.size)  # its share of every block
+            kv_cache = allocate_kv_cache(loaded.config, num_blocks, page, kv_dtype, loaded.device,
                                          loaded.tp_size, loaded.num_layers)
-            stage = StageRunner(ModelRunner(loaded.model, kv_cache, block_size), groups.stages, returns_logits=False)
+            stage = StageRunner(ModelRunner(loaded.model, kv_cache, block_size), groups.stages, returns_logits=False,
+                                context=context)
         elif command == _STEP and stage is not None:
             count = args[0]
             sizes = groups.broadcast(torch.empty(count * _SHAPE_LEN, dtype=torch.int64)).view(count, _SHAPE_LEN)

@@ -103,7 +103,7 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"engine": {"tensorParallelSize": 2, "pipelineParallelSize": 2}, "resources": {"gpusPerReplica": 2}},
      "resources.gpusPerReplica"),
     ({"engine": {"pipelineParallelSize": 2, "kvCache": {"cpuOffloadGiB": 4}}}, "pipelineParallelSize"),
-    ({"engine": {"contextParallelSize": 2}}, "engine.contextParallelSize"),
+    ({"engine": {"contextParallelSize": 3}, "resources": {"gpusPerReplica": 3}}, "engine.contextParallelSize: 3 does not divide"),
     ({"model": {"source": "pvc"}}, "model.claimName"),
     ({"model": {"source": "path", "path": "relative/dir"}}, "model.path"),
     ({"model": {"source": "hostPath"}}, "model.hostPath"),

@@ -61,13 +61,15 @@ def test_sizes_below_one_are_refused_naming_the_field(field):
         EngineConfig(**{field: 0})
 
 
-def test_context_parallelism_is_refused_until_it_is_built():
-    with pytest.raises(ValidationError, match="context_parallel_size: 2 is not built yet"):
-        EngineConfig(context_parallel_size=2)
+def test_a_block_size_that_context_parallelism_does_not_divide_is_refused_naming_the_field():
+    with pytest.raises(ValidationError, match="context_parallel_size: 4 does not divide block_size=2"):
+        EngineConfig(context_parallel_size=4, block_size=2)
+    assert EngineConfig(context_parallel_size=4, block_size=16).world_size == 4
 
 
 @pytest.mark.parametrize("settings", [dict(enable_lora=True), dict(kv_offload_cpu_gib=1.0),
                                       dict(async_scheduling=True)])
-def test_what_needs_one_rank_is_refused_with_pipeline_stages(settings):
-    with pytest.raises(ValidationError, match="pipeline_parallel_size|several ranks"):
-        EngineConfig(pipeline_parallel_size=2, **settings)
+@pytest.mark.parametrize("layout", [dict(pipeline_parallel_size=2), dict(context_parallel_size=2)])
+def test_what_needs_one_rank_is_refused_with_pipeline_stages_or_context_ranks(settings, layout):
+    with pytest.raises(ValidationError, match="parallel_size|several ranks"):
+        EngineConfig(**layout, **settings)

@@ -46,7 +46,8 @@ def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, kv_dtype: torch.dty
                 f"one sequence of max_model_len={model_len}; use at least {needed} or lower max_model_len"
             )
         return config.num_kv_blocks
-    per_block = kv_bytes_per_block(loaded.config, config.block_size, kv_dtype, loaded.tp_size, loaded.num_layers)
+    per_block = kv_bytes_per_block(loaded.config, config.block_size // loaded.cp_size, kv_dtype, loaded.tp_size,
+                                   loaded.num_layers)
     if draft is not None:
         per_block += kv_bytes_per_block(draft.config, config.block_size, draft.dtype)
     useful = config.max_num_seqs * (needed - 1) + 1

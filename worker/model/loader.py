@@ -92,6 +92,12 @@ class LoadedModel:
         return self.model.group.world_size
 
     @property
+    def cp_size(self) -> int:
+        """Context-parallel ranks: each keeps block_size / cp_size tokens of every KV block."""
+        context = None if self.replica is None else self.replica.context
+        return 1 if context is None else context.group.size
+
+    @property
     def num_layers(self) -> int:
         """The layers this rank holds: its pipeline stage's (the first stage holds the most)."""
         return len(self.model.model.stage)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from kvflock.worker.parallel.context_step import ContextParallel
 from kvflock.worker.runner import ModelRunner, StepInputs
 from kvflock.worker.step_plan import ScheduledSequence, StepPlan
 
@@ -141,10 +142,13 @@ class _InFlight:
 class StageRunner:
     """Runs a step's micro-batches through this rank's stage (every rank of a replica has one;
     with a single stage it is the whole forward pass). `returns_logits`: this rank is rank 0,
-    which gets the logits of every micro-batch."""
+    which gets the logits of every micro-batch. With `context`, this rank runs only its share of
+    each micro-batch's tokens (kvflock.worker.parallel.context_step)."""
 
-    def __init__(self, runner: ModelRunner, stages: StageGroup, returns_logits: bool) -> None:
+    def __init__(self, runner: ModelRunner, stages: StageGroup, returns_logits: bool,
+                 context: ContextParallel | None = None) -> None:
         self.runner = runner
+        self.context = context
         self.model = runner.model
         self.stages = stages
         self.returns_logits = returns_logits
@@ -160,6 +164,8 @@ class StageRunner:
         stages, decoder, device = self.stages, self.model.model, self.runner.device
         logits: list[torch.Tensor] = []
         in_flight = _InFlight()
+        if self.context is not None:
+            micro_batches = [self.context.localize(inputs, self.runner.kv_cache.shape[3]) for inputs in micro_batches]
         for inputs in micro_batches:
             if stages.first:
                 assert decoder.embed_tokens is not None
