@@ -173,7 +173,7 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
             features = await asyncio.to_thread(reader.features, path, body)
         else:
             features = reader.features(path, body)
-        return await state.proxy.forward(request, path, raw, features)
+        return await state.proxy.forward(request, path, raw, features, body)
 
     @app.post("/v1/completions", responses=api_doc.GENERATION)
     async def completions(request: Request) -> Response:
