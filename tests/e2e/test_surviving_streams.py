@@ -84,7 +84,8 @@ def _resumed_streams(cluster: Cluster) -> float:
     routers = cluster.get("pods", None, "-l", f"kvflock.dev/service={SERVICE},kvflock.dev/role=router")["items"]
     total = 0.0
     for pod in routers:
-        text = httpx.get(f"http://{pod['metadata']['annotations'][ANNOTATION_ENDPOINT]}/metrics").text
+        endpoint = pod["metadata"]["annotations"][ANNOTATION_ENDPOINT].removeprefix("http://")
+        text = httpx.get(f"http://{endpoint}/metrics").text
         total += parse_samples(text).get("kvflock_router_resumed_streams_total", 0.0)
     return total
 
