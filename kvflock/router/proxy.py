@@ -5,10 +5,12 @@ A replica that refuses the connection, answers 503 (loading, draining, engine st
 (queue full), or closes the connection before the first byte of its answer is marked at once,
 so that concurrent requests skip it too, and the request goes to the next choice. The router
 holds back the replica's status line until the first body byte has arrived, so a replica that
-dies before answering costs a retry, not an error. Once a byte has been relayed the answer is
-the replica's: a failure after that cuts the client's connection (a retry would duplicate
-output). Answers are relayed byte for byte, SSE included. With an internal token, the client's
-Authorization header is replaced by the router's own, so user keys never reach the workers.
+dies before answering costs a retry, not an error. Once a byte has been relayed, a retry would
+duplicate output: a stream of one choice is then continued on another replica from the tokens
+the client has (kvflock.router.resume), relayed one whole SSE event at a time; any other answer
+is relayed byte for byte, and a failure after its first byte cuts the client's connection. With
+an internal token, the client's Authorization header is replaced by the router's own, so user
+keys never reach the workers.
 
 While no replica of the request's pool is ready but one is starting, a request is held for up
 to `hold_seconds` instead of refused; with `scale_from_zero`, also while there is no replica at
@@ -132,6 +134,7 @@ class Proxy:
             if nothing_coming is not None:
                 return self._refuse(503, nothing_coming)
         ledger = StreamLedger(parsed) if parsed is not None and continuable(path, parsed) else None
+        headers.pop(TOKENS_HEADER, None)  # the router's to set, so that the token ids never reach a client
         if ledger is not None:
             headers[TOKENS_HEADER] = "1"
         tried: set[str] = set()
