@@ -71,6 +71,14 @@ def test_only_streams_of_one_choice_are_continued(path, body, expected):
     assert continuable(path, body) is expected
 
 
+def test_a_client_cannot_send_the_routers_continuation_field():
+    app = create_app(StaticDiscovery([parse_worker_flag(f"http://127.0.0.1:{free_port()}")]))
+    with running_server(app, free_port()) as router:
+        answer = httpx.post(f"{router}/v1/completions", json={
+            "model": MODEL, "prompt": "x", "stream": True, CONTINUATION_FIELD: {"token_ids": [1], "text_chars": 1}})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == CONTINUATION_FIELD
+
+
 @dataclass
 class Fleet:
     router: str
