@@ -9,6 +9,12 @@ the kill: the kubelet starting the new process (restart back-off), the server li
 the engine built (the worker's "engine ready" line), the warm-up done, and the pod Ready (the
 probes). The worker's phase lines carry millisecond timestamps; the rest is polled every 50 ms.
 
+Traffic goes through a router (kvflock.router, in this process, round-robin over both pods):
+before each kill a greedy stream is started on the pod about to die, and the round also times
+"traffic re-routed" (the stream's first chunk after the kill: the router has continued it on the
+other pod) and "capacity restored" (the router's first answer from the restarted pod). Every
+stream must end whole ([DONE]); a cut one is reported.
+
     python -P bench/recovery.py --rounds 3
 """
 
@@ -22,21 +28,29 @@ import re
 import signal
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes.client
+import uvicorn
 import yaml
 
 from kvflock.local.localcluster import LocalCluster
 from kvflock.local.process import free_port
 from kvflock.operator import children
 from kvflock.operator.crd import InferenceServiceSpec
+from kvflock.router.app import RouterOptions, StaticDiscovery, create_app
+from kvflock.router.fleet import Endpoint
+from kvflock.shared.names import ANNOTATION_ENDPOINT
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "default"
-PHASES = ("restarted", "listening", "engine ready", "warm-up done", "pod Ready")
+PHASES = ("traffic re-routed", "restarted", "listening", "engine ready", "warm-up done", "pod Ready",
+          "capacity restored")
+MODEL = "smollm2-135m-instruct"
 _LINES = {"listening": "Started server process", "engine ready": "engine ready in", "warm-up done": "warm-up done in"}
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
@@ -74,8 +88,55 @@ def _log_times(path: Path, since_wall: float) -> dict[str, float]:
     return found
 
 
-def _round(core: kubernetes.client.CoreV1Api, name: str, log: Path) -> dict[str, float]:
-    """SIGKILL the pod's process; seconds from the kill to each phase."""
+class _Stream:
+    """A greedy stream through the router, read in a thread: when each chunk arrived, and
+    whether it ended whole."""
+
+    def __init__(self, router: str, replica: str) -> None:
+        self.arrivals: list[float] = []
+        self.whole = False
+        self.landed = threading.Event()
+        self.replica = replica
+        self._router = router
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        body = {"model": MODEL, "prompt": "A long story about a lighthouse keeper:", "max_tokens": 128,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        while True:  # round-robin: the next try lands on the other pod
+            with httpx.stream("POST", f"{self._router}/v1/completions", json=body, timeout=600) as response:
+                if response.headers.get("x-kvflock-replica") != self.replica:
+                    continue
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue  # the blank line that ends each event
+                    self.arrivals.append(time.monotonic())
+                    if len(self.arrivals) == 3:
+                        self.landed.set()
+                    self.whole = line == "data: [DONE]"
+                return
+
+    def rerouted_after(self, killed: float) -> float:
+        """Seconds from the kill to the first chunk after it; waits for the stream's end."""
+        self._thread.join(timeout=600)
+        return next(at for at in self.arrivals if at > killed) - killed
+
+
+def _answered_by(router: str, replica: str) -> bool:
+    try:
+        response = httpx.post(f"{router}/v1/completions", timeout=60,
+                              json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    except httpx.TransportError:
+        return False
+    return response.status_code == 200 and response.headers.get("x-kvflock-replica") == replica
+
+
+def _round(core: kubernetes.client.CoreV1Api, name: str, log: Path, router: str) -> dict[str, float]:
+    """SIGKILL the pod's process, a stream in flight on it; seconds from the kill to each phase."""
+    stream = _Stream(router, name)
+    if not stream.landed.wait(600):
+        raise TimeoutError(f"no stream landed on {name} within 600 s")
     pod = core.read_namespaced_pod(name, NS)
     status = pod.status.container_statuses[0]
     restarts, pid = status.restart_count, int(status.container_id.removeprefix("process://"))
@@ -93,9 +154,31 @@ def _round(core: kubernetes.client.CoreV1Api, name: str, log: Path) -> dict[str,
         if "restarted" in times and _ready(pod):
             times["pod Ready"] = time.monotonic() - killed
         time.sleep(0.05)
+    while not _answered_by(router, name):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the router got no answer from {name} within 600 s of the kill")
+        time.sleep(0.05)
+    times["capacity restored"] = time.monotonic() - killed
+    times["traffic re-routed"] = stream.rerouted_after(killed)
+    if not stream.whole:
+        print(f"the stream on {name} was cut")
     time.sleep(1.5)  # the phase lines are flushed by now
     times.update({phase: at - killed_wall for phase, at in _log_times(log, killed_wall).items()})
     return times
+
+
+def _serve_router(endpoints: list[Endpoint]) -> tuple[str, uvicorn.Server]:
+    """A router over the pods, round-robin, in a thread of this process."""
+    app = create_app(StaticDiscovery(endpoints), options=RouterOptions(policy="round-robin", poll_interval=0.2))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    while not server.started:
+        time.sleep(0.1)
+    while httpx.get(f"{url}/ready").status_code != 200:
+        time.sleep(0.1)
+    return url, server
 
 
 def main() -> None:
@@ -122,18 +205,24 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the bench's workers were not Ready within 600 s")
                 time.sleep(0.5)
-            for _ in range(args.rounds):
-                for label, name in names.items():  # alternating, so that both see the same machine
-                    results[label].append(_round(core, name, logs[label]))
+            pods = [core.read_namespaced_pod(n, NS) for n in names.values()]
+            router, server = _serve_router([Endpoint(id=p.metadata.name, url=p.metadata.annotations[ANNOTATION_ENDPOINT])
+                                            for p in pods])
+            try:
+                for _ in range(args.rounds):
+                    for label, name in names.items():  # alternating, so that both see the same machine
+                        results[label].append(_round(core, name, logs[label], router))
+            finally:
+                server.should_exit = True
         finally:
             cluster.stop()
     print(f"kill -> phase, seconds (median of {args.rounds}); {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, {datetime.date.today()}")
-    print(f"{'phase':<14}" + "".join(f"{label:>38}" for label in results))
+    print(f"{'phase':<18}" + "".join(f"{label:>38}" for label in results))
     for phase in PHASES:
         cells = [statistics.median(r[phase] for r in rounds) if all(phase in r for r in rounds) else float("nan")
                  for rounds in results.values()]
-        print(f"{phase:<14}" + "".join(f"{cell:>38.2f}" for cell in cells))
+        print(f"{phase:<18}" + "".join(f"{cell:>38.2f}" for cell in cells))
     before, after = (statistics.median(r["pod Ready"] for r in rounds) for rounds in results.values())
     print(f"kill -> Ready, after/before: {after / before:.2f}")
 

@@ -726,6 +726,7 @@ class WorkerStatus(_Model):
     runningRequests: int | None = Field(None, description="Requests in flight, from the worker's /metrics.")
     waitingRequests: int | None = Field(None, description="Requests queued, from the worker's /metrics.")
     kvCacheUsage: float | None = Field(None, description="Share of KV blocks in use, from /metrics.")
+    cachedBlocks: int | None = Field(None, description="KV blocks holding a known prefix, from /metrics.")
     probeTime: str | None = Field(None, description="When /ready and /metrics were last read.")
     probeError: str | None = Field(None, description="Why the last read failed, if it did.")
     adapters: dict[str, str] | None = Field(

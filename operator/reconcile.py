@@ -14,7 +14,8 @@ the status to record. Its rules, in the order they apply:
   rule here applies to each pool on its own. A pool without `replicas` has spec.replicas
   workers (what kubectl scale and the autoscaler write). Workers of a pool no longer defined
   are drained once every defined pool has all its workers ready.
-- Surplus workers go in this order: not-ready, then least-loaded, then highest n. A ready
+- Surplus workers go in the order of kvflock.operator.scale_in: not-ready, then least work in
+  flight, then least cache, then highest n. A ready
   one is drained first (POST /admin/drain) and deleted once drained: the worker reported
   nothing in flight, or it stopped running, or `drainTimeoutSeconds` passed. A not-ready
   one serves nothing and is deleted at once.
@@ -36,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvflock.operator import children, inference_pool, router_children
+from kvflock.operator import children, inference_pool, router_children, scale_in
 from kvflock.operator.children import Owner
 from kvflock.operator.crd import Condition, InferenceServiceSpec, InferenceServiceStatus, WorkerStatus
 from kvflock.shared import names
@@ -140,6 +141,7 @@ class Probe:
     running: int | None = None
     waiting: int | None = None
     kv_usage: float | None = None
+    cached_blocks: int | None = None  # KV blocks holding a known prefix
     drained: bool | None = None  # from GET /admin/drain, read only while the worker drains
     error: str | None = None
     ttft_buckets: tuple[tuple[float, float], ...] = ()  # the TTFT histogram (for the autoscaler)
@@ -158,6 +160,7 @@ class Probe:
             return None
         return cls(
             at=at, running=worker.runningRequests, waiting=worker.waitingRequests, kv_usage=worker.kvCacheUsage,
+            cached_blocks=worker.cachedBlocks,
             drained=worker.drained, error=worker.probeError,
             adapters=worker.adapters,
         )
@@ -235,9 +238,11 @@ def _drained(pod: WorkerPod, probe: Probe | None, now: datetime.datetime, timeou
     return None
 
 
-def _load(pod: WorkerPod, probes: Mapping[str, Probe]) -> int:
+def _candidate(pod: WorkerPod, probes: Mapping[str, Probe]) -> scale_in.Candidate:
     probe = probes.get(pod.name)
-    return (probe.in_flight or 0) if probe is not None else 0
+    if probe is None:
+        return scale_in.Candidate(pod.name, pod.index, pod.ready)
+    return scale_in.Candidate(pod.name, pod.index, pod.ready, probe.in_flight, probe.cached_blocks)
 
 
 def _condition(
@@ -383,7 +388,8 @@ class _WorkerPlan:
             self.actions.append(Action("delete", "Pod", pod.name, reason, f"Removed {message} (not ready)"))
 
     def removal_order(self, group: list[WorkerPod]) -> list[WorkerPod]:
-        return sorted(group, key=lambda p: (p.ready, _load(p, self.observed.probes), -p.index))
+        by_name = {p.name: p for p in group}
+        return [by_name[name] for name in scale_in.removal_order([_candidate(p, self.observed.probes) for p in group])]
 
     def settle_leaving(self, now: datetime.datetime) -> list[WorkerPod]:
         """Replace failed workers, delete drained ones; the rest are the active workers."""
@@ -530,6 +536,7 @@ def _worker_status(pod: WorkerPod, probe: Probe | None, current_hash: str | None
         runningRequests=probe.running if probe else None,
         waitingRequests=probe.waiting if probe else None,
         kvCacheUsage=probe.kv_usage if probe else None,
+        cachedBlocks=probe.cached_blocks if probe else None,
         probeTime=format_time(probe.at) if probe else None,
         probeError=probe.error if probe else None,
         adapters=dict(sorted(probe.adapters.items())) if probe and probe.adapters is not None else None,

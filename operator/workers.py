@@ -62,12 +62,14 @@ def probe(url: str, timeout: float, draining: bool = False, admin_token: bytes |
     used = values.get(metrics.KV_BLOCKS_USED)
     running = values.get(metrics.REQUESTS_RUNNING)
     waiting = values.get(metrics.REQUESTS_WAITING)
+    cached = values.get(metrics.KV_BLOCKS_CACHED)
     return Probe(
         at=now,
         ready=ready_code == 200,
         running=int(running) if running is not None else None,
         waiting=int(waiting) if waiting is not None else None,
         kv_usage=round(used / total, 4) if used is not None and total else None,
+        cached_blocks=int(cached) if cached is not None else None,
         drained=_drained(drain_text) if drain_code == 200 else None,
         error=None if metrics_code == 200 else f"/metrics answered {metrics_code}",
         ttft_buckets=metrics.parse_histogram_buckets(text, metrics.TIME_TO_FIRST_TOKEN) if metrics_code == 200 else (),

@@ -34,7 +34,8 @@ def error_from_value(exc: ValueError) -> ApiError:
     """Engine errors read 'field: what is wrong'; the field becomes the error's param."""
     message = str(exc)
     head, sep, _ = message.partition(":")
-    return ApiError(400, message, param=head if sep and head.isidentifier() else None)
+    is_field = bool(sep) and all(part.isidentifier() for part in head.split("."))  # e.g. stream_options.include_usage
+    return ApiError(400, message, param=head if is_field else None)
 
 
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:

@@ -20,6 +20,7 @@ HONOURED_BOTH = frozenset({
     "model", "n", "best_of", "temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "stop_token_ids",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stream", "stream_options",
     "logit_bias", "logprobs", "user", "min_tokens", "ignore_eos", "skip_special_tokens",
+    "kvflock_continuation",  # the router's, when it continues a stream (kvflock.shared.stream_seam)
 })
 HONOURED: dict[Endpoint, frozenset[str]] = {
     "completions": HONOURED_BOTH | {"prompt", "echo"},

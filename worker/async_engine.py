@@ -42,6 +42,7 @@ class _Add:
     accepted: asyncio.Future
     outputs: asyncio.Queue
     lora_name: str | None = None
+    generated: list[int] | None = None
 
 
 @dataclass
@@ -113,11 +114,12 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, grammar: Grammar | None = None,
-        lora_name: str | None = None,
+        lora_name: str | None = None, generated: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs (cumulative) until it finishes. A ValueError from
         validation is raised before the first output; leaving early aborts the request.
-        `grammar`: params.structured_output compiled by `compile_grammar`."""
+        `grammar`: params.structured_output compiled by `compile_grammar`; `generated`: see
+        LLMEngine.add_request."""
         if not self.is_alive:
             raise EngineDead("the engine thread has stopped")
         self.check_room(1)
@@ -128,7 +130,8 @@ class AsyncEngine:
         finished = False
         try:
             self._streams[request_id] = (outputs, loop)
-            self._commands.put(_Add(request_id, prompt, params, grammar, accepted, outputs, lora_name))
+            self._commands.put(_Add(request_id, prompt, params, grammar, accepted, outputs, lora_name,
+                                    generated))
             await accepted
             while True:
                 item = await outputs.get()
@@ -194,7 +197,7 @@ class AsyncEngine:
             return  # the client left before its request was applied
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params, command.grammar,
-                                    command.lora_name)
+                                    command.lora_name, command.generated)
         except Exception as exc:  # ValueError for bad input; anything else fails this request alone
             loop.call_soon_threadsafe(_settle, command.accepted, exc)
             return

@@ -226,9 +226,12 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    grammar: Grammar | None = None, lora_name: str | None = None) -> None:
+                    grammar: Grammar | None = None, lora_name: str | None = None,
+                    generated: list[int] | None = None) -> None:
         """`grammar`: params.structured_output compiled by `self.grammars` (the server compiles it
-        off the engine's thread); compiled here when not given. `lora_name`: the adapter to run with."""
+        off the engine's thread); compiled here when not given. `lora_name`: the adapter to run with.
+        `generated`: tokens this request already generated elsewhere (a stream continued from a
+        worker that went away); its one sequence starts as if it had generated them here."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
@@ -241,6 +244,8 @@ class LLMEngine:
         if params.structured_output is not None and grammar is None:
             grammar = self.grammars.compile(params.structured_output)
         ids = prompt_in.token_ids
+        if generated:
+            self._check_continuation(ids, params, generated)
         request = _Request(request_id, prompt_in.text, ids)
         for i in range(params.n):
             generator = None
@@ -250,11 +255,38 @@ class LLMEngine:
                            block_hash_root=root)
             if params.structured_output is not None:
                 seq.grammar = grammar.matcher()
+            if generated:
+                self._continue(seq, generated)
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = request
         if lora_name is not None and self.loras is not None:
             self.loras.stats.requests[lora_name] += 1
+
+    def _check_continuation(self, prompt_ids: list[int], params: SamplingParams, generated: list[int]) -> None:
+        field = "kvflock_continuation.token_ids"
+        if params.n != 1:
+            raise ValueError(f"{field}: a continued request has one completion (n=1), got n={params.n}")
+        bad = [t for t in generated if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"{field}: token ids must be in [0, {self.model_config.vocab_size}); got {bad[:3]}")
+        if params.max_tokens is not None and len(generated) >= params.max_tokens:
+            raise ValueError(f"{field}: {len(generated)} tokens already reach max_tokens={params.max_tokens}")
+        if len(prompt_ids) + len(generated) >= self.max_model_len:
+            raise ValueError(f"{field}: the prompt and {len(generated)} generated tokens fill "
+                             f"max_model_len={self.max_model_len}")
+
+    def _continue(self, seq: Sequence, generated: list[int]) -> None:
+        """Put the sequence where the worker that generated `generated` left it: its text, and its
+        grammar past those tokens. Their logprobs were sent by that worker, so none are kept here."""
+        seq.output_token_ids = list(generated)
+        seq.token_ids.extend(generated)
+        if seq.grammar is not None:
+            for token in generated:
+                seq.grammar.accept(token)
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(generated, skip_special_tokens=seq.params.skip_special_tokens)
+            seq.output_text = text.rstrip("\ufffd")
 
     def abort_request(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)

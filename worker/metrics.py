@@ -47,7 +47,7 @@ class _EngineCollector(Collector):
                                   value=stats.prefix_queried_tokens)
         yield CounterMetricFamily("kvflock_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                   value=stats.prefix_hit_tokens)
-        yield GaugeMetricFamily("kvflock_kv_blocks_cached", "KV blocks holding a known prefix", value=stats.kv_blocks_cached)
+        yield GaugeMetricFamily(metrics.KV_BLOCKS_CACHED, "KV blocks holding a known prefix", value=stats.kv_blocks_cached)
         if stats.lora is not None:
             yield from _lora_metrics(stats.lora)
         if stats.spec_decode is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvflock.worker.async_engine import AsyncEngine
 from kvflock.worker.engine import CompletionOutput
+from kvflock.worker.sequence import TokenLogprobs
 from kvflock.worker.tool_parsers import ParsedText, ToolCallReader
 
 
@@ -36,6 +37,10 @@ class Format:
     def full_choice(self, index: int, completion: CompletionOutput) -> dict[str, Any]:
         raise NotImplementedError
 
+    def resume(self, index: int, text: str) -> None:
+        """Choice `index` continues a stream whose client has received `text` (another worker
+        streamed it): what follows is sent as if this formatter had sent that."""
+
     def delta_choice(self, index: int, completion: CompletionOutput, text: str, first: bool,
                      token_range: tuple[int, int]) -> dict[str, Any] | None:
         """The chunk's choice for what `completion` gained; None when nothing of it can be sent yet."""
@@ -56,7 +61,7 @@ class CompletionFormat(Format):
     def logprobs(self, completion: CompletionOutput, start: int, end: int, text_offset: int) -> dict[str, Any] | None:
         if completion.logprobs is None:
             return None
-        entries = completion.logprobs[start:end]
+        entries = _logprobs(completion, start, end)
         tokens = [self.token_text(e.token_id) for e in entries]
         offsets, at = [], text_offset
         for t in tokens:
@@ -140,7 +145,7 @@ class ChatFormat(Format):
 
         return {"content": [
             {**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top.items()]}
-            for e in completion.logprobs[start:end]
+            for e in _logprobs(completion, start, end)
         ]}
 
     def full_choice(self, index: int, completion: CompletionOutput) -> dict[str, Any]:
@@ -153,6 +158,11 @@ class ChatFormat(Format):
                  "function": {"name": call.name, "arguments": call.arguments}} for call in parsed.calls]
         return {"index": index, "message": message, "finish_reason": _finish_reason(completion, parsed),
                 "logprobs": self.logprobs(completion, 0, len(completion.token_ids))}
+
+    def resume(self, index: int, text: str) -> None:
+        if self.tools is not None:
+            stream = self._streams[index] = _ToolCallStream(role_sent=True)
+            stream.delta(self.tools.read(text, finished=False))
 
     def delta_choice(self, index, completion, text, first, token_range):
         logprobs = self.logprobs(completion, *token_range)
@@ -168,6 +178,14 @@ class ChatFormat(Format):
         stream.role_sent = True
         return {"index": index, "delta": delta, "finish_reason": _finish_reason(completion, parsed) if finished else None,
                 "logprobs": logprobs}
+
+
+def _logprobs(completion: CompletionOutput, start: int, end: int) -> list[TokenLogprobs]:
+    """The logprobs of tokens [start, end). A continued stream has none for the tokens another
+    worker generated: they are the first ones, and were sent with theirs."""
+    assert completion.logprobs is not None
+    skipped = len(completion.token_ids) - len(completion.logprobs)
+    return completion.logprobs[max(start - skipped, 0):max(end - skipped, 0)]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
+from kvflock.shared.stream_seam import CONTINUATION_FIELD
 from kvflock.worker.api_errors import FieldError
 from kvflock.worker.api_fields import Endpoint, refuse_unsupported
 from kvflock.worker.config import SamplingParams, StructuredOutput
@@ -99,6 +100,17 @@ class StructuredOutputsParams(BaseModel):
         return field, StructuredOutput(**{field: getattr(self, field)})
 
 
+class Continuation(BaseModel):
+    """The router's: this streamed request continues one that another worker started and lost
+    (kvflock.shared.stream_seam). The client has received the one choice's `token_ids` and
+    `text_chars` characters of its text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    token_ids: list[int] = Field(min_length=1)
+    text_chars: int = Field(ge=0)
+
+
 class _SamplingFields(BaseModel):
     model_config = _STRICT
     endpoint: ClassVar[Endpoint]
@@ -139,6 +151,7 @@ class _SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    kvflock_continuation: Continuation | None = None
 
     @field_validator("guided_json")
     @classmethod
@@ -151,6 +164,14 @@ class _SamplingFields(BaseModel):
         if isinstance(data, dict):
             refuse_unsupported(data, cls.endpoint)
         return data
+
+    @model_validator(mode="after")
+    def _continues_one_stream(self) -> "_SamplingFields":
+        if self.kvflock_continuation is not None and not self.stream:
+            raise ValueError(f"{CONTINUATION_FIELD}: continues a stream; needs stream=true")
+        if self.kvflock_continuation is not None and self.n != 1:
+            raise ValueError(f"{CONTINUATION_FIELD}: continues one choice; needs n=1, got n={self.n}")
+        return self
 
     @model_validator(mode="after")
     def _best_of_is_n(self) -> "_SamplingFields":
@@ -244,6 +265,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("echo: not supported together with logprobs (prompt logprobs are not computed)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
+        if self.kvflock_continuation is not None and len(self.prompts()) != 1:
+            raise ValueError(f"{CONTINUATION_FIELD}: continues one choice; needs a single prompt")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -1,6 +1,8 @@
 """Running an API request's prompts on the engine and answering: whole (JSON) or streamed (SSE),
 with the latency and token metrics observed on the way. A refusal by the engine becomes an
-HTTP error before any byte of the answer is sent; a client that goes away aborts its requests."""
+HTTP error before any byte of the answer is sent; a client that goes away aborts its requests.
+A stream may carry its token ids for the router and continue one another worker started
+(kvflock.shared.stream_seam)."""
 
 import asyncio
 import json
@@ -13,6 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvflock.shared.stream_seam import EXTENSION
 from kvflock.worker.api_errors import RETRY_AFTER_SECONDS, ApiError, error_from_value
 from kvflock.worker.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from kvflock.worker.engine import RequestOutput
@@ -32,17 +35,28 @@ class _Tracked:
     text_seen: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Seam:
+    """What the router asked of a stream: each chunk's choices carry their token ids
+    (`report_tokens`), and the one choice continues from `generated` tokens of which the client
+    has `text_chars` characters of text."""
+
+    report_tokens: bool = False
+    generated: list[int] | None = None
+    text_chars: int = 0
+
+
 async def start_requests(metrics: WorkerMetrics, engine: AsyncEngine, requests: list[tuple[Any, Any]],
-                         grammar: Grammar | None = None, lora_name: str | None = None
-                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
+                         grammar: Grammar | None = None, lora_name: str | None = None,
+                         generated: list[int] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every request and wait until each is accepted and has its first output, so that
     a refusal becomes an HTTP error before any byte of the answer is sent. `grammar`: the
-    requests' structured output, compiled."""
+    requests' structured output, compiled; `generated`: the tokens the one request continues from."""
     if len(requests) > engine.capacity:
         raise ApiError(400, f"prompt: {len(requests)} prompts exceed the {engine.capacity} this server holds at once "
                        "(max_num_seqs + max_queued_requests); send them in several requests", param="prompt")
     base = uuid.uuid4().hex
-    generators = [engine.generate(f"{base}-{i}", prompt, params, grammar, lora_name)
+    generators = [engine.generate(f"{base}-{i}", prompt, params, grammar, lora_name, generated)
                   for i, (prompt, params) in enumerate(requests)]
     firsts: list[RequestOutput] = []
     try:
@@ -121,11 +135,15 @@ def _observe(metrics: WorkerMetrics, tracked: _Tracked, out: RequestOutput, now:
 
 
 async def respond(request: Request, metrics: WorkerMetrics, stream: AsyncIterator[tuple[int, RequestOutput]],
-                  fmt: Format, streaming: bool, include_usage: bool, num_prompts: int, arrived: float) -> Response:
+                  fmt: Format, streaming: bool, include_usage: bool, num_prompts: int, arrived: float,
+                  seam: Seam = Seam()) -> Response:
     tracked = {i: _Tracked(i, arrived) for i in range(num_prompts)}
 
     if streaming:
-        return StreamingResponse(_sse(metrics, stream, fmt, tracked, include_usage), media_type="text/event-stream",
+        if seam.generated is not None:  # the client has these already: the stream goes on after them
+            tracked[0].tokens_seen[0], tracked[0].text_seen[0] = len(seam.generated), seam.text_chars
+        return StreamingResponse(_sse(metrics, stream, fmt, tracked, include_usage, seam),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     finals: dict[int, RequestOutput] = {}
@@ -163,11 +181,15 @@ async def _collect(metrics: WorkerMetrics, stream: AsyncIterator[tuple[int, Requ
 
 
 async def _sse(metrics: WorkerMetrics, stream: AsyncIterator[tuple[int, RequestOutput]], fmt: Format,
-               tracked: dict[int, _Tracked], include_usage: bool) -> AsyncIterator[str]:
+               tracked: dict[int, _Tracked], include_usage: bool, seam: Seam) -> AsyncIterator[str]:
     prompt_tokens: dict[int, int] = {}
     completion_tokens: dict[tuple[int, int], int] = {}
+    continued = seam.generated is not None
     try:
         async for i, out in stream:
+            if continued:
+                fmt.resume(0, out.outputs[0].text[:seam.text_chars])
+                continued = False
             _observe(metrics, tracked[i], out, time.monotonic())
             prompt_tokens[i] = len(out.prompt_token_ids)
             choices = []
@@ -185,6 +207,9 @@ async def _sse(metrics: WorkerMetrics, stream: AsyncIterator[tuple[int, RequestO
                                           (seen_tokens, len(c.token_ids)))
                 if choice is None:
                     continue  # held back: the next chunk covers these tokens too
+                if seam.report_tokens:
+                    choice[EXTENSION] = {"token_ids": c.token_ids[seen_tokens:], "text_chars": len(c.text),
+                                         "prompt_tokens": prompt_tokens[i]}
                 choices.append(choice)
                 t.tokens_seen[c.index], t.text_seen[c.index] = len(c.token_ids), len(c.text)
                 completion_tokens[(i, c.index)] = len(c.token_ids)

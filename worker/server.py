@@ -34,6 +34,7 @@ from kvflock.shared import api_doc
 from kvflock.shared.auth import AccessControl, AccessPolicy
 from kvflock.shared.chat import render_chat
 from kvflock.shared.logs import RequestIdMiddleware
+from kvflock.shared.stream_seam import TOKENS_HEADER
 from kvflock.shared.version import __version__
 from kvflock.worker.api_errors import (
     RETRY_AFTER_SECONDS,
@@ -54,7 +55,7 @@ from kvflock.worker.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
-from kvflock.worker.responses import respond, start_requests
+from kvflock.worker.responses import Seam, respond, start_requests
 from kvflock.worker.structured_output import Grammar
 from kvflock.worker.tool_parsers import ToolCallFormat, ToolCallReader, detect_format
 
@@ -295,11 +296,13 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         params = build_or_400(lambda: body.sampling_params(body.max_tokens, body.logprobs))
         grammar = await _compile_grammar(engine, params, body.structured_output_field)
         prompts = body.prompts()
+        seam = _seam(body, request)
         stream = await start_requests(state.metrics, engine, [(p, params) for p in prompts], grammar,
-                                      _adapter(state, body.model))
+                                      _adapter(state, body.model), seam.generated)
         echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else None
         formatter = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", body.model, body.n, engine, echo)
-        return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, len(prompts), arrived)
+        return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, len(prompts),
+                             arrived, seam)
 
     @app.post("/v1/chat/completions", responses=api_doc.GENERATION)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -312,9 +315,12 @@ def create_app(state: WorkerState, max_request_bytes: int = 1 << 20,
         field = body.structured_output_field or ("tool_choice" if constraint is not None else None)
         grammar = await _compile_grammar(engine, params, field)
         prompt = _render(engine, body.messages, body.template_tools(), body)
-        stream = await start_requests(state.metrics, engine, [(prompt, params)], grammar, _adapter(state, body.model))
+        seam = _seam(body, request)
+        stream = await start_requests(state.metrics, engine, [(prompt, params)], grammar, _adapter(state, body.model),
+                                      seam.generated)
         formatter = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", body.model, body.n, engine, reader)
-        return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, 1, arrived)
+        return await respond(request, state.metrics, stream, formatter, body.stream, body.include_usage, 1, arrived,
+                             seam)
 
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     app.add_middleware(AccessControl, policy=access)  # no body is read before the key is checked
@@ -378,6 +384,14 @@ def _encode(engine: AsyncEngine, text: str, add_special_tokens: bool) -> list[in
     if engine.tokenizer is None:
         raise ApiError(400, "prompt: this model has no tokenizer", param="prompt")
     return list(engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _seam(body: CompletionRequest | ChatCompletionRequest, request: Request) -> Seam:
+    """What the router asked of this stream: token ids in its chunks, and where it continues from."""
+    continued = body.kvflock_continuation
+    return Seam(report_tokens=body.stream and request.headers.get(TOKENS_HEADER) == "1",
+                generated=continued.token_ids if continued is not None else None,
+                text_chars=continued.text_chars if continued is not None else 0)
 
 
 def _tool_call_reader(tool_format: ToolCallFormat, body: ChatCompletionRequest) -> ToolCallReader | None:

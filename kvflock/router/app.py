@@ -37,6 +37,7 @@ from kvflock.shared import api_doc
 from kvflock.shared.auth import AccessControl, AccessPolicy, bearer_header
 from kvflock.shared.logs import REQUEST_ID_HEADER, RequestIdMiddleware
 from kvflock.shared.request_text import LONE_SURROGATE, first_lone_surrogate
+from kvflock.shared.stream_seam import CONTINUATION_FIELD
 from kvflock.shared.version import __version__
 
 # Prompts over this many characters are tokenized off the event loop.
@@ -186,6 +187,9 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
             return error_response(400, f"the body is not valid JSON: {exc}", "invalid_request_error", param="body")
         if not isinstance(body, dict):
             return error_response(400, "the body must be a JSON object", "invalid_request_error", param="body")
+        if CONTINUATION_FIELD in body:
+            return error_response(400, f"{CONTINUATION_FIELD}: set by the router only, when it continues a stream on "
+                                  "another replica", "invalid_request_error", param=CONTINUATION_FIELD)
         where = first_lone_surrogate(body)
         if where is not None:
             return error_response(400, f"{where}: {LONE_SURROGATE}", "invalid_request_error", param=where)
@@ -197,7 +201,7 @@ def create_app(discovery: Discovery, settings: RouterSettings = RouterSettings()
             features = await asyncio.to_thread(reader.features, path, body, adapter)
         else:
             features = reader.features(path, body, adapter)
-        return await state.proxy.forward(request, path, raw, features)
+        return await state.proxy.forward(request, path, raw, features, body)
 
     @app.post("/v1/completions", responses=api_doc.GENERATION)
     async def completions(request: Request) -> Response:

@@ -74,6 +74,8 @@ class RouterMetrics:
                                ["status"], registry=r)
         self.broken_streams = Counter("kvflock_router_broken_streams",
                                       "Responses cut off because the replica failed after the first byte", registry=r)
+        self.resumed_streams = Counter("kvflock_router_resumed_streams",
+                                       "Streams continued on another replica after theirs failed mid-way", registry=r)
         self.prompt_blocks = Counter("kvflock_router_prompt_blocks", "Leading prompt blocks hashed", registry=r)
         self.prefix_blocks = Counter("kvflock_router_prefix_blocks",
                                      "Leading prompt blocks the chosen replica was believed to hold", registry=r)

@@ -5,10 +5,12 @@ A replica that refuses the connection, answers 503 (loading, draining, engine st
 (queue full), or closes the connection before the first byte of its answer is marked at once,
 so that concurrent requests skip it too, and the request goes to the next choice. The router
 holds back the replica's status line until the first body byte has arrived, so a replica that
-dies before answering costs a retry, not an error. Once a byte has been relayed the answer is
-the replica's: a failure after that cuts the client's connection (a retry would duplicate
-output). Answers are relayed byte for byte, SSE included. With an internal token, the client's
-Authorization header is replaced by the router's own, so user keys never reach the workers.
+dies before answering costs a retry, not an error. Once a byte has been relayed, a retry would
+duplicate output: a stream of one choice is then continued on another replica from the tokens
+the client has (kvflock.router.resume), relayed one whole SSE event at a time; any other answer
+is relayed byte for byte, and a failure after its first byte cuts the client's connection. With
+an internal token, the client's Authorization header is replaced by the router's own, so user
+keys never reach the workers.
 
 While no replica of the request's pool is ready but one is starting, a request is held for up
 to `hold_seconds` instead of refused; with `scale_from_zero`, also while there is no replica at
@@ -21,10 +23,12 @@ waiting would only delay the same answer.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from starlette.requests import Request
@@ -34,7 +38,9 @@ from starlette.types import Receive, Scope, Send
 from kvflock.router.fleet import Fleet, Replica
 from kvflock.router.metrics import RouterMetrics
 from kvflock.router.policy import Refusal, RequestFeatures, Router, pool_members
+from kvflock.router.resume import StreamLedger, continuable
 from kvflock.shared.auth import bearer_header
+from kvflock.shared.stream_seam import TOKENS_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,10 @@ def error_response(status: int, message: str, type_: str, retry_after: int | Non
     body = {"error": {"message": message, "type": type_, "param": param, "code": None}}
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _StreamCut(Exception):
+    """No replica could continue a stream: the client's connection is cut, as the worker's was."""
 
 
 class _Retry(Exception):
@@ -102,8 +112,11 @@ class Proxy:
         self.scale_from_zero = scale_from_zero
         self._upstream_auth = bearer_header(internal_token) if internal_token is not None else None
 
-    async def forward(self, request: Request, path: str, body: bytes, features: RequestFeatures) -> Response:
-        """Send the request to the best replica, retrying on others before the first byte."""
+    async def forward(self, request: Request, path: str, body: bytes, features: RequestFeatures,
+                      parsed: dict[str, Any] | None = None) -> Response:
+        """Send the request to the best replica, retrying on others before the first byte. With
+        `parsed` (the body read), a stream of one choice is continued on another replica when
+        its replica fails after the first byte."""
         arrived = self.clock()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         if self._upstream_auth is not None:
@@ -120,7 +133,23 @@ class Proxy:
                     return self._refuse(503, f"no replica became ready within {self.hold_seconds:g} s")
             if nothing_coming is not None:
                 return self._refuse(503, nothing_coming)
+        ledger = StreamLedger(parsed) if parsed is not None and continuable(path, parsed) else None
+        headers.pop(TOKENS_HEADER, None)  # the router's to set, so that the token ids never reach a client
+        if ledger is not None:
+            headers[TOKENS_HEADER] = "1"
         tried: set[str] = set()
+        opened = await self._attempt(request, features, request.method, path, body, headers, tried)
+        if not isinstance(opened, tuple):
+            return opened
+        replica, upstream = opened
+        if ledger is not None:
+            return self._relay_continuable(replica, upstream, features, arrived, ledger, path, headers)
+        return self._relay(replica, upstream, features.prompt_tokens, arrived)
+
+    async def _attempt(self, request: Request | None, features: RequestFeatures, method: str, path: str, body: bytes,
+                       headers: dict[str, str], tried: set[str]) -> tuple[Replica, _Upstream] | Response:
+        """The first replica, of up to `max_attempts` not in `tried`, that answers; or the refusal.
+        With `request`, gives up (499) once its client has left."""
         saw_full_queue = False
         for _ in range(self.max_attempts):
             choice = self.router.choose(features, self.fleet.views(self.clock()), frozenset(tried))
@@ -133,8 +162,9 @@ class Proxy:
             assert replica is not None, "a decision names only replicas of the snapshot it was given"
             tried.add(replica.id)
             replica.begin(features.prompt_tokens)
+            opening = self._open(replica, method, path, body, headers)
             try:
-                upstream = await self._until_client_leaves(request, self._open(replica, request.method, path, body, headers))
+                upstream = await (opening if request is None else self._until_client_leaves(request, opening))
             except _Retry as retry:
                 replica.end(features.prompt_tokens)
                 self.metrics.retries.labels(replica=replica.id, reason=retry.reason).inc()
@@ -147,7 +177,7 @@ class Proxy:
             if upstream is None:  # the client left while the replica worked; the request is dropped
                 replica.end(features.prompt_tokens)
                 return Response(status_code=499)
-            return self._relay(replica, upstream, features.prompt_tokens, arrived)
+            return replica, upstream
         if saw_full_queue:
             return self._refuse(429, "every replica tried has a full queue; retry later")
         return self._refuse(503, f"no replica answered after {self.max_attempts} attempts")
@@ -261,6 +291,74 @@ class Proxy:
             replica.end(prompt_tokens)
 
         return _RelayResponse(body(), response.status_code, headers, close)
+
+    def _relay_continuable(self, replica: Replica, upstream: _Upstream, features: RequestFeatures, arrived: float,
+                           ledger: StreamLedger, path: str, headers: dict[str, str]) -> Response:
+        """Relay a stream of one choice; when its replica fails (or ends it early), continue it on
+        another from what the client has received, up to `max_attempts` times."""
+        response = upstream.response
+        if response.status_code != 200:  # an error body: nothing to continue
+            return self._relay(replica, upstream, features.prompt_tokens, arrived)
+        self.metrics.requests.labels(replica=replica.id, status="200").inc()
+        self.metrics.ttfb.observe(self.clock() - arrived)
+        out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP}
+        out_headers["x-kvflock-replica"] = replica.id
+        current: tuple[Replica, _Upstream] | None = (replica, upstream)
+        failed: set[str] = set()
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal current
+            resumes = 0
+            while True:
+                assert current is not None
+                serving, open_upstream = current
+                try:
+                    out = ledger.relay(open_upstream.first)
+                    if out:
+                        yield out
+                    async for chunk in open_upstream.rest:
+                        out = ledger.relay(chunk)
+                        if out:
+                            yield out
+                    why = "ended the stream early"
+                except httpx.TransportError:
+                    serving.mark_unreachable()
+                    why = "failed"
+                finally:
+                    await open_upstream.response.aclose()
+                    serving.end(features.prompt_tokens)
+                    current = None
+                if ledger.done:
+                    return
+                if ledger.finish_reason is not None:
+                    yield ledger.ending()
+                    return
+                failed.add(serving.id)
+                if ledger.failed or resumes == self.max_attempts:
+                    break
+                resumes += 1
+                log.info("replica %s %s after %d tokens; continuing the stream elsewhere", serving.id, why,
+                         len(ledger.token_ids))
+                continuation = json.dumps(ledger.continuation()).encode()
+                opened = await self._attempt(None, features, "POST", path, continuation, headers, set(failed))
+                if not isinstance(opened, tuple) or opened[1].response.status_code != 200:
+                    if isinstance(opened, tuple):
+                        await opened[1].response.aclose()
+                        opened[0].end(features.prompt_tokens)
+                    break
+                current = opened
+                ledger.restart()
+                self.metrics.resumed_streams.inc()
+            self.metrics.broken_streams.inc()
+            log.warning("a stream could not be continued on another replica; the client's answer is cut off")
+            raise _StreamCut()
+
+        async def close() -> None:
+            if current is not None:
+                await current[1].response.aclose()
+                current[0].end(features.prompt_tokens)
+
+        return _RelayResponse(body(), 200, out_headers, close)
 
 
 def _retry_after(response: httpx.Response) -> float:

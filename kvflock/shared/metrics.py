@@ -11,6 +11,7 @@ REQUESTS_RUNNING = "kvflock_requests_running"
 REQUESTS_WAITING = "kvflock_requests_waiting"
 KV_BLOCKS_USED = "kvflock_kv_blocks_used"
 KV_BLOCKS_TOTAL = "kvflock_kv_blocks_total"
+KV_BLOCKS_CACHED = "kvflock_kv_blocks_cached"  # the value of its cache, to the operator's scale-in
 TIME_TO_FIRST_TOKEN = "kvflock_time_to_first_token_seconds"
 # vLLM's names for the same gauges, which others' tools read: the Gateway API Inference Extension's
 # endpoint picker (its --total-queued-requests-metric, --total-running-requests-metric and

@@ -107,3 +107,28 @@ def test_text_without_a_call_stays_content_streamed_or_not(api):
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert whole.choices[0].message.tool_calls is None
     assert text == whole.choices[0].message.content and "Paris" in text
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required"])
+def test_a_streamed_call_continued_mid_way_reads_as_the_undisturbed_one(api, tool_choice):
+    """Another worker streamed the call's start (kvflock.shared.stream_seam); this one sends the
+    rest: one call, its arguments whole, its grammar (with `required`) followed across the seam."""
+    from tests.server.test_stream_continuation import continued, stream, tokens
+
+    url = str(api.base_url).removesuffix("/").removesuffix("/v1")
+    body = {"messages": conversation(), "tools": [WEATHER], "tool_choice": tool_choice, "temperature": 0,
+            "max_tokens": 40}
+    undisturbed = stream(url, "/v1/chat/completions", body)
+    before, after = continued(url, "/v1/chat/completions", body, undisturbed, len(tokens(undisturbed)) // 2)
+
+    def calls(chunks: list[dict]) -> list[tuple[str | None, str]]:
+        found: dict[int, list] = {}
+        for c in chunks:
+            for call in c["choices"][0]["delta"].get("tool_calls") or []:
+                entry = found.setdefault(call["index"], [None, ""])
+                entry[0] = call["function"].get("name") or entry[0]
+                entry[1] += call["function"].get("arguments", "")
+        return [tuple(found[i]) for i in sorted(found)]
+
+    assert calls(before + after) == calls(undisturbed) == [("get_weather", '{"city": "Paris"}')]
+    assert after[-1]["choices"][0]["finish_reason"] == "tool_calls"
