@@ -227,7 +227,7 @@ class Replica:
         p, bs = self.params, self.params.block_size
         decodes: list[Sequence] = []
         for seq in list(self.running):
-            if seq.prefilling or seq not in self.running:
+            if seq.prefilling:  # also true of a sequence preempted just now: it prefills again
                 continue
             tokens = seq.request.prompt_tokens + seq.generated
             if seq.blocks_for(tokens + 1, bs) > len(seq.pinned) + seq.private:
@@ -235,8 +235,6 @@ class Replica:
                     if self.running[-1] is seq or len(self.running) == 1:
                         break
                     self._preempt()
-                if seq not in self.running:
-                    continue
                 if not self._room(1):  # alone and out of blocks: recompute it later
                     self.running.remove(seq)
                     self._release(seq)
