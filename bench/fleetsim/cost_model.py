@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ def batch_features(prompts: int, prompt_tokens: int, output_tokens: int, params:
     """The summed step features of `prompts` requests that all arrive at once, run to the end
     by the replica model (distinct prompts: no prefix hits)."""
     recorder = _Recorder()
-    replica = Replica("fit", "fit", params, recorder)
+    replica = Replica("fit", "fit", replace(params, decode_runs=False), recorder)
     for i in range(prompts):
         replica.enqueue(Request(i, 0.0, prompt_tokens, output_tokens, ()))
     while replica.plan_step() is not None:

@@ -66,6 +66,7 @@ class _Member:
     in_flight: int = 0
     queued_tokens: int = 0
     kv_usage: float = 0.0
+    step_started: float = 0.0
 
     def view(self) -> ReplicaView:
         return ReplicaView(self.replica.id, self.replica.pool, self.ready, self.draining, True, False,
@@ -183,10 +184,18 @@ class Fleet:
         self.views[member.replica.id] = member.view()
 
     def _kick(self, member: _Member) -> None:
-        if member.ready and member.replica.step is None:
-            step = member.replica.plan_step()
+        replica = member.replica
+        if not member.ready:
+            return
+        if replica.step is None:
+            step = replica.plan_step()
             if step is not None:
-                self._push(self.now + step.seconds, STEP, (member.replica.id, member.generation))
+                member.step_started = self.now
+                self._push(self.now + step.seconds, STEP, (replica.id, member.generation, step))
+        else:  # a decode run stops after its current step, so that the next one takes the new request
+            seconds = replica.cut(self.now - member.step_started)
+            if seconds is not None:
+                self._push(member.step_started + seconds, STEP, (replica.id, member.generation, replica.step))
 
     def _ready(self, replica_id: object) -> None:
         member = self.members.get(str(replica_id))
@@ -222,14 +231,13 @@ class Fleet:
         self._kick(member)
 
     def _step_end(self, payload: object) -> None:
-        replica_id, generation = payload  # type: ignore[misc]
+        replica_id, generation, step = payload  # type: ignore[misc]
         member = self.members.get(replica_id)
-        if member is None or member.generation != generation:
+        # A dead replica's step, or a decode run's end that a cut moved earlier, is void.
+        if member is None or member.generation != generation or member.replica.step is not step:
             return
         if self.now < self.window:
-            step = member.replica.step
-            assert step is not None
-            self.window_tokens += len(step.decodes) + sum(1 for s, n in step.chunks if s.computed + n >= s.target)
+            self.window_tokens += step.tokens()
         for request in member.replica.finish_step(self.now):
             member.in_flight -= 1
             member.queued_tokens -= request.prompt_tokens

@@ -37,6 +37,9 @@ class EngineParams:
     cpu_blocks: int = 0  # the CPU tier, in blocks (0: no offload)
     restore_seconds_per_block: float = 0.0
     time_scale: float = 1.0  # step times relative to the cost model's device
+    # Decode-only stretches as one event (the same timing, far fewer events); off, every step
+    # is asked of the cost model on its own (the fit counts steps that way).
+    decode_runs: bool = True
 
 
 @dataclass(eq=False)
@@ -78,12 +81,20 @@ class Sequence:
 
 @dataclass
 class Step:
+    """One engine step, or `repeat` decode-only steps of the same sequences in a row (a decode
+    run: one event instead of one per token, cut short by `Replica.cut` when a request arrives)."""
+
     decodes: list[Sequence]
     chunks: list[tuple[Sequence, int]]
     prefill_tokens: int
-    context_tokens: int
+    context_tokens: int  # of the first step
     restored_blocks: int
     seconds: float
+    repeat: int = 1
+
+    def tokens(self) -> int:
+        """Output tokens the step emits."""
+        return len(self.decodes) * self.repeat + sum(1 for s, n in self.chunks if s.computed + n >= s.target)
 
 
 @dataclass
@@ -224,6 +235,10 @@ class Replica:
     # -- steps ------------------------------------------------------------------------------
     def plan_step(self) -> Step | None:
         """The next step, or None when there is nothing to do."""
+        run = self._decode_run()
+        if run is not None:
+            self.step = run
+            return run
         p, bs = self.params, self.params.block_size
         decodes: list[Sequence] = []
         for seq in list(self.running):
@@ -273,6 +288,50 @@ class Replica:
         self.step = Step(decodes, chunks, prefill, context, restored, seconds)
         return self.step
 
+    def _run_seconds(self, decodes: int, context: int, steps: int) -> float:
+        """`steps` decode steps of `decodes` sequences whose context starts at `context` tokens
+        and grows by one token each per step (the cost model is linear in the context)."""
+        first = self.cost.step_seconds(0, decodes, context)
+        growth = self.cost.step_seconds(0, decodes, context + decodes) - first
+        return (steps * first + growth * steps * (steps - 1) / 2) * self.params.time_scale
+
+    def _decode_run(self) -> Step | None:
+        """Several decode steps at once when nothing but decoding can happen until a sequence
+        finishes: nothing is prefilling or waiting, and the blocks for the whole run fit."""
+        if not self.params.decode_runs or self.waiting or not self.running or any(s.prefilling for s in self.running):
+            return None
+        bs = self.params.block_size
+        steps = min(s.request.output_tokens - s.generated for s in self.running)
+        if steps < 2:
+            return None
+        lengths = [s.request.prompt_tokens + s.generated for s in self.running]
+        needed = sum(-(-(n + steps) // bs) - len(s.pinned) - s.private for n, s in zip(lengths, self.running))
+        if not self._room(needed):
+            return None
+        context = sum(lengths)
+        seconds = self._run_seconds(len(self.running), context, steps)
+        return Step(list(self.running), [], 0, context, 0, seconds, repeat=steps)
+
+    def cut(self, elapsed: float) -> float | None:
+        """A request arrived `elapsed` seconds into a decode run: the run stops after the step in
+        progress, so that the next step can take the request. The new length of the run in
+        seconds, or None when it ends anyway."""
+        step = self.step
+        if step is None or step.repeat < 2:
+            return None
+        lo, hi = 1, step.repeat  # the fewest steps whose time reaches `elapsed`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._run_seconds(len(step.decodes), step.context_tokens, mid) >= elapsed:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo >= step.repeat:
+            return None
+        step.repeat = lo
+        step.seconds = self._run_seconds(len(step.decodes), step.context_tokens, lo)
+        return step.seconds
+
     def finish_step(self, now: float) -> list[Request]:
         """Apply the running step's outcome at `now`; the requests it finished."""
         step, self.step = self.step, None
@@ -283,6 +342,15 @@ class Replica:
             seq.computed += n
             if not seq.prefilling:
                 emitted.append(seq)
+        bs = self.params.block_size
+        for seq in step.decodes:
+            if step.repeat > 1:  # a decode run allocates its blocks here (plan_step checked they fit)
+                seq.generated += step.repeat - 1
+                grown = -(-(seq.request.prompt_tokens + seq.generated + 1) // bs) - len(seq.pinned) - seq.private
+                if grown > 0:
+                    assert self._room(grown)
+                    seq.private += grown
+                    self.private_blocks += grown
         for seq in emitted:
             seq.generated += 1
             request = seq.request
