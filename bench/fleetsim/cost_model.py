@@ -19,6 +19,7 @@ CPU (1024 blocks of 16 tokens) took 112.7 ms to the first token against 23.0 ms 
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -136,6 +137,7 @@ def relative_errors(model: CostModel, measurements: tuple[Measurement, ...]) -> 
     return [model.seconds(m.features()) / m.seconds - 1 for m in measurements]
 
 
+@functools.cache
 def h100() -> CostModel:
     return fit(H100_MEASUREMENTS, c=H100_C)
 

@@ -142,6 +142,10 @@ class Replica:
 
     # -- requests in and out ----------------------------------------------------------------
     def enqueue(self, request: Request) -> None:
+        tokens = request.prompt_tokens + request.output_tokens
+        if -(-tokens // self.params.block_size) > self.params.kv_blocks:
+            raise ValueError(f"request {request.id}: {tokens} tokens need more than the replica's"
+                             f" {self.params.kv_blocks} KV blocks (trace max_context too large for kv_blocks)")
         request.attempts += 1
         self.waiting.append(Sequence(request, target=request.prompt_tokens))
 
@@ -297,7 +301,7 @@ class Replica:
 
     def _decode_run(self) -> Step | None:
         """Several decode steps at once when nothing but decoding can happen until a sequence
-        finishes: nothing is prefilling or waiting, and the blocks for the whole run fit."""
+        finishes: nothing is prefilling or waiting, and the whole run's blocks are free already."""
         if not self.params.decode_runs or self.waiting or not self.running or any(s.prefilling for s in self.running):
             return None
         bs = self.params.block_size
@@ -306,7 +310,8 @@ class Replica:
             return None
         lengths = [s.request.prompt_tokens + s.generated for s in self.running]
         needed = sum(-(-(n + steps) // bs) - len(s.pinned) - s.private for n, s in zip(lengths, self.running))
-        if not self._room(needed):
+        free = self.params.kv_blocks - len(self.refs) - len(self.free_cached) - self.private_blocks
+        if needed > free:  # the run would evict cached blocks earlier than step by step does
             return None
         context = sum(lengths)
         seconds = self._run_seconds(len(self.running), context, steps)

@@ -35,6 +35,7 @@ class TraceSpec:
     long_tokens: tuple[int, int] = (1024, 6144)
     output_tokens: tuple[int, int] = (16, 384)
     mean_turns: float = 3.0  # turns per session, geometric
+    max_context: int = 16_384  # a session ends before a turn's prompt and answer would exceed it
     think_s: tuple[float, float] = (1.0, 8.0)  # user's time between an answer and the next turn
     failures: tuple[float, ...] = ()  # times at which one replica (per `failure_share`) dies
     failure_share: float = 0.05
@@ -78,13 +79,20 @@ class Trace:
             t += rng.expovariate(rate)
             if t >= spec.duration_s:
                 break
-            turns = []
+            system = rng.choices(range(spec.system_prompts), weights)[0]
+            turns: list[Turn] = []
+            context = len(self._system_tokens[system])
             while True:
                 lo_hi = spec.short_tokens if rng.random() < spec.short_share else spec.long_tokens
-                turns.append(Turn(rng.randint(*lo_hi), rng.randint(*spec.output_tokens), rng.uniform(*spec.think_s)))
+                turn = Turn(rng.randint(*lo_hi), rng.randint(*spec.output_tokens), rng.uniform(*spec.think_s))
+                context += turn.user_tokens + turn.output_tokens
+                if context > spec.max_context:
+                    break
+                turns.append(turn)
                 if rng.random() < 1.0 / spec.mean_turns:
                     break
-            system = rng.choices(range(spec.system_prompts), weights)[0]
+            if not turns:
+                continue
             self.sessions.append(Session(len(self.sessions), t, system, turns))
 
     def prompt(self, session: Session, turn: int) -> tuple[int, tuple[int, ...]]:
