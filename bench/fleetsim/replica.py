@@ -75,8 +75,9 @@ class Sequence:
     def prefilling(self) -> bool:
         return self.computed < self.target
 
-    def blocks_for(self, tokens: int, block_size: int) -> int:
-        return -(-tokens // block_size)
+
+def _blocks(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
 
 
 @dataclass
@@ -143,7 +144,7 @@ class Replica:
     # -- requests in and out ----------------------------------------------------------------
     def enqueue(self, request: Request) -> None:
         tokens = request.prompt_tokens + request.output_tokens
-        if -(-tokens // self.params.block_size) > self.params.kv_blocks:
+        if _blocks(tokens, self.params.block_size) > self.params.kv_blocks:
             raise ValueError(f"request {request.id}: {tokens} tokens need more than the replica's"
                              f" {self.params.kv_blocks} KV blocks (trace max_context too large for kv_blocks)")
         request.attempts += 1
@@ -200,7 +201,7 @@ class Replica:
             if block not in self.cpu:
                 break
             restored += 1
-        total = seq.blocks_for(seq.target, bs)
+        total = _blocks(seq.target, bs)
         # Pin the hits first, so that making room cannot evict them.
         for block in hashes[:hit]:
             if block in self.free_cached:
@@ -249,7 +250,7 @@ class Replica:
             if seq.prefilling:  # also true of a sequence preempted just now: it prefills again
                 continue
             tokens = seq.request.prompt_tokens + seq.generated
-            if seq.blocks_for(tokens + 1, bs) > len(seq.pinned) + seq.private:
+            if _blocks(tokens + 1, bs) > len(seq.pinned) + seq.private:
                 while not self._room(1):
                     if self.running[-1] is seq or len(self.running) == 1:
                         break
@@ -309,7 +310,7 @@ class Replica:
         if steps < 2:
             return None
         lengths = [s.request.prompt_tokens + s.generated for s in self.running]
-        needed = sum(-(-(n + steps) // bs) - len(s.pinned) - s.private for n, s in zip(lengths, self.running))
+        needed = sum(_blocks(n + steps, bs) - len(s.pinned) - s.private for n, s in zip(lengths, self.running))
         free = self.params.kv_blocks - len(self.refs) - len(self.free_cached) - self.private_blocks
         if needed > free:  # the run would evict cached blocks earlier than step by step does
             return None
@@ -351,7 +352,7 @@ class Replica:
         for seq in step.decodes:
             if step.repeat > 1:  # a decode run allocates its blocks here (plan_step checked they fit)
                 seq.generated += step.repeat - 1
-                grown = -(-(seq.request.prompt_tokens + seq.generated + 1) // bs) - len(seq.pinned) - seq.private
+                grown = _blocks(seq.request.prompt_tokens + seq.generated + 1, bs) - len(seq.pinned) - seq.private
                 if grown > 0:
                     assert self._room(grown)
                     seq.private += grown
