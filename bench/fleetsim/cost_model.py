@@ -105,7 +105,8 @@ H100_MEASUREMENTS = (
                 161.6e-3, lambda: chunked_prefill_features(4096, 4096)),
     Measurement("kv-offload-h100.md", "TTFT of a 16384-token prompt recomputed (fourth run), chunks of 4096",
                 596.3e-3, lambda: chunked_prefill_features(16384, 4096)),
-    Measurement("engine-seams-h100.md", "offline 256 x (512 in, 256 out), 9068 output tokens/s (runs 4-5, after, async);"
+    Measurement("engine-seams-h100.md", "offline 256 x (512 in, 256 out), 9068 output tokens/s (runs 4-5, after,"
+                " async);"
                 " max_num_seqs 256, max_num_batched_tokens 8192 (bench/engine.py)",
                 256 * 256 / 9068, lambda: batch_features(256, 512, 256, EngineParams(max_num_seqs=256,
                                                                                      max_num_batched_tokens=8192))),
@@ -124,7 +125,8 @@ def fit(measurements: tuple[Measurement, ...], c: float | None = None) -> CostMo
     free = list(range(design.shape[1]))
     while True:
         solution = np.zeros(design.shape[1])
-        solution[free], *_ = np.linalg.lstsq(design[:, free] * weights[:, None], (seconds - known) * weights, rcond=None)
+        lhs, rhs = design[:, free] * weights[:, None], (seconds - known) * weights
+        solution[free], *_ = np.linalg.lstsq(lhs, rhs, rcond=None)
         negative = [i for i in free if solution[i] < 0]
         if not negative:
             break

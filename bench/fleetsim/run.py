@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -92,8 +93,9 @@ def simulate(scenario: Scenario, gpus: int, args: argparse.Namespace) -> Row:
     sampled = min(cells, args.sample_cells)
     began = time.process_time()
     results: list[Result] = []
-    for cell in range(sampled):
-        spec = TraceSpec(duration_s=args.duration, sessions_per_s=args.sessions_per_gpu * cell_gpus,
+    # Which cells: a uniform sample, so that each fleet size sees its own cells' traffic.
+    for cell in random.Random(f"{args.seed}/{gpus}").sample(range(cells), sampled):
+        spec = TraceSpec(duration_s=args.duration, sessions_per_s=args.sessions_per_gpu * cell_gpus, bursty=args.bursty,
                          failures=(args.duration / 3, 2 * args.duration / 3) if scenario.failures else (),
                          seed=args.seed * 100_003 + cell)
         fleet = FleetSpec(pools(scenario, cell_gpus, args), scenario.policy)  # type: ignore[arg-type]
@@ -152,6 +154,7 @@ def main() -> None:
     parser.add_argument("--gpus", default="10,100,1000,10000", help="fleet sizes, comma-separated")
     parser.add_argument("--duration", type=float, default=60.0, help="simulated seconds of arrivals")
     parser.add_argument("--sessions-per-gpu", type=float, default=3.0, help="new sessions per second per GPU")
+    parser.add_argument("--bursty", action="store_true", help="arrival rate alternates x3 and x1/3 every 10 s")
     parser.add_argument("--cell-gpus", type=int, default=50, help="GPUs behind one router")
     parser.add_argument("--sample-cells", type=int, default=1, help="cells simulated per fleet size")
     parser.add_argument("--short-below", type=int, default=2048, help="prompt tokens below which the short pool serves")
@@ -180,8 +183,10 @@ def main() -> None:
             row = simulate(scenario, gpus, args)
             rows.append(row)
             print(f"{gpus:>6} GPUs  {scenario.name:<34} p99 {row.ttft_p99:.3f} s  "
-                  f"{row.gpu_hours_per_m_tokens:.3f} GPU-h/M  hit {row.hit_rate:.1%}  ({row.seconds:.0f} s CPU)", flush=True)
-    settings = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k not in ("out", "validate"))
+                  f"{row.gpu_hours_per_m_tokens:.3f} GPU-h/M  hit {row.hit_rate:.1%}  ({row.seconds:.0f} s CPU)",
+                  flush=True)
+    settings = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in sorted(vars(args).items())
+                        if k not in ("out", "validate") and v is not False)
     text = (f"# Fleet simulator: H100 replicas (Llama-3-8B-shaped cost model)\n\n"
             f"Command: `python -P bench/fleetsim/run.py {settings}`\n\n{table(rows)}\n")
     (args.out / "README.md").write_text(text)

@@ -95,8 +95,8 @@ class ClosedLoopTrace(Trace):
 
 
 def simulate(cost: CostModel, prefixes: int, policy: str) -> tuple[float, float, float, float]:
-    result = Fleet(FleetSpec((PoolSpec("all", 2, CPU_PARAMS),), policy), ClosedLoopTrace(prefixes, 0),  # type: ignore[arg-type]
-                   cost).run()
+    spec = FleetSpec((PoolSpec("all", 2, CPU_PARAMS),), policy)  # type: ignore[arg-type]
+    result = Fleet(spec, ClosedLoopTrace(prefixes, 0), cost).run()
     ttfts = result.ttfts()
     span = max(r.finished_at or 0.0 for r in result.requests)
     return (len(result.requests) / span, percentile(ttfts, 0.5), percentile(ttfts, 0.99),
@@ -111,5 +111,6 @@ def main() -> None:
     for (name, prefixes), policies in MEASURED.items():
         for policy, measured in policies.items():
             simulated = simulate(cost, prefixes, policy)
-            for label, sim, real in zip(("requests/s", "TTFT p50 s", "TTFT p99 s", "prefix hit rate"), simulated, measured):
+            labels = ("requests/s", "TTFT p50 s", "TTFT p99 s", "prefix hit rate")
+            for label, sim, real in zip(labels, simulated, measured):
                 print(f"| {name} | {policy} | {label} | {sim:.3f} | {real:.3f} | {sim / real - 1:+.0%} |")
