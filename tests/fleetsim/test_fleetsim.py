@@ -165,3 +165,35 @@ def test_run_refuses_bad_arguments_in_one_line() -> None:
     assert done.returncode == 2
     assert "--gpus" in done.stderr and "Traceback" not in done.stderr
 
+
+
+def test_length_pools_send_short_prompts_to_their_own_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    served: dict[int, str] = {}
+    original = Replica.enqueue
+
+    def recording(self: Replica, request: Request) -> None:
+        served[request.id] = self.pool
+        original(self, request)
+
+    monkeypatch.setattr(Replica, "enqueue", recording)
+    pools = (PoolSpec("short", 2, SMALL, 0.35, 0, 512), PoolSpec("long", 2, SMALL, 1.0, 512, None))
+    sim = Fleet(FleetSpec(pools), small_trace(), h100())
+    sim.checks = True
+    result = sim.run()
+    assert {served[r.id] for r in result.requests if r.prompt_tokens < 512} == {"short"}
+    assert {served[r.id] for r in result.requests if r.prompt_tokens >= 512} == {"long"}
+
+
+def test_validation_replays_fleet_py_trace_closed_loop() -> None:
+    from fleetsim.validate import CONCURRENCY, CPU_PARAMS, REQUESTS, ClosedLoopTrace
+
+    trace = ClosedLoopTrace(prefixes=4, seed=0)
+    result = Fleet(FleetSpec((PoolSpec("all", 2, CPU_PARAMS),)), trace, h100()).run()
+    assert len(result.requests) == REQUESTS
+    events = sorted([(r.arrival, 1) for r in result.requests] + [(r.finished_at or 0.0, -1) for r in result.requests])
+    outstanding = peak = 0
+    for _, change in events:  # a finish and the next arrival share a time; the finish sorts first
+        outstanding += change
+        peak = max(peak, outstanding)
+    assert peak == CONCURRENCY
+    assert result.blocks_hit > 0  # 4 system prompts over 48 requests
