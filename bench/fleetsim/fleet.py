@@ -298,8 +298,8 @@ class Fleet:
             self._push(self.now + self.spec.autoscale_s, SCALE)
 
     def _pool_of(self, request: Request) -> str:
-        for pool in self.spec.pools:
-            if Pool(pool.name, pool.min_tokens, pool.max_tokens).admits(request.prompt_tokens):
+        for pool in self.router.pools:
+            if pool.admits(request.prompt_tokens):
                 return pool.name
         return self.spec.pools[0].name
 
