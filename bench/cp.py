@@ -28,17 +28,10 @@ from kvflock.worker.attention import select_attention_backend
 from kvflock.worker.config import EngineConfig, SamplingParams
 from kvflock.worker.engine import LLMEngine
 from kvflock.worker.tp import load_replica
+from tp import SHAPES as TP_SHAPES  # bench/tp.py
 
-_LLAMA_3 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0, "max_position_embeddings": 262144, "num_key_value_heads": 8}
-SHAPES = {
-    "llama-3-8b": {**_LLAMA_3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                   "num_attention_heads": 32},
-    "llama-3-70b": {**_LLAMA_3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                    "num_attention_heads": 64},
-    "tiny": {**_LLAMA_3, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-             "num_attention_heads": 8, "num_key_value_heads": 2},
-}
+# Room for the 128k-token prompts.
+SHAPES = {name: {**shape, "max_position_embeddings": 262144} for name, shape in TP_SHAPES.items()}
 ONE_RANK_CP = "1 (CP path)"
 
 

@@ -35,17 +35,11 @@ from kvflock.worker.config import EngineConfig, SamplingParams
 from kvflock.worker.engine import LLMEngine
 from kvflock.worker.llm import LLM
 from kvflock.worker.tp import load_replica
+from tp import SHAPES as TP_SHAPES  # bench/tp.py
+from tp import decode_ms, throughput
 
-_LLAMA_3 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0, "max_position_embeddings": 8192, "num_key_value_heads": 8}
-SHAPES = {
-    "llama-3-8b": {**_LLAMA_3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                   "num_attention_heads": 32},
-    "llama-3-70b": {**_LLAMA_3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                    "num_attention_heads": 64},
-    "tiny": {**_LLAMA_3, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-             "num_attention_heads": 8, "num_key_value_heads": 2},
-}
+# Four layers in the tiny shape, so that four stages each get one.
+SHAPES = {**TP_SHAPES, "tiny": {**TP_SHAPES["tiny"], "num_hidden_layers": 4}}
 
 
 def weight_bytes_per_rank(shape: dict, pp: int, tp: int, dtype: torch.dtype) -> float:
@@ -56,33 +50,6 @@ def weight_bytes_per_rank(shape: dict, pp: int, tp: int, dtype: torch.dtype) -> 
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
     params = -(-layers // pp) * per_layer + shape["vocab_size"] * h * (2 if pp == 1 else 1)
     return params * dtype.itemsize / tp
-
-
-def decode_ms(engine: LLMEngine, batch: int, prompt_len: int, steps: int, vocab: int) -> float:
-    """Median wall time of a step in which all `batch` sequences decode one token."""
-    gen = torch.Generator().manual_seed(batch)
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
-    for i in range(batch):
-        prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
-        engine.add_request(f"decode-{batch}-{i}", prompt, params)
-    times = []
-    while engine.has_unfinished_requests():
-        decoding = all(s.num_computed_tokens > 0 and s.num_tokens - s.num_computed_tokens == 1
-                       for s in engine.scheduler.running) and not engine.scheduler.waiting
-        started = time.perf_counter()
-        engine.step()
-        if decoding:
-            times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
-
-
-def throughput(llm: LLM, requests: int, prompt_len: int, max_tokens: int, vocab: int) -> float:
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(requests)]
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    started = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - started)
 
 
 def measure(config: EngineConfig, replica: bool, args: argparse.Namespace, vocab: int) -> dict[str, float]:

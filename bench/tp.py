@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kvflock.worker.config import SamplingParams
+from kvflock.worker.engine import LLMEngine
 from kvflock.worker.llm import LLM
 
 _LLAMA_3 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "rms_norm_eps": 1e-5,
@@ -35,9 +36,8 @@ SHAPES = {
 }
 
 
-def decode_ms(llm: LLM, batch: int, prompt_len: int, steps: int, vocab: int) -> float:
+def decode_ms(engine: LLMEngine, batch: int, prompt_len: int, steps: int, vocab: int) -> float:
     """Median wall time of a step in which all `batch` sequences decode one token."""
-    engine = llm.engine
     gen = torch.Generator().manual_seed(batch)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
     for i in range(batch):
@@ -70,9 +70,9 @@ def measure(folder: Path, tp: int, args: argparse.Namespace, vocab: int) -> dict
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gib=args.kv_cache_memory_gib)
     row = {"start_s": time.perf_counter() - started}
     llm.engine.warm_up()
-    decode_ms(llm, 2, 16, 4, vocab)  # compile and autotune the kernels before timing
-    row["decode_ms_b1"] = decode_ms(llm, 1, args.prompt_len, args.decode_steps, vocab)
-    row["decode_ms_b32"] = decode_ms(llm, 32, args.prompt_len, args.decode_steps, vocab)
+    decode_ms(llm.engine, 2, 16, 4, vocab)  # compile and autotune the kernels before timing
+    row["decode_ms_b1"] = decode_ms(llm.engine, 1, args.prompt_len, args.decode_steps, vocab)
+    row["decode_ms_b32"] = decode_ms(llm.engine, 32, args.prompt_len, args.decode_steps, vocab)
     row["tokens_per_s"] = throughput(llm, args.requests, args.prompt_len, args.max_tokens, vocab)
     if llm.engine.loaded.replica is not None:
         llm.engine.loaded.replica.shutdown()
