@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kvflock.local.process import free_port
 from tests.polling import wait_for  # noqa: F401  (re-exported to the tests here)
@@ -82,3 +83,28 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
                        capture_output=True, timeout=120)
         assert code == 0, f"kvflock up exited with {code} after Ctrl-C"
         assert not leftovers, f"processes left running after Ctrl-C: {[p.name for p in leftovers]}"
+
+
+def demo_manifest(cluster: Cluster, name: str, **spec: Any) -> str:
+    """The path of examples/smollm2-demo.yaml rewritten as the service `name` with `spec`'s fields,
+    each worker on one compute thread: replicas share the machine's cores, and torch's default of
+    a thread per core makes every worker wait for descheduled threads at each operation."""
+    service = yaml.safe_load((REPO / "examples" / "smollm2-demo.yaml").read_text())
+    service["metadata"]["name"] = name
+    service["spec"].update(spec, env=[{"name": "OMP_NUM_THREADS", "value": "1"}])
+    path = cluster.state_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(service))
+    return str(path)
+
+
+def service_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    return (cluster.get("infsvc", name) or {}).get("status") or {}
+
+
+def pod_ready(pod: dict[str, Any] | None) -> bool:
+    conditions = ((pod or {}).get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def first_container(pod: dict[str, Any]) -> dict[str, Any]:
+    return pod["status"]["containerStatuses"][0]

@@ -17,9 +17,8 @@ import time
 from typing import Any
 
 import pytest
-import yaml
 
-from .conftest import REPO, Cluster, wait_for
+from .conftest import Cluster, demo_manifest, first_container, pod_ready, service_status, wait_for
 from .load import SteadyLoad
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -29,37 +28,17 @@ SERVICE = "chaos"
 OPERATORS = "kvflock-system"
 
 
-def _manifest(cluster: Cluster) -> str:
-    """The demo service with two replicas, each worker on one compute thread (two share the cores)."""
-    service = yaml.safe_load((REPO / "examples" / "smollm2-demo.yaml").read_text())
-    service["metadata"]["name"] = SERVICE
-    service["spec"]["replicas"] = 2
-    service["spec"]["env"] = [{"name": "OMP_NUM_THREADS", "value": "1"}]
-    path = cluster.state_dir / f"{SERVICE}.yaml"
-    path.write_text(yaml.safe_dump(service))
-    return str(path)
 
-
-def _status(cluster: Cluster) -> dict[str, Any]:
-    return (cluster.get("infsvc", SERVICE) or {}).get("status") or {}
-
-
-def _container(pod: dict[str, Any]) -> dict[str, Any]:
-    return pod["status"]["containerStatuses"][0]
 
 
 def _pid(pod: dict[str, Any]) -> int:
-    return int(_container(pod)["containerID"].removeprefix("process://"))
+    return int(first_container(pod)["containerID"].removeprefix("process://"))
 
-
-def _ready(pod: dict[str, Any] | None) -> bool:
-    conditions = ((pod or {}).get("status") or {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 def _ready_after_restart(cluster: Cluster, name: str, restarts: int, namespace: str = "default") -> bool:
     pod = cluster.get("pod", name, "-n", namespace)
-    return _ready(pod) and _container(pod)["restartCount"] > restarts
+    return pod_ready(pod) and first_container(pod)["restartCount"] > restarts
 
 
 def _pods(cluster: Cluster, selector: str, namespace: str = "default") -> list[dict[str, Any]]:
@@ -69,7 +48,7 @@ def _pods(cluster: Cluster, selector: str, namespace: str = "default") -> list[d
 
 def _kill(cluster: Cluster, pod: dict[str, Any]) -> tuple[str, int, float]:
     """SIGKILL a pod's process: its name, its restart count before, and when."""
-    restarts = _container(pod)["restartCount"]
+    restarts = first_container(pod)["restartCount"]
     os.kill(_pid(pod), signal.SIGKILL)
     return pod["metadata"]["name"], restarts, time.monotonic()
 
@@ -89,9 +68,9 @@ def _acted(cluster: Cluster, operator: str) -> bool:
 
 
 def test_a_worker_a_router_and_the_operator_leader_die_under_load_and_no_request_fails(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", _manifest(cluster))
-    wait_for(lambda: _status(cluster).get("readyReplicas") == 2, 300, "2 ready replicas")
-    url = str(wait_for(lambda: _status(cluster).get("url"), 60, "the service URL"))
+    cluster.kubectl("apply", "-f", demo_manifest(cluster, SERVICE, replicas=2))
+    wait_for(lambda: service_status(cluster, SERVICE).get("readyReplicas") == 2, 300, "2 ready replicas")
+    url = str(wait_for(lambda: service_status(cluster, SERVICE).get("url"), 60, "the service URL"))
     routers = _pods(cluster, f"kvflock.dev/service={SERVICE},kvflock.dev/role=router")
     assert len(routers) == 2, [p["metadata"]["name"] for p in routers]
     lines = []
@@ -117,7 +96,7 @@ def test_a_worker_a_router_and_the_operator_leader_die_under_load_and_no_request
         killed = time.monotonic()
         cluster.kubectl("delete", "pod", router, "--wait=false")
         wait_for(lambda: len([p for p in _pods(cluster, f"kvflock.dev/service={SERVICE},kvflock.dev/role=router")
-                              if _ready(p)]) == 2, 180, "two ready routers again", interval=0.2)
+                              if pod_ready(p)]) == 2, 180, "two ready routers again", interval=0.2)
         served = load.done
         wait_for(lambda: load.done >= served + 2, 60, "requests after the router was replaced")
         lines.append(f"router {router} deleted: two routers ready again after {time.monotonic() - killed:.1f}s")
@@ -133,7 +112,7 @@ def test_a_worker_a_router_and_the_operator_leader_die_under_load_and_no_request
         # The follower takes over once the leader's keep-alive expires, and acts: it drains and
         # removes a worker while the load runs.
         cluster.kubectl("scale", f"infsvc/{SERVICE}", "--replicas", "1")
-        wait_for(lambda: len(cluster.workers(SERVICE)) == 1 and _status(cluster).get("readyReplicas") == 1, 180,
+        wait_for(lambda: len(cluster.workers(SERVICE)) == 1 and service_status(cluster, SERVICE).get("readyReplicas") == 1, 180,
                  "the new leader to scale the service to 1 replica")
         lines.append(f"operator leader {leader} SIGKILLed: the service scaled to 1 replica "
                      f"{time.monotonic() - killed:.1f}s later")

@@ -14,14 +14,12 @@ import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import REPO, Cluster, wait_for
+from .conftest import Cluster, demo_manifest, first_container, pod_ready, service_status, wait_for
 from .load import Messages, SteadyLoad, chat, client_for
 
 pytestmark = pytest.mark.slow
@@ -31,34 +29,12 @@ WORDS = ("model replica cache prefix token block router latency batch decode pre
          "scheduler request stream answer system careful helpful concise").split()
 
 
-def _manifest(cluster: Cluster, replicas: int) -> str:
-    """The demo service (examples/smollm2-demo.yaml) under this module's name, each worker on
-    one compute thread: up to 3 replicas share the machine's cores, and torch's default of a
-    thread per core makes every worker wait for descheduled threads at each operation."""
-    service = yaml.safe_load((REPO / "examples" / "smollm2-demo.yaml").read_text())
-    service["metadata"]["name"] = SERVICE
-    service["spec"]["replicas"] = replicas
-    service["spec"]["env"] = [{"name": "OMP_NUM_THREADS", "value": "1"}]
-    path = cluster.state_dir / f"{SERVICE}.yaml"
-    path.write_text(yaml.safe_dump(service))
-    return str(path)
 
 
-def _status(cluster: Cluster) -> dict[str, Any]:
-    return (cluster.get("infsvc", SERVICE) or {}).get("status") or {}
-
-
-def _pod_ready(pod: dict[str, Any] | None) -> bool:
-    conditions = ((pod or {}).get("status") or {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-
-def _container(pod: dict[str, Any]) -> dict[str, Any]:
-    return pod["status"]["containerStatuses"][0]
 
 
 def _url(cluster: Cluster) -> str:
-    return str(wait_for(lambda: _status(cluster).get("url"), 30, "the service URL"))
+    return str(wait_for(lambda: service_status(cluster, SERVICE).get("url"), 30, "the service URL"))
 
 
 def _worker_counters(cluster: Cluster) -> dict[str, dict[str, float]]:
@@ -127,8 +103,8 @@ def _hit_rate(cluster: Cluster, url: str, tag: str) -> float:
 
 @pytest.mark.timeout(240)
 def test_two_replicas_become_ready(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", _manifest(cluster, replicas=2))
-    wait_for(lambda: _status(cluster).get("readyReplicas") == 2, 180, "2 ready replicas")
+    cluster.kubectl("apply", "-f", demo_manifest(cluster, SERVICE, replicas=2))
+    wait_for(lambda: service_status(cluster, SERVICE).get("readyReplicas") == 2, 180, "2 ready replicas")
     client = client_for(_url(cluster))
     assert chat(client, [{"role": "user", "content": "Say hi."}]).replica.startswith(f"{SERVICE}-w-")
 
@@ -155,12 +131,12 @@ def test_requests_sharing_a_system_prompt_go_to_one_replica_and_hit_its_prefix_c
 @pytest.mark.timeout(180)
 def test_a_sigkilled_worker_costs_no_request_and_is_serving_again(cluster: Cluster) -> None:
     victim = cluster.workers(SERVICE)[0]
-    name, restarts = victim["metadata"]["name"], _container(victim)["restartCount"]
-    pid = int(_container(victim)["containerID"].removeprefix("process://"))
+    name, restarts = victim["metadata"]["name"], first_container(victim)["restartCount"]
+    pid = int(first_container(victim)["containerID"].removeprefix("process://"))
 
     def ready_again() -> bool:
         pod = cluster.get("pod", name)
-        return _pod_ready(pod) and _container(pod)["restartCount"] > restarts
+        return pod_ready(pod) and first_container(pod)["restartCount"] > restarts
 
     with SteadyLoad(_url(cluster)) as load:
         wait_for(lambda: {name} <= load.replicas_since(0) and load.done >= 8, 60, f"{name} serving the load")
@@ -181,7 +157,7 @@ def test_scaling_1_to_3_to_1_under_load_costs_no_request(cluster: Cluster) -> No
         cluster.kubectl("scale", f"infsvc/{SERVICE}", "--replicas", str(replicas))
 
     def settled(replicas: int) -> bool:
-        return len(cluster.workers(SERVICE)) == replicas and _status(cluster).get("readyReplicas") == replicas
+        return len(cluster.workers(SERVICE)) == replicas and service_status(cluster, SERVICE).get("readyReplicas") == replicas
 
     with SteadyLoad(_url(cluster)) as load:
         scale(1)

@@ -16,12 +16,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
 
 from kvflock.shared.metrics import parse_samples
 from kvflock.shared.names import ANNOTATION_ENDPOINT
 
-from .conftest import REPO, Cluster, wait_for
+from .conftest import Cluster, demo_manifest, service_status, wait_for
 from .load import MODEL, client_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -31,19 +30,6 @@ PROMPTS = [f"Write a long letter to a friend about {topic}." for topic in ("rive
 MAX_TOKENS = 48
 
 
-def _manifest(cluster: Cluster) -> str:
-    service = yaml.safe_load((REPO / "examples" / "smollm2-demo.yaml").read_text())
-    service["metadata"]["name"] = SERVICE
-    service["spec"]["replicas"] = 3
-    service["spec"]["drainTimeoutSeconds"] = 1
-    service["spec"]["env"] = [{"name": "OMP_NUM_THREADS", "value": "1"}]
-    path = cluster.state_dir / f"{SERVICE}.yaml"
-    path.write_text(yaml.safe_dump(service))
-    return str(path)
-
-
-def _status(cluster: Cluster) -> dict[str, Any]:
-    return (cluster.get("infsvc", SERVICE) or {}).get("status") or {}
 
 
 def _messages(prompt: str) -> list[dict[str, str]]:
@@ -95,9 +81,9 @@ def _pid(pod: dict[str, Any]) -> int:
 
 
 def test_streams_survive_a_sigkill_and_a_scale_in_from_3_to_1(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", _manifest(cluster))
-    wait_for(lambda: _status(cluster).get("readyReplicas") == 3, 400, "3 ready replicas")
-    url = str(wait_for(lambda: _status(cluster).get("url"), 60, "the service URL"))
+    cluster.kubectl("apply", "-f", demo_manifest(cluster, SERVICE, replicas=3, drainTimeoutSeconds=1))
+    wait_for(lambda: service_status(cluster, SERVICE).get("readyReplicas") == 3, 400, "3 ready replicas")
+    url = str(wait_for(lambda: service_status(cluster, SERVICE).get("url"), 60, "the service URL"))
     client = client_for(url).with_options(timeout=300)
     undisturbed = [_text(list(client.chat.completions.create(
         model=MODEL, messages=_messages(p), max_tokens=MAX_TOKENS, temperature=0, stream=True))) for p in PROMPTS]
