@@ -132,8 +132,8 @@ def load_model(
 ) -> LlamaForCausalLM:
     """Build `group`'s rank of the model on `device` and fill its weights from `source`
     (random for dummy). With `quantization`, the decoder's projections are QuantizedLinear
-    (or Fp8Linear) layers: read from a GPTQ (FP8) checkpoint, random for dummy, else quantized
-    once loaded."""
+    (or Fp8Linear) layers: read from a GPTQ, AWQ (FP8) checkpoint and repacked for the kernels,
+    random for dummy, else quantized once loaded."""
     start = time.perf_counter()
     if quantization is not None and quantization.fp8:
         check_fp8_device(device)
@@ -170,6 +170,10 @@ def load_model(
                 assert quantization is not None
                 tensors = drop_trivial_g_idx(tensors, quantization, str(source.path))
         _load_weights(model, tensors, str(source.gguf_path if source.gguf_name else source.path), shards)
+        if packed:
+            for module in model.modules():
+                if isinstance(module, QuantizedLinear):
+                    module.repack()
         if quantization is not None and not packed:
             replace_linears(model, quantization, backend.triton_pointwise, quantize=True)
     model.fuse_projections()

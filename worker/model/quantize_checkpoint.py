@@ -3,7 +3,8 @@ into a GPTQ-format (int4/int8) or FP8 one that kvflock, vLLM and other readers l
 round-to-nearest.
 
 GPTQ: the decoder's projections become `<prefix>.qweight/.qzeros/.scales/.g_idx` (GPTQ v1,
-act-order off). FP8: they become `<prefix>.weight` (e4m3) and `<prefix>.weight_scale` (fp32,
+act-order off, symmetric: docs/quantization.md says which `quantization_config` fields are
+written and why vLLM accepts them). FP8: they become `<prefix>.weight` (e4m3) and `<prefix>.weight_scale` (fp32,
 one per tensor), the format kvflock.worker.model.fp8 describes. Every other tensor is copied as
 it is; config.json gains a `quantization_config`; the tokenizer and generation files are
 copied beside them.
@@ -18,7 +19,6 @@ from typing import Any
 
 import torch
 
-from kvflock.kernels.quant_matmul import pack_factor
 from kvflock.worker.config import ModelConfig
 from kvflock.worker.model import fp8
 from kvflock.worker.model.loader import read_safetensors
@@ -28,8 +28,8 @@ from kvflock.worker.model.quant import (
     QuantSpec,
     gptq_config,
     quantize_rtn,
-    trivial_g_idx,
 )
+from kvflock.worker.model.quant_formats import gptq_encode, trivial_g_idx
 
 _PROJECTION = re.compile(r"model\.layers\.(\d+)\.(" + "|".join(re.escape(p) for p in QUANTIZED_PROJECTIONS) + r")\.weight")
 _CHECKPOINT_FILES = re.compile(r".*\.safetensors|model\.safetensors\.index\.json|config\.json")
@@ -51,7 +51,7 @@ def quantize_checkpoint(
         spec = FP8_SPEC
     else:
         assert bits is not None
-        spec = QuantSpec(bits, default_group_size(bits) if group_size is None else group_size)
+        spec = QuantSpec(bits, default_group_size(bits) if group_size is None else group_size, sym=True)
     hf = _read_plain_config(model)
     cfg = ModelConfig.from_hf(hf)
     if not spec.fp8:
@@ -73,11 +73,9 @@ def quantize_checkpoint(
             writer.add(name, weight.cpu())
             writer.add(f"{prefix}.weight_scale", scale.cpu())
         else:
-            packed = quantize_rtn(tensor.to(device), spec)
-            writer.add(f"{prefix}.qweight", packed.qweight.cpu())
-            writer.add(f"{prefix}.qzeros", packed.qzeros.cpu())
-            writer.add(f"{prefix}.scales", packed.scales.cpu())
-            writer.add(f"{prefix}.g_idx", trivial_g_idx(tensor.shape[1], spec))
+            for field, packed in gptq_encode(quantize_rtn(tensor.to(device), spec)).items():
+                writer.add(f"{prefix}.{field}", packed.cpu())
+            writer.add(f"{prefix}.g_idx", trivial_g_idx(tensor.shape[1], spec.group_size))
         layer = int(match.group(1))
         done[layer] = done.get(layer, 0) + 1
         if done[layer] == len(QUANTIZED_PROJECTIONS):
@@ -113,7 +111,7 @@ def _read_plain_config(model: Path) -> dict[str, Any]:
 
 def _check_dimensions(cfg: ModelConfig, spec: QuantSpec) -> None:
     """Every projection's input features split into whole groups and both sides pack evenly."""
-    p = pack_factor(spec.bits)
+    p = 32 // spec.bits
     if spec.group_size != -1 and (spec.group_size < 16 or spec.group_size & (spec.group_size - 1)):
         raise ValueError(f"group_size: {spec.group_size} must be -1 (per channel) or a power of two >= 16")
     shapes = {
@@ -127,9 +125,9 @@ def _check_dimensions(cfg: ModelConfig, spec: QuantSpec) -> None:
         if spec.group_size > 0 and k % spec.group_size:
             raise ValueError(f"group_size: {name} has {k} input features, not a multiple of {spec.group_size}; "
                              f"use a group size that divides it, or -1 (per channel)")
-        if k % p or n % p:
-            raise ValueError(f"bits: {name} is {n}x{k}; int{spec.bits} packs {p} values per int32, so both must "
-                             f"be multiples of {p}")
+        if k % 16 or n % p:
+            raise ValueError(f"bits: {name} is {n}x{k}; int{spec.bits} packs {p} values per int32 and the kernels "
+                             f"take input features in tiles of 16 or more: {k} must be a multiple of 16, {n} of {p}")
 
 
 class _ShardWriter:
