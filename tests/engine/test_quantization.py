@@ -19,31 +19,9 @@ from kvflock.worker.model.parallel import TPGroup
 from kvflock.worker.model.quant import QUANTIZED_PROJECTIONS, QuantizedLinear, QuantSpec, quantize_rtn
 from kvflock.worker.model.quant_formats import gptq_decode
 from kvflock.worker.model.quantize_checkpoint import quantize_checkpoint
-from tests.tiny_models import VOCAB
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[1, 2, 3, 4], [200, 17, 9], [5] * 20]
-
-
-@pytest.fixture(scope="module")
-def llama128(tmp_path_factory) -> Path:
-    """A tiny random Llama whose projections have 128 or 256 input features: int4 in groups
-    of 128 applies as on real models."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.2)
-    path = tmp_path_factory.mktemp("llama128") / "plain"
-    model.save_pretrained(path)
-    (path / "special_tokens_map.json").write_text("{}")  # stands for the tokenizer files to be copied
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +147,7 @@ def test_tensor_parallel_generation_equals_one_rank(quantized):
 
 
 def test_quantization_gptq_on_a_plain_checkpoint_is_refused(llama128):
-    with pytest.raises(ValueError, match="quantization: 'gptq' needs a GPTQ checkpoint"):
+    with pytest.raises(ValueError, match="quantization: 'gptq' needs a checkpoint quantized so"):
         LLM(str(llama128), device="cpu", quantization="gptq")
 
 

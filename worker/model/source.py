@@ -82,7 +82,7 @@ def resolve_quantization(requested: str | None, source: ModelSource) -> QuantSpe
         raise ValueError(f"quantization: {requested!r} does not match {source.path}, which is already quantized "
                          f"({stored.label}); leave quantization unset")
     if requested in ("gptq", "awq"):
-        raise ValueError(f"quantization: {requested!r} needs a {requested.upper()} checkpoint (config.json with a "
+        raise ValueError(f"quantization: {requested!r} needs a checkpoint quantized so (config.json with a "
                          f"{requested} quantization_config); {source.path} has none. Quantize it with `kvflock "
                          f"quantize`, or use int8/int4/fp8 to quantize at load")
     return RTN_SPECS[requested]
