@@ -102,19 +102,15 @@ def gptq_config(spec: QuantSpec) -> dict[str, Any]:
             "sym": spec.sym, "checkpoint_format": "gptq", "lm_head": False}
 
 
-def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> Codes:
-    """Round-to-nearest per group. `weight` is [n, k] (out, in).
+def group_parameters(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scales (float16) and zero points (int32) [G, n] of weights grouped as
+    w [G, group, n].
 
-    Asymmetric: [min, max] (widened to hold 0) maps onto [1, 2**bits - 1] or [0, ...]; zero
-    point 0 is avoided because GPTQ v1 cannot store it, so a group without negative values maps
-    [0, max] onto [1, maxq]. Symmetric: [-amax, amax] onto codes around 2**(bits-1), the
-    largest magnitude at -2**(bits-1) (GPTQ's convention: scale = 2 amax / maxq)."""
-    n, k = weight.shape
-    group = group_of(spec.group_size, k)
-    if k % group:
-        raise ValueError(f"weight: {k} input features are not a multiple of the group size {group}")
+    Asymmetric: [min, max] (widened to hold 0) maps onto [0, 2**bits - 1]; zero point 0 is
+    avoided because GPTQ v1 cannot store it, so a group without negative values maps [0, max]
+    onto [1, maxq]. Symmetric: [-amax, amax] onto codes around 2**(bits-1), the largest
+    magnitude at -2**(bits-1) (GPTQ's convention: scale = 2 amax / maxq)."""
     maxq = 2**spec.bits - 1
-    w = weight.detach().float().t().reshape(k // group, group, n)
     if spec.sym:
         scale = 2 * w.abs().amax(1) / maxq
         zero = torch.full_like(scale, 2 ** (spec.bits - 1))
@@ -125,9 +121,20 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> Codes:
         no_negatives = zero < 1
         scale = torch.where(no_negatives, high / (maxq - 1), scale)
         zero = torch.where(no_negatives, 1, zero)
-    scale = torch.where(scale > 0, scale, 1).to(SCALES_DTYPE)  # round first: q must suit the stored scale
-    q = torch.clamp(torch.round(w / scale.float().unsqueeze(1)) + zero.unsqueeze(1), 0, maxq)
-    return Codes(q.reshape(k, n).to(torch.int32), zero.to(torch.int32), scale, spec.bits, spec.group_size)
+    # rounded before use: the codes must suit the scale as stored
+    return torch.where(scale > 0, scale, 1).to(SCALES_DTYPE), zero.to(torch.int32)
+
+
+def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> Codes:
+    """Round-to-nearest per group (`group_parameters`). `weight` is [n, k] (out, in)."""
+    n, k = weight.shape
+    group = group_of(spec.group_size, k)
+    if k % group:
+        raise ValueError(f"weight: {k} input features are not a multiple of the group size {group}")
+    w = weight.detach().float().t().reshape(k // group, group, n)
+    scale, zero = group_parameters(w, spec)
+    q = torch.clamp(torch.round(w / scale.float().unsqueeze(1)) + zero.unsqueeze(1), 0, 2**spec.bits - 1)
+    return Codes(q.reshape(k, n).to(torch.int32), zero, scale, spec.bits, spec.group_size)
 
 
 def drop_trivial_g_idx(

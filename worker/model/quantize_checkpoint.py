@@ -1,6 +1,7 @@
 """`kvflock quantize`: turn a plain Hugging Face checkpoint (bf16, fp16 or fp32 safetensors)
-into a GPTQ-format (int4/int8) or FP8 one that kvflock, vLLM and other readers load, by
-round-to-nearest.
+into a GPTQ-format (int4/int8) or FP8 one that kvflock, vLLM and other readers load: by
+round-to-nearest, or for GPTQ format by the GPTQ algorithm on calibration text
+(kvflock.worker.model.gptq).
 
 GPTQ: the decoder's projections become `<prefix>.qweight/.qzeros/.scales/.g_idx` (GPTQ v1,
 act-order off, symmetric: docs/quantization.md says which `quantization_config` fields are
@@ -19,9 +20,11 @@ from typing import Any
 
 import torch
 
-from kvflock.worker.config import ModelConfig
+from kvflock.worker.attention import TorchAttentionBackend
+from kvflock.worker.config import EngineConfig, ModelConfig
 from kvflock.worker.model import fp8
-from kvflock.worker.model.loader import read_safetensors
+from kvflock.worker.model.gptq import calibrate
+from kvflock.worker.model.loader import load, read_safetensors
 from kvflock.worker.model.quant import (
     FP8_SPEC,
     QUANTIZED_PROJECTIONS,
@@ -29,7 +32,9 @@ from kvflock.worker.model.quant import (
     gptq_config,
     quantize_rtn,
 )
-from kvflock.worker.model.quant_formats import gptq_encode, trivial_g_idx
+from kvflock.worker.model.quant_formats import Codes, gptq_encode, trivial_g_idx
+from kvflock.worker.model.source import ModelSource
+from kvflock.worker.model.tokenizer import load_tokenizer
 
 _PROJECTION = re.compile(r"model\.layers\.(\d+)\.(" + "|".join(re.escape(p) for p in QUANTIZED_PROJECTIONS) + r")\.weight")
 _CHECKPOINT_FILES = re.compile(r".*\.safetensors|model\.safetensors\.index\.json|config\.json")
@@ -44,8 +49,10 @@ def default_group_size(bits: int) -> int:
 def quantize_checkpoint(
     model: Path, out: Path, bits: int | None, group_size: int | None = None, device: str = "cpu",
     progress: Callable[[str], None] = print, shard_bytes: int = SHARD_BYTES, fmt: str = "gptq",
+    calibration: list[list[int]] | None = None,
 ) -> QuantSpec:
-    """Write `model` quantized (`fmt` gptq: to `bits`; fp8: e4m3) into the new folder `out`;
+    """Write `model` quantized (`fmt` gptq: to `bits`, by GPTQ on the `calibration` token
+    sequences when given, else round-to-nearest; fp8: e4m3) into the new folder `out`;
     returns what it wrote."""
     if fmt == "fp8":
         spec = FP8_SPEC
@@ -58,6 +65,7 @@ def quantize_checkpoint(
         _check_dimensions(cfg, spec)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out: {out} already exists and is not an empty folder; choose a new one")
+    gptq_codes = _gptq_codes(model, spec, calibration, device, progress) if calibration is not None else {}
     out.mkdir(parents=True, exist_ok=True)
 
     done: dict[int, int] = {}
@@ -73,7 +81,8 @@ def quantize_checkpoint(
             writer.add(name, weight.cpu())
             writer.add(f"{prefix}.weight_scale", scale.cpu())
         else:
-            for field, packed in gptq_encode(quantize_rtn(tensor.to(device), spec)).items():
+            codes = gptq_codes.pop(prefix, None) or quantize_rtn(tensor.to(device), spec)
+            for field, packed in gptq_encode(codes).items():
                 writer.add(f"{prefix}.{field}", packed.cpu())
             writer.add(f"{prefix}.g_idx", trivial_g_idx(tensor.shape[1], spec.group_size))
         layer = int(match.group(1))
@@ -91,6 +100,29 @@ def quantize_checkpoint(
             shutil.copy2(path, out / path.name)
     progress(f"wrote {out} ({spec.label}, {writer.num_files} safetensors file(s))")
     return spec
+
+
+def calibration_sequences(model: Path, text: str, length: int, count: int) -> list[list[int]]:
+    """Up to `count` sequences of `length` tokens of `text`, tokenized as the model does."""
+    tokenizer = load_tokenizer(ModelSource("hf", model))
+    if tokenizer is None:
+        raise ValueError(f"calibration: {model} has no tokenizer files to read the calibration text with")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    sequences = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:count]
+    if not sequences:
+        raise ValueError(f"calibration: the text holds {len(ids)} tokens, fewer than one sequence of {length}")
+    return sequences
+
+
+def _gptq_codes(model: Path, spec: QuantSpec, calibration: list[list[int]], device: str,
+                progress: Callable[[str], None]) -> dict[str, Codes]:
+    """GPTQ's codes of every projection, measured with the model on `device`."""
+    config = EngineConfig(model=str(model), load_format="hf", device=device)
+    loaded = load(config, TorchAttentionBackend())
+    try:
+        return calibrate(loaded.model, calibration, spec, progress)
+    finally:
+        del loaded
 
 
 def _read_plain_config(model: Path) -> dict[str, Any]:
