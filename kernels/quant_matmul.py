@@ -123,6 +123,17 @@ def quant_matmul_ref(
     return torch.matmul(x, dequantize(words, scales, zeros, bits, group_size).to(x.dtype))
 
 
+# 2**23 as a float: its low mantissa bits are free, so a code q OR-ed into them reads as 2**23 + q
+# (one integer OR and a reinterpretation, where a conversion instruction would cost more).
+MAGIC: tl.constexpr = 8388608.0
+
+
+@jit
+def _codes_as_float(q):
+    """Codes (int32 in [0, 2**23)) as float32 values 2**23 + q, exactly."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
 @jit
 def _gemv_kernel(
     x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr,
@@ -134,7 +145,8 @@ def _gemv_kernel(
 
     Each tile is one contiguous [BLOCK_N, TILE / P] block of words; code b of every word is the
     input features b * TILE / P + [0, TILE / P), multiplied with that contiguous slice of x.
-    The zero point is subtracted from the integer codes and the scale applied once per tile.
+    Products are summed per word position across the tile's codes, scaled once per tile, and
+    reduced across word positions only at the end.
     """
     PACK: tl.constexpr = 32 // BITS
     WIDTH: tl.constexpr = TILE // PACK
@@ -144,23 +156,23 @@ def _gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_w = tl.arange(0, WIDTH)
     mask_n, mask_m = offs_n < n, offs_m < m
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, WIDTH), dtype=tl.float32)
     start = pid_split * tiles_per_split
     for t in range(start, tl.minimum(start + tiles_per_split, num_tiles)):
         words = tl.load(words_ptr + t * stride_tile + offs_n[:, None] * stride_col + offs_w[None, :],
                         mask=mask_n[:, None], other=0)
         g = t // tiles_per_group
         scale = tl.load(scales_ptr + g * stride_scales + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + g * stride_zeros + offs_n, mask=mask_n, other=0).to(tl.int32)
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        zero = tl.load(zeros_ptr + g * stride_zeros + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
+        part = tl.zeros((BLOCK_M, BLOCK_N, WIDTH), dtype=tl.float32)
         for b in tl.static_range(PACK):
-            w = (((words >> (b * BITS)) & MAXQ) - zero[:, None]).to(tl.float32)
+            w = _codes_as_float((words >> (b * BITS)) & MAXQ) - zero[:, None]
             x = tl.load(x_ptr + offs_m[:, None] * stride_x + (t * TILE + b * WIDTH + offs_w)[None, :],
                         mask=mask_m[:, None], other=0.0).to(tl.float32)
-            part += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
-        acc += part * scale[None, :]
+            part += w[None, :, :] * x[:, None, :]
+        acc += part * scale[None, :, None]
     out = out_ptr + pid_split * stride_split + offs_m[:, None] * stride_out + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out, tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @jit
@@ -196,8 +208,8 @@ def _gemm_kernel(
         q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MAXQ, (BLOCK_N, TILE))
         g = t // tiles_per_group
         scale = tl.load(scales_ptr + g * stride_scales + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + g * stride_zeros + offs_n, mask=mask_n, other=0).to(tl.int32)
-        w = ((q - zero[:, None]).to(tl.float32) * scale[:, None]).to(x_ptr.dtype.element_ty)
+        zero = tl.load(zeros_ptr + g * stride_zeros + offs_n, mask=mask_n, other=0).to(tl.float32) + MAGIC
+        w = ((_codes_as_float(q) - zero[:, None]) * scale[:, None]).to(x_ptr.dtype.element_ty)
         if IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
