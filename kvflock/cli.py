@@ -142,9 +142,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     if args.format == "gptq" and args.bits is None:
         raise ValueError("--bits: required with --format gptq (4 or 8)")
-    if args.format == "fp8" and (args.bits not in (None, 8) or args.group_size is not None or args.method != "rtn"):
-        raise ValueError("--bits/--group-size/--method: --format fp8 has one scale per tensor and 8 bits, rounded to "
-                         "nearest; leave them out")
+    if args.format == "fp8" and (args.bits not in (None, 8) or args.group_size is not None):
+        raise ValueError("--bits/--group-size: --format fp8 has one scale per tensor and 8 bits; leave them out")
+    if args.format == "fp8" and args.method != "rtn":
+        raise ValueError("--method: gptq applies to --format gptq; --format fp8 rounds to nearest")
     if (args.method == "gptq") != (args.calibration is not None):
         raise ValueError("--calibration: give a text file with --method gptq, and only then")
     calibration = None
