@@ -233,19 +233,23 @@ CONFIGS = (
     (16, 16, 64, 4, 4),
     (32, 32, 64, 4, 4),
     (64, 64, 64, 4, 3),
-    (1 << 62, 64, 128, 8, 3),
+    (256, 64, 128, 8, 3),
+    (1 << 62, 128, 128, 8, 3),  # prefill: taller blocks spread each dequantized tile over more rows
 )
 # Split k until the launch has this many programs per SM (decode reads each weight once per
-# step: the goal is enough loads in flight to keep HBM busy), keeping >= 2 tiles per split.
+# step: the goal is enough loads in flight to keep HBM busy), keeping >= 2 tiles per split and
+# the float32 partial sums (split x m x n) under a quarter of the weight's bytes.
 PROGRAMS_PER_SM = 4
 
 
-def launch_config(m: int, n: int, k: int, tile: int, device: torch.device) -> dict[str, Any]:
+def launch_config(m: int, n: int, k: int, tile: int, bits: int, device: torch.device) -> dict[str, Any]:
     """Block sizes, warps, pipeline stages and the k split for one call."""
     _, block_m, block_n, warps, stages = next(c for c in CONFIGS if m <= c[0])
     blocks = -(-n // block_n) * -(-m // block_m)
     tiles, split = k // tile, 1
-    while blocks * split < PROGRAMS_PER_SM * _num_sms(device) and tiles // (2 * split) >= 2:
+    max_split = k * bits // (128 * m)  # partial sums: 4 bytes x split x m x n <= k x n x bits / 8 / 4
+    while (blocks * split < PROGRAMS_PER_SM * _num_sms(device) and tiles // (2 * split) >= 2
+           and 2 * split <= max_split):
         split *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split, "num_warps": warps,
             "num_stages": stages if device.type == "cuda" else 1}
@@ -280,7 +284,7 @@ def quant_matmul(
     m = rows.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    cfg = launch_config(m, n, k, tile, x.device)
+    cfg = launch_config(m, n, k, tile, bits, x.device)
     tiles = k // tile
     split = min(split_k or cfg["SPLIT_K"], tiles)
     per_split = -(-tiles // split)
