@@ -213,8 +213,8 @@ def sweep(cfg: ModelConfig) -> None:
 def bench_offline(cfg: ModelConfig, requests: int, prompt_len: int, output_len: int) -> list[str]:
     """Output tokens/s of the engine for bf16, fp8 and int4, one format after the other."""
     folder = Path(tempfile.mkdtemp(prefix="bench-quant-"))
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-          "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
           "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": 4096,
           "torch_dtype": "bfloat16"}

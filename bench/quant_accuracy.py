@@ -88,11 +88,12 @@ def layer_inputs(llm: LLM, calibration: list[list[int]]) -> dict[str, torch.Tens
     """The inputs [tokens, k] of every norm-fed projection group, from the unquantized model."""
     model = llm.engine.loaded.model
     seen: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, parent, module in projections(model):
-        if name.split(".", 1)[1] in NORM_INPUTS:
-            hook = (lambda key: lambda _m, inputs: seen.setdefault(key, []).append(inputs[0].reshape(-1, inputs[0].shape[-1])))(name)
-            handles.append(module.register_forward_pre_hook(hook))
+
+    def keep(key: str):
+        return lambda _module, inputs: seen.setdefault(key, []).append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+
+    handles = [module.register_forward_pre_hook(keep(name)) for name, _, module in projections(model)
+               if name.split(".", 1)[1] in NORM_INPUTS]
     for ids in calibration:
         token_logprobs(llm, ids[:-1], ids[-1:])
     for handle in handles:

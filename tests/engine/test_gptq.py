@@ -67,8 +67,8 @@ def test_a_gptq_checkpoint_is_symmetric_gptq_format_and_generates(llama128, tmp_
 def test_quantize_cli_refuses_gptq_without_calibration_text(llama128, tmp_path, capsys):
     from kvflock.cli import main as cli
 
-    assert cli(["quantize", "--model", str(llama128), "--bits", "4", "--method", "gptq", "--out", str(tmp_path / "a")]) == 2
+    gptq = ["quantize", "--model", str(llama128), "--bits", "4", "--method", "gptq"]
+    assert cli([*gptq, "--out", str(tmp_path / "a")]) == 2
     assert "--calibration: give a text file with --method gptq" in capsys.readouterr().err
-    assert cli(["quantize", "--model", str(llama128), "--bits", "4", "--method", "gptq", "--calibration",
-                str(tmp_path / "missing.txt"), "--out", str(tmp_path / "b")]) == 2
+    assert cli([*gptq, "--calibration", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "b")]) == 2
     assert "is not a file" in capsys.readouterr().err

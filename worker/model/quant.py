@@ -73,7 +73,8 @@ def read_quantization_config(hf_config: dict[str, Any], where: str) -> QuantSpec
     bits, group_size = qc.get("bits"), qc.get("group_size", 128)
     allowed_bits = (4, 8) if method == "gptq" else (4,)
     if bits not in allowed_bits:
-        raise ValueError(f"{key}.bits {bits!r} is not supported for {method}; use {' or '.join(map(str, allowed_bits))}")
+        choices = " or ".join(map(str, allowed_bits))
+        raise ValueError(f"{key}.bits {bits!r} is not supported for {method}; use {choices}")
     if not isinstance(group_size, int) or (group_size != -1 and (group_size < 16 or group_size & (group_size - 1))):
         raise ValueError(f"{key}.group_size {group_size!r} must be -1 or a power of two >= 16")
     if method == "awq":

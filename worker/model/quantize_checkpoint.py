@@ -5,10 +5,10 @@ round-to-nearest, or for GPTQ format by the GPTQ algorithm on calibration text
 
 GPTQ: the decoder's projections become `<prefix>.qweight/.qzeros/.scales/.g_idx` (GPTQ v1,
 act-order off, symmetric: docs/quantization.md says which `quantization_config` fields are
-written and why vLLM accepts them). FP8: they become `<prefix>.weight` (e4m3) and `<prefix>.weight_scale` (fp32,
-one per tensor), the format kvflock.worker.model.fp8 describes. Every other tensor is copied as
-it is; config.json gains a `quantization_config`; the tokenizer and generation files are
-copied beside them.
+written and why vLLM accepts them). FP8: they become `<prefix>.weight` (e4m3) and
+`<prefix>.weight_scale` (fp32, one per tensor), the format kvflock.worker.model.fp8 describes.
+Every other tensor is copied as it is; config.json gains a `quantization_config`; the tokenizer
+and generation files are copied beside them.
 """
 
 import json
@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kvflock.kernels.quant_matmul import pack_factor
 from kvflock.worker.attention import TorchAttentionBackend
 from kvflock.worker.config import EngineConfig, ModelConfig
 from kvflock.worker.model import fp8
@@ -81,7 +82,7 @@ def quantize_checkpoint(
             writer.add(name, weight.cpu())
             writer.add(f"{prefix}.weight_scale", scale.cpu())
         else:
-            codes = gptq_codes.pop(prefix, None) or quantize_rtn(tensor.to(device), spec)
+            codes = gptq_codes.pop(prefix) if gptq_codes else quantize_rtn(tensor.to(device), spec)
             for field, packed in gptq_encode(codes).items():
                 writer.add(f"{prefix}.{field}", packed.cpu())
             writer.add(f"{prefix}.g_idx", trivial_g_idx(tensor.shape[1], spec.group_size))
@@ -117,12 +118,8 @@ def calibration_sequences(model: Path, text: str, length: int, count: int) -> li
 def _gptq_codes(model: Path, spec: QuantSpec, calibration: list[list[int]], device: str,
                 progress: Callable[[str], None]) -> dict[str, Codes]:
     """GPTQ's codes of every projection, measured with the model on `device`."""
-    config = EngineConfig(model=str(model), load_format="hf", device=device)
-    loaded = load(config, TorchAttentionBackend())
-    try:
-        return calibrate(loaded.model, calibration, spec, progress)
-    finally:
-        del loaded
+    loaded = load(EngineConfig(model=str(model), load_format="hf", device=device), TorchAttentionBackend())
+    return calibrate(loaded.model, calibration, spec, progress)
 
 
 def _read_plain_config(model: Path) -> dict[str, Any]:
@@ -143,7 +140,7 @@ def _read_plain_config(model: Path) -> dict[str, Any]:
 
 def _check_dimensions(cfg: ModelConfig, spec: QuantSpec) -> None:
     """Every projection's input features split into whole groups and both sides pack evenly."""
-    p = 32 // spec.bits
+    p = pack_factor(spec.bits)
     if spec.group_size != -1 and (spec.group_size < 16 or spec.group_size & (spec.group_size - 1)):
         raise ValueError(f"group_size: {spec.group_size} must be -1 (per channel) or a power of two >= 16")
     shapes = {
