@@ -187,3 +187,11 @@ def test_quantization_awq_requires_an_awq_checkpoint(llama128, checkpoints):
         LLM(str(llama128), device="cpu", quantization="awq")
     with pytest.raises(ValueError, match="quantization: 'gptq' does not match"):
         LLM(str(checkpoints["awq"][0]), device="cpu", quantization="gptq")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_the_triton_kernels_generate_what_the_cpu_reference_path_does(checkpoints, fmt):
+    folder, _ = checkpoints[fmt]
+    cpu = token_ids(LLM(str(folder), dtype="float32", device="cpu"))
+    assert token_ids(LLM(str(folder), dtype="float32", device="cuda")) == cpu
