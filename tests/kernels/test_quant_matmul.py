@@ -94,7 +94,7 @@ def test_gemv_batches_of_one_to_four_match_reference(device, m, dtype):
     assert_matches_reference(x, packed)
 
 
-@pytest.mark.parametrize("m", [5, 16, 17, 40])
+@pytest.mark.parametrize("m", [5, 16, 17, 40, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_gemm_batches_above_four_match_reference(device, m, dtype):
     k, n = 96, 104
@@ -161,7 +161,7 @@ def test_shapes_that_do_not_fit_are_refused_naming_them(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 4, 16, 64, 256])
+@pytest.mark.parametrize("m", [1, 2, 4, 16, 64, 256, 1024])
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (8, -1)])
 def test_llama3_8b_shapes_match_reference_on_gpu(gpu, m, bits, group_size):
     for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)):
