@@ -245,6 +245,8 @@ PROGRAMS_PER_SM = 4
 def launch_config(m: int, n: int, k: int, tile: int, bits: int, device: torch.device) -> dict[str, Any]:
     """Block sizes, warps, pipeline stages and the k split for one call."""
     _, block_m, block_n, warps, stages = next(c for c in CONFIGS if m <= c[0])
+    if m <= GEMV_MAX_ROWS:  # the same bytes of words per block at either width (and half the registers at 8 bits)
+        block_n = block_n * 4 // bits
     blocks = -(-n // block_n) * -(-m // block_m)
     tiles, split = k // tile, 1
     max_split = k * bits // (128 * m)  # partial sums: 4 bytes x split x m x n <= k x n x bits / 8 / 4
