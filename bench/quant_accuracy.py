@@ -111,6 +111,7 @@ def fake_quant(weight: torch.Tensor, spec: QuantSpec, scales: torch.Tensor | Non
     return quantize_rtn(weight * scales, spec).dequantize().t() / scales
 
 
+@torch.no_grad()
 def awq_style(llm: LLM, calibration: list[list[int]], spec: QuantSpec) -> None:
     """Round each projection in place, norm-fed groups with their searched input scales."""
     model = llm.engine.loaded.model
