@@ -1,14 +1,20 @@
-"""Quantization: decode speed of fp8 (W8A8) and int8/int4 (weight-only) against bf16 and greedy agreement, in one run.
+"""Quantization: decode speed and offline throughput of fp8 (W8A8) and int8/int4 (weight-only)
+against bf16, and greedy agreement, in one run.
 
-    python bench/quant.py [--out bench/results/quant-h100.md]   # GPU: both parts
-    python bench/quant.py --sweep                                # also time quant_matmul tile variants
-    python bench/quant.py --smoke                                # tiny settings; on CPU only the agreement part
+    python bench/quant.py [--out bench/results/quantization-h100.md]   # GPU: all parts (about 5 minutes)
+    python bench/quant.py --sweep                                       # also time quant_matmul launch variants
+    python bench/quant.py --smoke                                       # tiny settings; on CPU only the agreement part
 
 Decode: one decode step of a Llama-3-8B-shaped model (dummy weights: bf16, fp8 e4m3 per channel
-with per-token activations, int8 per channel, int4 in groups of 128) for batch 1, 16 and 64 at a context of 128 tokens, replayed as a CUDA graph,
-reported as tokens/s and as a fraction of that format's bandwidth limit: (bytes one step must
-read: the weights with their scales and zero points, plus the KV cache) / the device-to-device
-copy bandwidth measured in the same run.
+with per-token activations, int8 per channel, int4 in groups of 128) for batch 1, 4, 16 and 64 at
+a context of 128 tokens, replayed as a CUDA graph, reported as tokens/s and as a fraction of that
+format's bandwidth limit: (bytes one step must read: the weights with their scales and zero
+points, plus the KV cache) / the device-to-device copy bandwidth measured in the same run.
+
+Offline throughput: the whole engine (`LLM.generate`) on 256 requests x (512 prompt, 256 output
+tokens, EOS ignored) with the same dummy weights in bf16, fp8 and int4, one after the other in the
+same process, output tokens/s. Each format first runs 256 other prompts for 8 tokens, which
+compiles what the shapes need, then the timed pass.
 
 Agreement: SmolLM2-135M-Instruct (the demo model) answers the 32 chat prompts of
 bench/offline.py greedily, unquantized and quantized in memory by round-to-nearest (int8 per
@@ -19,8 +25,12 @@ first difference. On CPU it runs in float32 through the torch reference path.
 
 import argparse
 import datetime
+import gc
+import json
 import platform
+import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -171,29 +181,68 @@ def bench_agreement(device: str, dtype: str, num_prompts: int, max_tokens: int) 
 
 
 def sweep(cfg: ModelConfig) -> None:
-    """Time quant_matmul tile variants on the model's projection shapes (tuning aid)."""
-    default = qm._config
+    """Time quant_matmul launch variants on the model's projection shapes (tuning aid for
+    kvflock.kernels.quant_matmul.CONFIGS)."""
+    default = qm.launch_config
     shapes = {"qkv": (cfg.hidden_size, 6144), "o": (4096, cfg.hidden_size),
               "gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size), "down": (cfg.intermediate_size, cfg.hidden_size)}
-    variants = [None] + [{"BLOCK_N": n, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": w}
-                         for n, bk, s, w in ((32, 128, 0, 4), (128, 128, 0, 4), (64, 64, 0, 4), (64, 128, 1, 4),
-                                             (64, 128, 0, 8), (128, 128, 0, 8))]
+    variants = [None] + [{"BLOCK_N": n, "SPLIT_K": s, "num_warps": w, "num_stages": st}
+                         for n, s, w, st in ((32, 0, 4, 4), (128, 0, 4, 4), (64, 1, 4, 4), (64, 0, 8, 4),
+                                             (128, 0, 8, 3), (64, 0, 4, 2), (256, 0, 8, 3))]
     for name, spec in (("int8", RTN_SPECS["int8"]), ("int4", RTN_SPECS["int4"])):
         for shape, (k, n) in shapes.items():
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-            packed = quantize_rtn(w, spec)
-            nbytes = sum(t.numel() * t.element_size() for t in (packed.qweight, packed.scales, packed.qzeros))
-            for m in (1, 16, 64):
+            packed = quantize_rtn(w, spec).pack()
+            nbytes = sum(t.numel() * t.element_size() for t in (packed.words, packed.scales, packed.zeros))
+            bf16_x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            bf16_ms = graph_ms(lambda: torch.matmul(bf16_x, w.t()))
+            print(f"bf16 {shape} m=1: {bf16_ms * 1e3:.1f} µs {w.numel() * 2 / bf16_ms / 1e6:.0f} GB/s", flush=True)
+            for m in (1, 4, 16, 64, 256):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 for variant in variants:
-                    # SPLIT_K 0 in a variant keeps the rule's split
+                    # SPLIT_K 0 in a variant keeps the table's split
                     changes = {key: v for key, v in (variant or {}).items() if not (key == "SPLIT_K" and v == 0)}
-                    qm._config = lambda *a, changes=changes: {**default(*a), **changes}
-                    ms = graph_ms(lambda: qm.quant_matmul(x, packed.qweight, packed.scales, packed.qzeros,
+                    qm.launch_config = lambda *a, changes=changes: {**default(*a), **changes}
+                    ms = graph_ms(lambda: qm.quant_matmul(x, packed.words, packed.scales, packed.zeros,
                                                           spec.bits, spec.group_size))
-                    print(f"{name} {shape} m={m} {variant or 'rule'}: {ms * 1e3:.1f} µs {nbytes / ms / 1e6:.0f} GB/s",
+                    print(f"{name} {shape} m={m} {variant or 'table'}: {ms * 1e3:.1f} µs {nbytes / ms / 1e6:.0f} GB/s",
                           flush=True)
-    qm._config = default
+    qm.launch_config = default
+
+
+def bench_offline(cfg: ModelConfig, requests: int, prompt_len: int, output_len: int) -> list[str]:
+    """Output tokens/s of the engine for bf16, fp8 and int4, one format after the other."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-quant-"))
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+          "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": 4096,
+          "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(hf))
+    rng = random.Random(0)
+    warm = [[rng.randrange(cfg.vocab_size) for _ in range(prompt_len)] for _ in range(requests)]
+    timed = [[rng.randrange(cfg.vocab_size) for _ in range(prompt_len)] for _ in range(requests)]
+    rows = ["| format | output tokens/s | vs bf16 |", "|---|---|---|"]
+    base = None
+    for fmt in ("bf16", "fp8", "int4"):
+        if fmt == "fp8" and not fp8_supported(torch.device("cuda")):
+            print("fp8: skipped, needs CUDA capability 8.9+", flush=True)
+            continue
+        llm = LLM(str(folder), load_format="dummy", dtype="bfloat16", quantization=None if fmt == "bf16" else fmt,
+                  max_model_len=prompt_len + output_len + 16, max_num_seqs=requests, max_num_batched_tokens=8192)
+        llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        outputs = llm.generate(timed, params)
+        rate = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - started)
+        base = base or rate
+        rows.append(f"| {fmt} | {rate:.0f} | {rate / base:.2f}x |")
+        print(rows[-1], flush=True)
+        del llm, outputs
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
@@ -225,7 +274,12 @@ def main() -> None:
         tables += [f"## Decode, {'tiny' if args.smoke else 'Llama-3-8B'}-shaped dummy weights, context 128, "
                    f"CUDA graph per step", f"copy bandwidth (device-to-device, read + write): {copy_gbs:.0f} GB/s", ""]
         print("\n".join(tables), flush=True)
-        tables += bench_decode(cfg, copy_gbs, (1, 16, 64), 128)
+        tables += bench_decode(cfg, copy_gbs, (1, 4, 16, 64), 128)
+        requests, prompt_len, output_len = (8, 32, 16) if args.smoke else (256, 512, 256)
+        offline = ["", f"## Offline throughput, {requests} requests x ({prompt_len} prompt, {output_len} output tokens), "
+                   "whole engine", ""]
+        print("\n".join(offline), flush=True)
+        tables += offline + bench_offline(cfg, requests, prompt_len, output_len)
     else:
         tables += ["## Decode", "skipped: needs a CUDA device"]
         print(tables[-1])

@@ -130,20 +130,35 @@ def _add_quantize(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--bits", type=int, choices=[4, 8], help="gptq: bits per weight (required)")
     p.add_argument("--group-size", type=int, default=None,
                    help="input features per scale (default: 128 for 4 bits, -1 = per channel for 8 bits)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="gptq format: round-to-nearest, or GPTQ measured on --calibration text")
+    p.add_argument("--calibration", type=Path, help="--method gptq: a text file to measure the layers' inputs on")
+    p.add_argument("--calibration-tokens", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--calibration-samples", type=int, default=128, help="calibration sequences at most")
     p.add_argument("--out", type=Path, required=True, help="new folder for the quantized checkpoint")
     p.add_argument("--device", default="cpu", help="where to quantize (cpu, cuda)")
     p.set_defaults(func=_run_quantize)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from kvflock.worker.model.quantize_checkpoint import quantize_checkpoint
+    from kvflock.worker.model.quantize_checkpoint import calibration_sequences, quantize_checkpoint
 
     if args.format == "gptq" and args.bits is None:
         raise ValueError("--bits: required with --format gptq (4 or 8)")
     if args.format == "fp8" and (args.bits not in (None, 8) or args.group_size is not None):
         raise ValueError("--bits/--group-size: --format fp8 has one scale per tensor and 8 bits; leave them out")
+    if args.format == "fp8" and args.method != "rtn":
+        raise ValueError("--method: gptq applies to --format gptq; --format fp8 rounds to nearest")
+    if (args.method == "gptq") != (args.calibration is not None):
+        raise ValueError("--calibration: give a text file with --method gptq, and only then")
+    calibration = None
+    if args.calibration is not None:
+        if not args.calibration.is_file():
+            raise ValueError(f"--calibration: {args.calibration} is not a file")
+        calibration = calibration_sequences(args.model, args.calibration.read_text(), args.calibration_tokens,
+                                            args.calibration_samples)
     quantize_checkpoint(args.model, args.out, args.bits, args.group_size, args.device,
-                        progress=lambda line: print(line, flush=True), fmt=args.format)
+                        progress=lambda line: print(line, flush=True), fmt=args.format, calibration=calibration)
     return 0
 
 

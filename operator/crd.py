@@ -241,12 +241,12 @@ class EngineSpec(_Model):
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
         "auto", description="Weights' dtype (auto: bfloat16 on a GPU, float32 on CPU)."
     )
-    quantization: Literal["gptq", "int8", "int4", "fp8"] | None = Field(
+    quantization: Literal["gptq", "awq", "int8", "int4", "fp8"] | None = Field(
         None,
-        description="Quantization of the linear layers (default: as the checkpoint is). gptq: require a GPTQ"
-        " checkpoint; int8 (per channel) / int4 (groups of 128): weight-only, quantize plain weights at load;"
-        " fp8: e4m3 weights and per-token activations (an FP8 checkpoint, or plain weights quantized at load;"
-        " GPUs of CUDA capability 8.9+).",
+        description="Quantization of the linear layers (default: as the checkpoint is). gptq / awq: require a"
+        " GPTQ (4 or 8 bits) / AWQ (4 bits, gemm) checkpoint; int8 (per channel) / int4 (groups of 128):"
+        " weight-only, quantize plain weights at load; fp8: e4m3 weights and per-token activations (an FP8"
+        " checkpoint, or plain weights quantized at load; GPUs of CUDA capability 8.9+).",
     )
     maxModelLen: int | None = Field(
         None, ge=1, le=1048576, description="Longest context in tokens (default: the model's own)."

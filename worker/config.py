@@ -153,13 +153,14 @@ class EngineConfig(BaseModel):
     load_format: Literal["auto", "hf", "gguf", "dummy"] = Field(
         "auto", description="auto: from the path (a .gguf file or an HF folder); dummy: random weights"
     )
-    quantization: Literal["gptq", "int8", "int4", "fp8"] | None = Field(
+    quantization: Literal["gptq", "awq", "int8", "int4", "fp8"] | None = Field(
         None,
-        description="quantization of the linear layers. None: as the checkpoint is (GPTQ or FP8 when its "
-        "config.json has such a quantization_config); gptq: require a GPTQ checkpoint; int8 (per channel) / "
-        "int4 (groups of 128): weight-only, quantize an unquantized checkpoint at load, round-to-nearest (random "
-        "packed weights with load_format dummy); fp8: e4m3 weights (per channel) and activations (per token, "
-        "dynamic), from an FP8 checkpoint or quantized at load; needs CUDA capability 8.9+ (CPU: reference path)",
+        description="quantization of the linear layers. None: as the checkpoint is (GPTQ, AWQ or FP8 when its "
+        "config.json has such a quantization_config); gptq / awq: require a GPTQ (4 or 8 bits) / AWQ (4 bits, "
+        "gemm) checkpoint; int8 (per channel) / int4 (groups of 128): weight-only, quantize an unquantized "
+        "checkpoint at load, round-to-nearest (random packed weights with load_format dummy); fp8: e4m3 weights "
+        "(per channel) and activations (per token, dynamic), from an FP8 checkpoint or quantized at load; needs "
+        "CUDA capability 8.9+ (CPU: reference path)",
     )
     tokenizer: str | None = Field(None, description="tokenizer folder; defaults to the model's")
     chat_template: str | None = Field(

@@ -11,39 +11,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvflock.cli import main as cli
-from kvflock.kernels.quant_matmul import dequantize
 from kvflock.worker.attention import TorchAttentionBackend
 from kvflock.worker.config import EngineConfig, SamplingParams
 from kvflock.worker.llm import LLM
 from kvflock.worker.model.loader import load
 from kvflock.worker.model.parallel import TPGroup
 from kvflock.worker.model.quant import QUANTIZED_PROJECTIONS, QuantizedLinear, QuantSpec, quantize_rtn
+from kvflock.worker.model.quant_formats import gptq_decode
 from kvflock.worker.model.quantize_checkpoint import quantize_checkpoint
-from tests.tiny_models import VOCAB
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[1, 2, 3, 4], [200, 17, 9], [5] * 20]
-
-
-@pytest.fixture(scope="module")
-def llama128(tmp_path_factory) -> Path:
-    """A tiny random Llama whose projections have 128 or 256 input features: int4 in groups
-    of 128 applies as on real models."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.2)
-    path = tmp_path_factory.mktemp("llama128") / "plain"
-    model.save_pretrained(path)
-    (path / "special_tokens_map.json").write_text("{}")  # stands for the tokenizer files to be copied
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -71,28 +49,29 @@ def token_ids(llm: LLM) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize("fmt,spec", [("int4", QuantSpec(4, 128)), ("int8", QuantSpec(8, -1))])
+@pytest.mark.parametrize("fmt,spec", [("int4", QuantSpec(4, 128, sym=True)), ("int8", QuantSpec(8, -1, sym=True))])
 def test_a_quantized_checkpoint_loads_back_bit_exactly(llama128, quantized, fmt, spec):
     plain = load_file(llama128 / "model.safetensors")
     loaded = load(EngineConfig(model=str(quantized[fmt]), device="cpu"), TorchAttentionBackend())
     assert loaded.quantization == spec
     for name, module in projections(loaded.model):
         assert isinstance(module, QuantizedLinear)
-        expected = quantize_rtn(plain[f"{name}.weight"], spec)
-        for field in ("qweight", "scales", "qzeros"):
-            assert torch.equal(getattr(module, field), getattr(expected, field)), (name, field)
-        assert torch.equal(module.weight.dequantize(spec), expected.dequantize(spec))
+        expected, codes = quantize_rtn(plain[f"{name}.weight"], spec), module.codes()
+        for field in ("q", "zeros", "scales"):
+            assert torch.equal(getattr(codes, field), getattr(expected, field)), (name, field)
+        assert torch.equal(module.dequantize(), expected.dequantize().t())
 
 
 def test_the_checkpoint_is_gptq_format_with_the_tokenizer_files(quantized, llama128):
     folder = quantized["int4"]
     config = json.loads((folder / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "gptq", "bits": 4, "group_size": 128,
-                                             "desc_act": False, "sym": False, "checkpoint_format": "gptq"}
+    assert config["quantization_config"] == {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                                             "sym": True, "checkpoint_format": "gptq", "lm_head": False}
     tensors = load_file(folder / "model.safetensors")
     q = "model.layers.0.self_attn.q_proj"
     assert tensors[f"{q}.qweight"].shape == (128 // 8, 128) and tensors[f"{q}.qweight"].dtype == torch.int32
     assert tensors[f"{q}.qzeros"].shape == (1, 128 // 8) and tensors[f"{q}.scales"].dtype == torch.float16
+    assert (tensors[f"{q}.qzeros"] == 0x77777777).all()  # symmetric: zero point 8, stored as 8 - 1
     assert torch.equal(tensors["model.layers.0.mlp.down_proj.g_idx"], torch.arange(256, dtype=torch.int32) // 128)
     assert f"{q}.weight" not in tensors
     assert torch.equal(tensors["model.embed_tokens.weight"], load_file(llama128 / "model.safetensors")["model.embed_tokens.weight"])
@@ -107,14 +86,19 @@ def test_generation_equals_a_float32_model_of_the_dequantized_weights(llama128, 
     quant_modules = dict(projections(llm.engine.loaded.model))
     with torch.no_grad():
         for name, module in projections(reference.engine.loaded.model):
-            module.weight.copy_(quant_modules[name].weight.dequantize(spec))
+            module.weight.copy_(quant_modules[name].dequantize())
     assert token_ids(llm) == token_ids(reference)
 
 
-def test_quantizing_at_load_equals_loading_the_quantized_checkpoint(llama128, quantized):
+def test_quantizing_at_load_holds_round_to_nearest_codes_of_the_plain_weights(llama128):
+    """At load int4 is asymmetric (more exact than the symmetric checkpoints `kvflock quantize`
+    writes for other readers)."""
+    plain = load_file(llama128 / "model.safetensors")
     at_load = LLM(str(llama128), dtype="float32", device="cpu", quantization="int4")
     assert at_load.engine.loaded.quantization == QuantSpec(4, 128)
-    assert token_ids(at_load) == token_ids(LLM(str(quantized["int4"]), dtype="float32", device="cpu"))
+    for name, module in projections(at_load.engine.loaded.model):
+        assert torch.equal(module.codes().q, quantize_rtn(plain[f"{name}.weight"], QuantSpec(4, 128)).q), name
+    assert all(len(t) == GREEDY.max_tokens for t in token_ids(at_load))
 
 
 @pytest.mark.parametrize("fmt,bits", [("int4", 4), ("int8", 8)])
@@ -122,8 +106,8 @@ def test_dummy_quantized_weights_have_the_models_shapes_and_generate(llama128, f
     llm = LLM(str(llama128), load_format="dummy", quantization=fmt, dtype="float32", device="cpu")
     gate = llm.engine.loaded.model.model.layers[1].mlp.gate_proj
     assert isinstance(gate, QuantizedLinear) and gate.spec.bits == bits
-    assert gate.qweight.shape == (128 * bits // 32, 256)
-    w = gate.weight.dequantize(gate.spec)
+    assert gate.words.shape == (1, 256, 128 * bits // 32) and gate.words.dtype == torch.int32  # one tile of 128
+    w = gate.dequantize()
     assert 0.01 < w.std().item() < 0.04 and w.mean().abs().item() < 0.01
     assert all(len(t) == GREEDY.max_tokens for t in token_ids(llm))
 
@@ -131,17 +115,23 @@ def test_dummy_quantized_weights_have_the_models_shapes_and_generate(llama128, f
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_tensor_parallel_rank_loads_its_slice_of_the_packed_weights(quantized, rank):
     full = load_file(quantized["int4-g32"] / "model.safetensors")
+
+    def checkpoint_codes(prefix: str):
+        return gptq_decode(full[f"{prefix}.qweight"], full[f"{prefix}.qzeros"], full[f"{prefix}.scales"], 4, 32)
+
     config = EngineConfig(model=str(quantized["int4-g32"]), device="cpu", tensor_parallel_size=2)
     model = load(config, TorchAttentionBackend(), TPGroup(rank, 2)).model
     layer = model.model.layers[0]
-    q, down = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"
-    # column-parallel q_proj: half of the 128 output features; packed zeros 8 per int32
-    assert torch.equal(layer.self_attn.q_proj.qweight, full[f"{q}.qweight"][:, rank * 64 : (rank + 1) * 64])
-    assert torch.equal(layer.self_attn.q_proj.qzeros, full[f"{q}.qzeros"][:, rank * 8 : (rank + 1) * 8])
+    q, down = checkpoint_codes("model.layers.0.self_attn.q_proj"), checkpoint_codes("model.layers.0.mlp.down_proj")
+    # column-parallel q_proj: half of the 128 output features
+    got = layer.self_attn.q_proj.codes()
+    assert torch.equal(got.q, q.q[:, rank * 64 : (rank + 1) * 64])
+    assert torch.equal(got.zeros, q.zeros[:, rank * 64 : (rank + 1) * 64])
     # row-parallel down_proj: half of the 256 input features, 4 groups of 32 each
-    assert torch.equal(layer.mlp.down_proj.qweight, full[f"{down}.qweight"][rank * 16 : (rank + 1) * 16])
-    assert torch.equal(layer.mlp.down_proj.scales, full[f"{down}.scales"][rank * 4 : (rank + 1) * 4])
-    assert torch.equal(layer.mlp.down_proj.qzeros, full[f"{down}.qzeros"][rank * 4 : (rank + 1) * 4])
+    got = layer.mlp.down_proj.codes()
+    assert torch.equal(got.q, down.q[rank * 128 : (rank + 1) * 128])
+    assert torch.equal(got.scales, down.scales[rank * 4 : (rank + 1) * 4])
+    assert torch.equal(got.zeros, down.zeros[rank * 4 : (rank + 1) * 4])
 
 
 @pytest.mark.timeout(120)
@@ -157,7 +147,7 @@ def test_tensor_parallel_generation_equals_one_rank(quantized):
 
 
 def test_quantization_gptq_on_a_plain_checkpoint_is_refused(llama128):
-    with pytest.raises(ValueError, match="quantization: 'gptq' needs a GPTQ checkpoint"):
+    with pytest.raises(ValueError, match="quantization: 'gptq' needs a checkpoint quantized so"):
         LLM(str(llama128), device="cpu", quantization="gptq")
 
 
@@ -168,7 +158,7 @@ def test_quantizing_an_already_quantized_checkpoint_at_load_is_refused(quantized
 
 def test_an_unknown_quantization_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="quantization"):
-        EngineConfig(model="demo", quantization="awq")
+        EngineConfig(model="demo", quantization="nf4")
 
 
 def test_int4_at_load_refuses_layers_that_groups_of_128_do_not_divide(tiny_models):
@@ -212,35 +202,41 @@ def test_a_sharded_output_has_an_index_the_loader_reads(llama128, tmp_path):
     loaded = load(EngineConfig(model=str(out), device="cpu"), TorchAttentionBackend())
     q = loaded.model.model.layers[1].self_attn.q_proj
     plain = load_file(llama128 / "model.safetensors")["model.layers.1.self_attn.q_proj.weight"]
-    assert torch.equal(q.weight.dequantize(q.spec), quantize_rtn(plain, QuantSpec(8, -1)).dequantize(q.spec))
+    assert torch.equal(q.dequantize(), quantize_rtn(plain, QuantSpec(8, -1, sym=True)).dequantize().t())
 
 
-def test_round_to_nearest_error_is_at_most_half_a_step():
+@pytest.mark.parametrize("sym", [False, True])
+def test_round_to_nearest_error_is_at_most_half_a_step(sym):
     w = torch.randn(24, 256, generator=torch.Generator().manual_seed(0)) * 0.05
     w[3, :128] = w[3, :128].abs()  # a group without negative values (zero point 1 in GPTQ v1)
-    spec = QuantSpec(4, 128)
-    packed = quantize_rtn(w, spec)
-    step = packed.scales.float().repeat_interleave(128, 0).t()
-    assert ((packed.dequantize(spec) - w).abs() <= step / 2 + 1e-6).all()
-    assert torch.equal(dequantize(packed.qweight, packed.scales, packed.qzeros, 4, 128).t(), packed.dequantize(spec))
+    spec = QuantSpec(4, 128, sym=sym)
+    codes = quantize_rtn(w, spec)
+    step = codes.scales.float().repeat_interleave(128, 0).t()
+    # symmetric: the largest positive value sits exactly half a step above code 15; the float16
+    # rounding of the scale (a part in 2048 of 7.5 steps) can add under 1% of a step to that
+    assert ((codes.dequantize().t() - w).abs() <= step / 2 * 1.01 + 1e-6).all()
+    assert torch.equal(codes.pack().dequantize(), codes.dequantize())
+    assert (codes.zeros >= 1).all() and (not sym or (codes.zeros == 8).all())
 
 
 def test_a_fused_projection_multiplies_like_its_parts():
     """[gate | up] and [q | k | v] run as one kernel call over the parts' concatenated packed
-    tensors; the parts keep working on column views of them (Triton's interpreter on CPU)."""
+    tensors; the parts keep working on column views of them (Triton's interpreter on CPU), on
+    the GEMV (3 rows) and the GEMM (9 rows) path."""
     pytest.importorskip("triton")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     parts = []
     for width in (64, 32, 32):
         layer = QuantizedLinear(128, width, False, QuantSpec(4, 32), triton=True)
-        layer.set_weight(quantize_rtn(torch.randn(width, 128, generator=gen) * 0.05, layer.spec))
+        layer.set_codes(quantize_rtn(torch.randn(width, 128, generator=gen) * 0.05, layer.spec))
         parts.append(layer.to(device))
-    x = torch.randn(3, 128, generator=gen).to(device)
-    separate = torch.cat([p(x) for p in parts], dim=-1)
-    fused = QuantizedLinear.fuse(parts)
-    torch.testing.assert_close(fused(x), separate, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), separate)
+    for rows in (3, 9):
+        x = torch.randn(rows, 128, generator=gen).to(device)
+        separate = torch.cat([p(x) for p in parts], dim=-1)
+        fused = QuantizedLinear.fuse(parts)
+        torch.testing.assert_close(fused(x), separate, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), separate)
 
 
 @pytest.mark.gpu

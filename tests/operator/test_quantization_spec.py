@@ -22,7 +22,7 @@ def _engine_config(engine: dict[str, Any]) -> dict[str, Any]:
     return json.loads(children.engine_configmap(OWNER, spec)["data"]["engine.json"])
 
 
-@pytest.mark.parametrize("quantization", ["gptq", "int8", "int4"])
+@pytest.mark.parametrize("quantization", ["gptq", "awq", "int8", "int4", "fp8"])
 def test_quantization_goes_into_the_engine_config_file(quantization: str) -> None:
     assert _engine_config({"quantization": quantization})["quantization"] == quantization
 
@@ -33,7 +33,7 @@ def test_without_quantization_the_checkpoint_decides() -> None:
 
 def test_an_unknown_quantization_is_refused_by_schema_and_model() -> None:
     service = {"apiVersion": "kvflock.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"},
-               "spec": {"engine": {"quantization": "awq"}}}
+               "spec": {"engine": {"quantization": "nf4"}}}
     assert any("quantization" in e for e in schema_errors(service))
     with pytest.raises(ValidationError, match="quantization"):
-        InferenceServiceSpec.model_validate({"engine": {"quantization": "awq"}})
+        InferenceServiceSpec.model_validate({"engine": {"quantization": "nf4"}})

@@ -149,8 +149,8 @@ def load_model(
 ) -> LlamaForCausalLM:
     """Build `group`'s rank of the model (of the layers of `stage`, default all) on `device` and
     fill its weights from `source` (random for dummy). With `quantization`, the decoder's
-    projections are QuantizedLinear (or Fp8Linear) layers: read from a GPTQ (FP8) checkpoint,
-    random for dummy, else quantized once loaded."""
+    projections are QuantizedLinear (or Fp8Linear) layers: read from a GPTQ, AWQ (FP8) checkpoint
+    and repacked for the kernels, random for dummy, else quantized once loaded."""
     start = time.perf_counter()
     if quantization is not None and quantization.fp8:
         check_fp8_device(device)
@@ -195,6 +195,10 @@ def load_model(
             tensors = (("lm_head.weight" if name == "model.embed_tokens.weight" else name, shape, part)
                        for name, shape, part in tensors)
         _load_weights(model, tensors, str(source.gguf_path if source.gguf_name else source.path), shards)
+        if packed:
+            for module in model.modules():
+                if isinstance(module, QuantizedLinear):
+                    module.repack()
         if quantization is not None and not packed:
             replace_linears(model, quantization, backend.triton_pointwise, quantize=True)
     model.fuse_projections()

@@ -1,38 +1,34 @@
 """Quantization of the decoder's linear layers: weight-only int8 with one scale per output
-column, int4 with a scale and zero point per group of 128 input features, and FP8 e4m3 W8A8
-(kvflock.worker.model.fp8, which documents its checkpoint formats).
+column, int4 with a scale and zero point per group of input features (from GPTQ or AWQ
+checkpoints, or round-to-nearest), and FP8 e4m3 W8A8 (kvflock.worker.model.fp8, which documents
+its checkpoint formats).
 
-Weights are kept in GPTQ's packed layout (kvflock.kernels.quant_matmul documents it), whether
-they come from a GPTQ checkpoint (`<prefix>.qweight/.qzeros/.scales/.g_idx`, config.json's
-`quantization_config` with `quant_method: gptq`), from the round-to-nearest quantizer here
-(`kvflock quantize`, or `quantization: int8|int4` at load), or are random (dummy weights for
-benchmarks). The embedding, the norms and the LM head stay in the model's dtype.
+A QuantizedLinear is built holding its checkpoint's packed tensors (GPTQ's or AWQ's layout,
+kvflock.worker.model.quant_formats documents both), so that the loader reads each rank's slice
+of them as they are; `repack` then decodes them and packs them once into the kernels' layout
+(kvflock.kernels.quant_matmul). Weights quantized here (`quantization: int8|int4` at load, or
+random dummy weights for benchmarks) go straight to that layout. The embedding, the norms and
+the LM head stay in the model's dtype.
 """
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from kvflock.kernels.quant_matmul import (
-    dequantize,
-    pack_columns,
-    pack_factor,
-    pack_rows,
-    quant_matmul,
-    quant_matmul_ref,
-)
+from kvflock.kernels.quant_matmul import group_of, pack_factor, quant_matmul, quant_matmul_ref, unpack_codes
 from kvflock.worker.model.fp8 import Fp8Linear, read_fp8_config
 from kvflock.worker.model.parallel import ColumnParallelLinear, RowParallelLinear, Shard, TPGroup
+from kvflock.worker.model.quant_formats import Codes, awq_decode, gptq_decode, trivial_g_idx
 
 # The projections that are quantized, by their name in a decoder layer.
 QUANTIZED_PROJECTIONS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
-SCALES_DTYPE = torch.float16  # what GPTQ checkpoints store, and what we keep (more precise than bf16)
+SCALES_DTYPE = torch.float16  # what GPTQ and AWQ checkpoints store, and what we keep (more precise than bf16)
 
 
 @dataclass(frozen=True)
@@ -41,14 +37,16 @@ class QuantSpec:
 
     bits: int
     group_size: int  # input features per scale; -1: one group over all of them (per channel)
-    fp8: bool = False  # e4m3 weights and activations (Fp8Linear) rather than GPTQ-packed integers
+    fp8: bool = False  # e4m3 weights and activations (Fp8Linear) rather than packed integers
+    method: Literal["gptq", "awq"] = "gptq"  # the checkpoint layout its packed tensors come in
+    sym: bool = False  # zero point fixed at 2**(bits - 1) (what `kvflock quantize` writes)
 
     @property
     def label(self) -> str:
         if self.fp8:
             return "fp8 e4m3 (per channel, dynamic per-token activations)"
         groups = "per channel" if self.group_size < 0 else f"groups of {self.group_size}"
-        return f"int{self.bits} ({groups})"
+        return f"int{self.bits} ({groups}{', AWQ' if self.method == 'awq' else ''})"
 
 
 FP8_SPEC = QuantSpec(8, -1, fp8=True)
@@ -63,75 +61,81 @@ def read_quantization_config(hf_config: dict[str, Any], where: str) -> QuantSpec
     if not qc:
         return None
     method = qc.get("quant_method")
+    key = f"{where}: quantization_config"
     if method in ("fp8", "compressed-tensors"):
         layers = [f"model.layers.{i}.{p}" for i in range(hf_config.get("num_hidden_layers", 0))
                   for p in QUANTIZED_PROJECTIONS]
         read_fp8_config(qc, layers, where)
         return FP8_SPEC
-    if method != "gptq":
-        raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not supported; kvflock runs "
-                         "'gptq', 'fp8' and 'compressed-tensors' (float-quantized)")
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"{key}.quant_method {method!r} is not supported; kvflock runs 'gptq', 'awq', 'fp8' "
+                         "and 'compressed-tensors' (float-quantized)")
     bits, group_size = qc.get("bits"), qc.get("group_size", 128)
-    if bits not in (4, 8):
-        raise ValueError(f"{where}: quantization_config.bits {bits!r} is not supported; use 4 or 8")
+    allowed_bits = (4, 8) if method == "gptq" else (4,)
+    if bits not in allowed_bits:
+        choices = " or ".join(map(str, allowed_bits))
+        raise ValueError(f"{key}.bits {bits!r} is not supported for {method}; use {choices}")
     if not isinstance(group_size, int) or (group_size != -1 and (group_size < 16 or group_size & (group_size - 1))):
-        raise ValueError(f"{where}: quantization_config.group_size {group_size!r} must be -1 or a power of two >= 16")
+        raise ValueError(f"{key}.group_size {group_size!r} must be -1 or a power of two >= 16")
+    if method == "awq":
+        if str(qc.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"{key}.version {qc['version']!r} is not supported; kvflock reads AWQ's 'gemm' "
+                             "packing (qweight [in, out / 8])")
+        if not qc.get("zero_point", True):
+            raise ValueError(f"{key}.zero_point is false; kvflock reads AWQ checkpoints with zero points")
+        for entry in qc.get("modules_to_not_convert") or []:
+            if any(entry in p for p in QUANTIZED_PROJECTIONS):
+                raise ValueError(f"{key}.modules_to_not_convert holds {entry!r}, which leaves decoder projections "
+                                 "unquantized; kvflock quantizes all of them")
+        return QuantSpec(4, group_size, method="awq")
     if qc.get("desc_act"):
-        raise ValueError(f"{where}: quantization_config.desc_act is true (act-order); kvflock needs desc_act false")
+        raise ValueError(f"{key}.desc_act is true (act-order); kvflock needs desc_act false")
     if qc.get("checkpoint_format", "gptq") != "gptq":
-        raise ValueError(f"{where}: quantization_config.checkpoint_format {qc['checkpoint_format']!r} is not "
+        raise ValueError(f"{key}.checkpoint_format {qc['checkpoint_format']!r} is not "
                          "supported; kvflock reads 'gptq' (v1: qzeros store zero - 1)")
-    return QuantSpec(bits, group_size)
+    return QuantSpec(bits, group_size, sym=bool(qc.get("sym", False)))
 
 
 def gptq_config(spec: QuantSpec) -> dict[str, Any]:
-    """The `quantization_config` that describes checkpoints written by `quantize_rtn`."""
+    """The `quantization_config` that describes checkpoints written by `kvflock quantize`
+    (docs/quantization.md says why vLLM accepts each field)."""
     return {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size, "desc_act": False,
-            "sym": False, "checkpoint_format": "gptq"}
+            "sym": spec.sym, "checkpoint_format": "gptq", "lm_head": False}
 
 
-@dataclass
-class QuantizedWeight:
-    """One linear layer's packed weight (layout: kvflock.kernels.quant_matmul)."""
+def group_parameters(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scales (float16) and zero points (int32) [G, n] of weights grouped as
+    w [G, group, n].
 
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    qzeros: torch.Tensor
+    Asymmetric: [min, max] (widened to hold 0) maps onto [0, 2**bits - 1]; zero point 0 is
+    avoided because GPTQ v1 cannot store it, so a group without negative values maps [0, max]
+    onto [1, maxq]. Symmetric: [-amax, amax] onto codes around 2**(bits-1), the largest
+    magnitude at -2**(bits-1) (GPTQ's convention: scale = 2 amax / maxq)."""
+    maxq = 2**spec.bits - 1
+    if spec.sym:
+        scale = 2 * w.abs().amax(1) / maxq
+        zero = torch.full_like(scale, 2 ** (spec.bits - 1))
+    else:
+        low, high = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+        scale = (high - low) / maxq
+        zero = torch.round(-low / torch.where(scale > 0, scale, 1))
+        no_negatives = zero < 1
+        scale = torch.where(no_negatives, high / (maxq - 1), scale)
+        zero = torch.where(no_negatives, 1, zero)
+    # rounded before use: the codes must suit the scale as stored
+    return torch.where(scale > 0, scale, 1).to(SCALES_DTYPE), zero.to(torch.int32)
 
-    def dequantize(self, spec: QuantSpec) -> torch.Tensor:
-        """The weight as float32 [n, k] (out, in), as torch's linear layers hold it."""
-        return dequantize(self.qweight, self.scales, self.qzeros, spec.bits, spec.group_size).t()
 
-
-def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest, asymmetric: per group, [min, max] (widened to hold 0) maps onto
-    [0, 2**bits - 1]. `weight` is [n, k] (out, in)."""
+def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> Codes:
+    """Round-to-nearest per group (`group_parameters`). `weight` is [n, k] (out, in)."""
     n, k = weight.shape
-    group = k if spec.group_size < 0 else spec.group_size
+    group = group_of(spec.group_size, k)
     if k % group:
         raise ValueError(f"weight: {k} input features are not a multiple of the group size {group}")
-    maxq = 2**spec.bits - 1
     w = weight.detach().float().t().reshape(k // group, group, n)
-    low, high = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
-    scale = (high - low) / maxq
-    zero = torch.round(-low / torch.where(scale > 0, scale, 1))
-    # GPTQ v1 stores zero - 1, so a zero point of 0 does not exist there: a group without
-    # negative values maps [0, max] onto [1, maxq] instead.
-    no_negatives = zero < 1
-    scale = torch.where(no_negatives, high / (maxq - 1), scale)
-    zero = torch.where(no_negatives, 1, zero)
-    scale = torch.where(scale > 0, scale, 1).to(SCALES_DTYPE)  # round first: q must suit the stored scale
-    q = torch.clamp(torch.round(w / scale.float().unsqueeze(1)) + zero.unsqueeze(1), 0, maxq)
-    return QuantizedWeight(
-        qweight=pack_rows(q.reshape(k, n).to(torch.int32), spec.bits),
-        scales=scale,
-        qzeros=pack_columns((zero - 1).to(torch.int32), spec.bits),
-    )
-
-
-def trivial_g_idx(k: int, spec: QuantSpec) -> torch.Tensor:
-    """GPTQ's g_idx without act-order: input feature i belongs to group i // group_size."""
-    return torch.arange(k, dtype=torch.int32) // (k if spec.group_size < 0 else spec.group_size)
+    scale, zero = group_parameters(w, spec)
+    q = torch.clamp(torch.round(w / scale.float().unsqueeze(1)) + zero.unsqueeze(1), 0, 2**spec.bits - 1)
+    return Codes(q.reshape(k, n).to(torch.int32), zero, scale, spec.bits, spec.group_size)
 
 
 def drop_trivial_g_idx(
@@ -142,7 +146,7 @@ def drop_trivial_g_idx(
         if not name.endswith(".g_idx"):
             yield name, shape, part
             continue
-        if not torch.equal(part.to(torch.int32).cpu(), trivial_g_idx(shape[0], spec)):
+        if not torch.equal(part.to(torch.int32).cpu(), trivial_g_idx(shape[0], spec.group_size)):
             raise ValueError(f"{where}: {name} reorders input features (act-order); kvflock needs desc_act false")
 
 
@@ -151,8 +155,10 @@ class QuantizedLinear(nn.Module):
 
     `group` set makes it row-parallel (input features split across ranks, partial products
     summed); otherwise it is column-parallel (or the whole layer). `triton` runs the Triton
-    kernel, else the torch reference (the CPU path). `shards` tells the loader which slice
-    of each checkpoint tensor this rank holds.
+    kernels, else the torch reference (the CPU path). Until `repack` (or `set_codes`) it holds
+    the checkpoint's `qweight`, `qzeros` and `scales` in `spec.method`'s layout, and `shards`
+    tells the loader which slice of each this rank holds; after, `words`, `scales`, `zeros` in
+    the kernels' layout.
     """
 
     def __init__(
@@ -164,52 +170,74 @@ class QuantizedLinear(nn.Module):
         self.spec, self.triton, self.group = spec, triton, group
         self.in_features, self.out_features = in_features, out_features
         groups = 1 if spec.group_size < 0 else in_features // spec.group_size
-        self.qweight = nn.Parameter(torch.empty(in_features // p, out_features, dtype=torch.int32), requires_grad=False)
+        qweight = (in_features, out_features // p) if spec.method == "awq" else (in_features // p, out_features)
+        self.qweight = nn.Parameter(torch.empty(qweight, dtype=torch.int32), requires_grad=False)
         self.scales = nn.Parameter(torch.empty(groups, out_features, dtype=SCALES_DTYPE), requires_grad=False)
         self.qzeros = nn.Parameter(torch.empty(groups, out_features // p, dtype=torch.int32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
         self.shards = self._shards(shard, p) if shard is not None else {}
 
     def _shards(self, shard: Shard, p: int) -> dict[str, Shard]:
+        awq = self.spec.method == "awq"
         if shard.dim == 0:  # column-parallel: a slice of the output features
             columns = Shard(1, shard.start, shard.stop, shard.full)
             packed = Shard(1, shard.start // p, shard.stop // p, shard.full // p)
-            return {"qweight": columns, "scales": columns, "qzeros": packed, "bias": shard}
-        shards = {"qweight": Shard(0, shard.start // p, shard.stop // p, shard.full // p)}
+            return {"qweight": packed if awq else columns, "scales": columns, "qzeros": packed, "bias": shard}
+        rows = Shard(0, shard.start, shard.stop, shard.full)
+        shards = {"qweight": rows if awq else Shard(0, shard.start // p, shard.stop // p, shard.full // p)}
         if self.spec.group_size > 0:  # per-channel scales span all input features: every rank keeps them
             g = self.spec.group_size
             shards["scales"] = shards["qzeros"] = Shard(0, shard.start // g, shard.stop // g, shard.full // g)
         return shards
 
-    @property
-    def weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.qzeros)
+    def repack(self) -> None:
+        """Decode the loaded checkpoint tensors and keep them in the kernels' layout."""
+        if self.spec.method == "awq":
+            codes = awq_decode(self.qweight, self.qzeros, self.scales, self.spec.group_size)
+        else:
+            codes = gptq_decode(self.qweight, self.qzeros, self.scales, self.spec.bits, self.spec.group_size)
+        self.set_codes(codes)
+
+    def set_codes(self, codes: Codes) -> None:
+        packed = codes.pack()
+        for name in ("qweight", "qzeros"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.shards = {}
+        self.words = nn.Parameter(packed.words, requires_grad=False)
+        self.scales = nn.Parameter(packed.scales.to(SCALES_DTYPE), requires_grad=False)
+        self.zeros = nn.Parameter(packed.zeros, requires_grad=False)
+
+    def codes(self) -> Codes:
+        """The weight as codes, zero points and scales (once packed)."""
+        return Codes(unpack_codes(self.words, self.spec.bits), self.zeros.to(torch.int32), self.scales,
+                     self.spec.bits, self.spec.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [n, k] (out, in), as torch's linear layers hold it."""
+        return self.codes().dequantize().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         matmul = quant_matmul if self.triton else quant_matmul_ref
-        y = matmul(x, self.qweight, self.scales, self.qzeros, self.spec.bits, self.spec.group_size)
+        y = matmul(x, self.words, self.scales, self.zeros, self.spec.bits, self.spec.group_size)
         if self.group is not None and self.group.distributed:
             y = self.group.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
     def fill_random(self, gen: torch.Generator) -> None:
-        """Random packed weights whose dequantized values have std 0.02 (as dummy weights do),
-        with the zero point in the middle of the range."""
-        bits = self.spec.bits
-        with torch.no_grad():
-            self.qweight.copy_(torch.randint(-2**31, 2**31, self.qweight.shape, generator=gen, dtype=torch.int64,
-                                             device=gen.device))
-            self.qzeros.copy_(pack_columns(torch.full((self.qzeros.shape[0], self.out_features), 2 ** (bits - 1) - 1,
-                                                      dtype=torch.int32, device=self.qzeros.device), bits))
-            self.scales.fill_(0.02 * 12**0.5 / 2**bits)  # uniform q over 2**bits values has std 2**bits / sqrt(12)
-            if self.bias is not None:
+        """Random codes whose dequantized values have std 0.02 (as dummy weights do), with the
+        zero point in the middle of the range."""
+        bits, k, n = self.spec.bits, self.in_features, self.out_features
+        device = self.scales.device
+        groups = k // group_of(self.spec.group_size, k)
+        q = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int32, device=gen.device).to(device)
+        zeros = torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int32, device=device)
+        # uniform codes over 2**bits values have std 2**bits / sqrt(12)
+        scales = torch.full((groups, n), 0.02 * 12**0.5 / 2**bits, dtype=SCALES_DTYPE, device=device)
+        self.set_codes(Codes(q, zeros, scales, bits, self.spec.group_size))
+        if self.bias is not None:
+            with torch.no_grad():
                 self.bias.zero_()
-
-    def set_weight(self, weight: QuantizedWeight) -> None:
-        with torch.no_grad():
-            self.qweight.copy_(weight.qweight)
-            self.scales.copy_(weight.scales)
-            self.qzeros.copy_(weight.qzeros)
 
     @classmethod
     def fuse(cls, parts: list["QuantizedLinear"]) -> "QuantizedLinear":
@@ -218,7 +246,8 @@ class QuantizedLinear(nn.Module):
         first = parts[0]
         with torch.device("meta"):  # its tensors are set below
             fused = cls(first.in_features, sum(p.out_features for p in parts), False, first.spec, first.triton)
-        for name in ("qweight", "scales", "qzeros"):
+        del fused.qweight, fused.qzeros
+        for name in ("words", "scales", "zeros"):
             whole = torch.cat([getattr(p, name).data for p in parts], dim=1)
             setattr(fused, name, nn.Parameter(whole, requires_grad=False))
             start = 0
@@ -251,7 +280,10 @@ def replace_linears(
             old = getattr(parent, name)
             new = _quantized_like(old, spec, triton, f"model.layers.{i}.{path}")
             if quantize:
-                new.set_weight(old.weight if spec.fp8 else quantize_rtn(old.weight, spec))
+                if spec.fp8:
+                    new.set_weight(old.weight)
+                else:
+                    new.set_codes(quantize_rtn(old.weight, spec))
                 if old.bias is not None:
                     with torch.no_grad():
                         new.bias.copy_(old.bias)
@@ -270,12 +302,12 @@ def _quantized_like(old: nn.Module, spec: QuantSpec, triton: bool, name: str) ->
                              old.shards["weight"], old.weight.dtype)
     p = pack_factor(spec.bits)
     group = in_features if spec.group_size < 0 else spec.group_size
-    if in_features % group or in_features % p or out_features % p:
+    if in_features % group or in_features % 16 or out_features % p:
         raise ValueError(
             f"quantization: {name} has {in_features} input and {out_features} output features (this rank's "
             f"share), which int{spec.bits} in groups of {group} cannot pack: input features must be a multiple "
-            f"of the group size, both of {p}; try int8, another group size (`kvflock quantize --group-size`) or "
-            f"another tensor_parallel_size"
+            f"of the group size and of 16, output features of {p}; try int8, another group size (`kvflock "
+            f"quantize --group-size`) or another tensor_parallel_size"
         )
     device = old.weight.device
     with torch.device(device):

@@ -1,12 +1,14 @@
 """`kvflock quantize`: turn a plain Hugging Face checkpoint (bf16, fp16 or fp32 safetensors)
-into a GPTQ-format (int4/int8) or FP8 one that kvflock, vLLM and other readers load, by
-round-to-nearest.
+into a GPTQ-format (int4/int8) or FP8 one that kvflock, vLLM and other readers load: by
+round-to-nearest, or for GPTQ format by the GPTQ algorithm on calibration text
+(kvflock.worker.model.gptq).
 
 GPTQ: the decoder's projections become `<prefix>.qweight/.qzeros/.scales/.g_idx` (GPTQ v1,
-act-order off). FP8: they become `<prefix>.weight` (e4m3) and `<prefix>.weight_scale` (fp32,
-one per tensor), the format kvflock.worker.model.fp8 describes. Every other tensor is copied as
-it is; config.json gains a `quantization_config`; the tokenizer and generation files are
-copied beside them.
+act-order off, symmetric: docs/quantization.md says which `quantization_config` fields are
+written and why vLLM accepts them). FP8: they become `<prefix>.weight` (e4m3) and
+`<prefix>.weight_scale` (fp32, one per tensor), the format kvflock.worker.model.fp8 describes.
+Every other tensor is copied as it is; config.json gains a `quantization_config`; the tokenizer
+and generation files are copied beside them.
 """
 
 import json
@@ -19,17 +21,21 @@ from typing import Any
 import torch
 
 from kvflock.kernels.quant_matmul import pack_factor
-from kvflock.worker.config import ModelConfig
+from kvflock.worker.attention import TorchAttentionBackend
+from kvflock.worker.config import EngineConfig, ModelConfig
 from kvflock.worker.model import fp8
-from kvflock.worker.model.loader import read_safetensors
+from kvflock.worker.model.gptq import calibrate
+from kvflock.worker.model.loader import load, read_safetensors
 from kvflock.worker.model.quant import (
     FP8_SPEC,
     QUANTIZED_PROJECTIONS,
     QuantSpec,
     gptq_config,
     quantize_rtn,
-    trivial_g_idx,
 )
+from kvflock.worker.model.quant_formats import Codes, gptq_encode, trivial_g_idx
+from kvflock.worker.model.source import ModelSource
+from kvflock.worker.model.tokenizer import load_tokenizer
 
 _PROJECTION = re.compile(r"model\.layers\.(\d+)\.(" + "|".join(re.escape(p) for p in QUANTIZED_PROJECTIONS) + r")\.weight")
 _CHECKPOINT_FILES = re.compile(r".*\.safetensors|model\.safetensors\.index\.json|config\.json")
@@ -44,20 +50,23 @@ def default_group_size(bits: int) -> int:
 def quantize_checkpoint(
     model: Path, out: Path, bits: int | None, group_size: int | None = None, device: str = "cpu",
     progress: Callable[[str], None] = print, shard_bytes: int = SHARD_BYTES, fmt: str = "gptq",
+    calibration: list[list[int]] | None = None,
 ) -> QuantSpec:
-    """Write `model` quantized (`fmt` gptq: to `bits`; fp8: e4m3) into the new folder `out`;
+    """Write `model` quantized (`fmt` gptq: to `bits`, by GPTQ on the `calibration` token
+    sequences when given, else round-to-nearest; fp8: e4m3) into the new folder `out`;
     returns what it wrote."""
     if fmt == "fp8":
         spec = FP8_SPEC
     else:
         assert bits is not None
-        spec = QuantSpec(bits, default_group_size(bits) if group_size is None else group_size)
+        spec = QuantSpec(bits, default_group_size(bits) if group_size is None else group_size, sym=True)
     hf = _read_plain_config(model)
     cfg = ModelConfig.from_hf(hf)
     if not spec.fp8:
         _check_dimensions(cfg, spec)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out: {out} already exists and is not an empty folder; choose a new one")
+    gptq_codes = _gptq_codes(model, spec, calibration, device, progress) if calibration is not None else {}
     out.mkdir(parents=True, exist_ok=True)
 
     done: dict[int, int] = {}
@@ -73,11 +82,10 @@ def quantize_checkpoint(
             writer.add(name, weight.cpu())
             writer.add(f"{prefix}.weight_scale", scale.cpu())
         else:
-            packed = quantize_rtn(tensor.to(device), spec)
-            writer.add(f"{prefix}.qweight", packed.qweight.cpu())
-            writer.add(f"{prefix}.qzeros", packed.qzeros.cpu())
-            writer.add(f"{prefix}.scales", packed.scales.cpu())
-            writer.add(f"{prefix}.g_idx", trivial_g_idx(tensor.shape[1], spec))
+            codes = gptq_codes.pop(prefix) if gptq_codes else quantize_rtn(tensor.to(device), spec)
+            for field, packed in gptq_encode(codes).items():
+                writer.add(f"{prefix}.{field}", packed.cpu())
+            writer.add(f"{prefix}.g_idx", trivial_g_idx(tensor.shape[1], spec.group_size))
         layer = int(match.group(1))
         done[layer] = done.get(layer, 0) + 1
         if done[layer] == len(QUANTIZED_PROJECTIONS):
@@ -93,6 +101,25 @@ def quantize_checkpoint(
             shutil.copy2(path, out / path.name)
     progress(f"wrote {out} ({spec.label}, {writer.num_files} safetensors file(s))")
     return spec
+
+
+def calibration_sequences(model: Path, text: str, length: int, count: int) -> list[list[int]]:
+    """Up to `count` sequences of `length` tokens of `text`, tokenized as the model does."""
+    tokenizer = load_tokenizer(ModelSource("hf", model))
+    if tokenizer is None:
+        raise ValueError(f"calibration: {model} has no tokenizer files to read the calibration text with")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    sequences = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:count]
+    if not sequences:
+        raise ValueError(f"calibration: the text holds {len(ids)} tokens, fewer than one sequence of {length}")
+    return sequences
+
+
+def _gptq_codes(model: Path, spec: QuantSpec, calibration: list[list[int]], device: str,
+                progress: Callable[[str], None]) -> dict[str, Codes]:
+    """GPTQ's codes of every projection, measured with the model on `device`."""
+    loaded = load(EngineConfig(model=str(model), load_format="hf", device=device), TorchAttentionBackend())
+    return calibrate(loaded.model, calibration, spec, progress)
 
 
 def _read_plain_config(model: Path) -> dict[str, Any]:
@@ -127,9 +154,9 @@ def _check_dimensions(cfg: ModelConfig, spec: QuantSpec) -> None:
         if spec.group_size > 0 and k % spec.group_size:
             raise ValueError(f"group_size: {name} has {k} input features, not a multiple of {spec.group_size}; "
                              f"use a group size that divides it, or -1 (per channel)")
-        if k % p or n % p:
-            raise ValueError(f"bits: {name} is {n}x{k}; int{spec.bits} packs {p} values per int32, so both must "
-                             f"be multiples of {p}")
+        if k % 16 or n % p:
+            raise ValueError(f"bits: {name} is {n}x{k}; int{spec.bits} packs {p} values per int32 and the kernels "
+                             f"take input features in tiles of 16 or more: {k} must be a multiple of 16, {n} of {p}")
 
 
 class _ShardWriter:

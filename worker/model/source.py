@@ -64,7 +64,7 @@ def _read_hf_config(source: ModelSource) -> dict[str, Any]:
 
 
 def read_checkpoint_quantization(source: ModelSource) -> QuantSpec | None:
-    """How the checkpoint's weights are quantized (GPTQ or FP8), None for plain weights."""
+    """How the checkpoint's weights are quantized (GPTQ, AWQ or FP8), None for plain weights."""
     if source.format != "hf":
         return None
     return read_quantization_config(_read_hf_config(source), str(source.path / "config.json"))
@@ -77,14 +77,14 @@ def resolve_quantization(requested: str | None, source: ModelSource) -> QuantSpe
     if requested is None:
         return stored
     if stored is not None:
-        if requested == ("fp8" if stored.fp8 else "gptq"):
+        if requested == ("fp8" if stored.fp8 else stored.method):
             return stored
         raise ValueError(f"quantization: {requested!r} does not match {source.path}, which is already quantized "
                          f"({stored.label}); leave quantization unset")
-    if requested == "gptq":
-        raise ValueError(f"quantization: 'gptq' needs a GPTQ checkpoint (config.json with a gptq "
-                         f"quantization_config); {source.path} has none. Quantize it with `kvflock quantize`, "
-                         f"or use int8/int4/fp8 to quantize at load")
+    if requested in ("gptq", "awq"):
+        raise ValueError(f"quantization: {requested!r} needs a checkpoint quantized so (config.json with a "
+                         f"{requested} quantization_config); {source.path} has none. Quantize it with `kvflock "
+                         f"quantize`, or use int8/int4/fp8 to quantize at load")
     return RTN_SPECS[requested]
 
 
