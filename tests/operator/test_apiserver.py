@@ -228,9 +228,9 @@ def test_lists_are_tables_with_the_crd_printer_columns_when_kubectl_asks(
     table = _get_json(f"{apiserver.url}/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}", _TABLE)
     assert table["kind"] == "Table"
     columns = [c["name"] for c in table["columnDefinitions"]]
-    assert columns == ["Name", "Model", "Replicas", "Ready", "URL", "Age"]
+    assert columns == ["Name", "Model", "Layout", "Replicas", "Ready", "URL", "Age"]
     (row,) = table["rows"]
-    assert row["cells"][:5] == ["tab", None, 2, 0, "http://127.0.0.1:30080"]  # readyReplicas: its default
+    assert row["cells"][:6] == ["tab", None, None, 2, 0, "http://127.0.0.1:30080"]  # readyReplicas: its default
     assert row["object"]["metadata"]["name"] == "tab"
     one = _get_json(f"{apiserver.url}/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}/tab", _TABLE)
     assert one["kind"] == "Table" and len(one["rows"]) == 1

@@ -235,7 +235,8 @@ def test_invalid_spec_is_degraded_creates_nothing_and_the_operator_goes_on(clust
     degraded = wait_for(lambda: cluster.condition("bad", "Degraded").get("reason") == "InvalidSpec"
                         and cluster.condition("bad", "Degraded"), what="Degraded/InvalidSpec")
     assert degraded["status"] == "True"
-    assert "resources.gpusPerReplica (1) must be 0 (CPU) or equal engine.tensorParallelSize (2)" in degraded["message"]
+    assert ("resources.gpusPerReplica (1) must be 0 (CPU) or equal engine.tensorParallelSize x"
+            " engine.pipelineParallelSize x engine.contextParallelSize (2)") in degraded["message"]
     assert any("gpusPerReplica" in m for m in cluster.events("InvalidSpec"))
     assert cluster.pods("bad") == {}
 
