@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvflock.worker.attention import TorchAttentionBackend
-from kvflock.worker.config import EngineConfig, SamplingParams
+from kvflock.worker.config import EngineConfig
 from kvflock.worker.llm import LLM
 from kvflock.worker.model.loader import load
 from kvflock.worker.model.parallel import TPGroup
 from kvflock.worker.model.quant import QUANTIZED_PROJECTIONS, QuantizedLinear, QuantSpec
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-PROMPTS = [[1, 2, 3, 4], [200, 17, 9], [5] * 20]
+from .test_quantization import projections, token_ids
+
 GROUP = 32
 AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: output 8c + order[b] in nibble b of word c
 
@@ -104,17 +104,6 @@ def checkpoints(llama128, tmp_path_factory) -> dict[str, tuple[Path, dict[str, t
         (folder / "config.json").write_text(json.dumps({**config, "quantization_config": CONFIGS[fmt]}))
         out[fmt] = (folder, dict(dequantized))
     return out
-
-
-def projections(model: torch.nn.Module):
-    for i, layer in enumerate(model.model.layers):
-        for path in QUANTIZED_PROJECTIONS:
-            parent, name = path.split(".")
-            yield f"model.layers.{i}.{path}", getattr(getattr(layer, parent), name)
-
-
-def token_ids(llm: LLM) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq"])
